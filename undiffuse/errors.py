@@ -1,0 +1,30 @@
+"""Errors that carry the offending file, so that every entry point can say what went wrong and where."""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+class UndiffuseError(Exception):
+    """Base class of the errors the package raises on purpose."""
+
+
+class InputError(UndiffuseError, ValueError):
+    """A user-supplied file or folder cannot be used.
+
+    Parameters
+    ----------
+    path
+        The file or folder at fault.
+    problem
+        What is wrong with it, and where possible how to proceed.
+    """
+
+    def __init__(self, path: str | PathLike[str] | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class ConfigError(UndiffuseError, ValueError):
+    """A configuration value is invalid."""
