@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .sparse_ops import push, segment_logsumexp
 from .spatial import NeighbourPairs, neighbour_pairs
 
 KernelKind = Literal["gaussian", "heavy_tailed"]
@@ -76,26 +77,7 @@ def normalise_rows(log_weights: torch.Tensor, source: torch.Tensor, n_spots: int
     -------
     ``(E, G)`` kernel values :math:`P_{ij}` whose rows sum to one.
     """
-    n_genes = log_weights.shape[1]
-    index = source[:, None].expand(-1, n_genes)
-    row_max = torch.full((n_spots, n_genes), -torch.inf, dtype=log_weights.dtype, device=log_weights.device)
-    row_max = row_max.scatter_reduce(0, index, log_weights.detach(), reduce="amax", include_self=True)
-    shifted = torch.exp(log_weights - row_max[source])
-    row_sum = torch.zeros((n_spots, n_genes), dtype=log_weights.dtype, device=log_weights.device)
-    row_sum = row_sum.index_add(0, source, shifted)
-    return shifted / row_sum[source]
-
-
-def push(values: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor], field: torch.Tensor) -> torch.Tensor:
-    """:math:`P^\\top z`: move each source's mass to its targets. ``(E, G), (N, G) -> (N, G)``."""
-    source, target = pairs
-    return torch.zeros_like(field).index_add(0, target, values * field[source])
-
-
-def pull(values: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor], field: torch.Tensor) -> torch.Tensor:
-    """:math:`P y`: gather each source's targets. ``(E, G), (N, G) -> (N, G)``."""
-    source, target = pairs
-    return torch.zeros_like(field).index_add(0, source, values * field[target])
+    return torch.exp(log_weights - segment_logsumexp(log_weights, source, n_spots)[source])
 
 
 def expected_counts(
@@ -170,7 +152,9 @@ def diffuse(
     return mu.numpy()
 
 
-def pair_tensors(pairs: NeighbourPairs, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def pair_tensors(
+    pairs: NeighbourPairs, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(source, target)`` index tensors of ``pairs`` on ``device``."""
     return (
         torch.as_tensor(pairs.source, device=device),

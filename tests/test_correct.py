@@ -1,0 +1,178 @@
+"""The correction engine: gradients, conservation, robustness, chunk invariance, modes, direction of accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from undiffuse.correct import CorrectionConfig, _GeneBatch, _SampleProblem, correct, rediffuse
+from undiffuse.diffusion import diffuse
+from undiffuse.errors import ConfigError, InputError
+
+FAST = dict(epochs=8, em_iterations=30, cutoff=5.0, progress=False)
+
+
+def hex_sample(n_rows=20, n_cols=16, n_genes=6, *, depth=200.0, seed=0, bleed=0.3, scale=1.8):
+    """A small hexagonal sample with striped domains diffused by the forward model, plus its truth."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    cols = 2 * cols + rows % 2
+    coords = np.column_stack([cols.ravel() * 0.5, rows.ravel() * np.sqrt(3) / 2])
+    centre = coords.mean(axis=0)
+    tissue = np.hypot(*(coords - centre).T) < 0.3 * coords.max(axis=0).min()
+    domain = (coords[:, 0] // 3).astype(int) % 2
+    truth = np.zeros((coords.shape[0], n_genes))
+    for g in range(n_genes):
+        level = depth * (0.5 + g / n_genes)
+        truth[:, g] = np.where(domain == g % 2, level, 0.05 * level) * tissue
+    expected = diffuse(truth, coords, tissue, scale=np.full(n_genes, scale), bleed=bleed, distal=0.01)
+    counts = rng.poisson(expected).astype(np.float32)
+    image = np.ones((60, 60, 3))
+    adata = AnnData(sp.csr_matrix(counts))
+    adata.var_names = [f"gene{g}" for g in range(n_genes)]
+    adata.obs_names = [f"spot{i}" for i in range(coords.shape[0])]
+    adata.obs["in_tissue"] = tissue
+    adata.obsm["spatial"] = coords * 100.0
+    adata.uns["undiffuse"] = {"spot_pitch_px": 100.0, "sample_id": "toy"}
+    adata.uns["spatial"] = {
+        "toy": {
+            "images": {"lowres": image},
+            "scalefactors": {"tissue_lowres_scalef": 0.03, "spot_diameter_fullres": 55.0},
+        }
+    }
+    return adata, truth
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return hex_sample()
+
+
+def tissue_rmse(values, truth, tissue):
+    return float(np.sqrt(((values[tissue] - truth[tissue]) ** 2).mean()))
+
+
+def test_gradients_reach_q_r_and_phi(toy):
+    adata, _ = toy
+    config = CorrectionConfig(**FAST)
+    problem = _SampleProblem.build(adata, config, image=None, device=torch.device("cpu"), dtype=torch.float32)
+    counts = torch.as_tensor(adata.X.toarray())
+    batch = _GeneBatch(problem, counts, np.full(counts.shape[1], 0.4), config)
+    batch.weights["image"] = 1.0
+    field, _ = batch.transport(batch.start(), None, 4, 2)
+    terms = batch.losses(field)
+    sum(batch.weights[k] * v for k, v in terms.items()).sum().backward()
+    for name in ("q_logit", "r_raw", "phi"):
+        grad = getattr(batch, name).grad
+        assert torch.isfinite(grad).all(), name
+        assert grad.abs().sum() > 0, f"dL/d{name} is zero"
+
+
+def test_image_loss_gradient_reaches_q(toy):
+    adata, _ = toy
+    config = CorrectionConfig(**FAST)
+    problem = _SampleProblem.build(adata, config, image=None, device=torch.device("cpu"), dtype=torch.float32)
+    assert problem.raster is not None
+    counts = torch.as_tensor(adata.X.toarray())
+    batch = _GeneBatch(problem, counts, np.full(counts.shape[1], 0.4), config)
+    field, _ = batch.transport(batch.start(), None, 3, 1)
+    batch.losses(field)["image"].sum().backward()
+    assert torch.isfinite(batch.q_logit.grad).all() and batch.q_logit.grad.abs().sum() > 0
+
+
+def test_deconvolve_improves_on_raw_and_keeps_totals(toy):
+    adata, truth = toy
+    result = correct(adata, epochs=30, cutoff=5.0, progress=False)
+    counts = adata.X.toarray()
+    tissue = adata.obs["in_tissue"].to_numpy()
+    assert tissue_rmse(result.corrected, truth, tissue) < 0.8 * tissue_rmse(counts, truth, tissue)
+    np.testing.assert_allclose(result.corrected.sum(0), counts.sum(0), rtol=1e-4)
+    assert result.corrected[~tissue].sum() == 0
+    assert np.isfinite(result.corrected).all()
+    assert set(result.loss_history.columns) == {
+        "epoch",
+        "total",
+        "image",
+        "out_of_tissue",
+        "moran",
+        "poisson",
+    }
+    assert len(result.loss_history) == 30
+    assert result.loss_history["poisson"].iloc[-1] < result.loss_history["poisson"].iloc[0]
+
+
+def test_result_does_not_depend_on_batching(toy):
+    adata, _ = toy
+    together = correct(adata, **FAST, batch_genes=6)
+    split = correct(adata, **FAST, batch_genes=4)
+    np.testing.assert_allclose(together.corrected, split.corrected, rtol=1e-4, atol=1e-3)
+    alone = correct(adata, genes=["gene3"], **FAST)
+    np.testing.assert_allclose(alone.corrected[:, 0], together.corrected[:, 3], rtol=1e-4, atol=1e-3)
+
+
+def test_same_seed_same_result(toy):
+    adata, _ = toy
+    first = correct(adata, **FAST)
+    second = correct(adata, **FAST)
+    np.testing.assert_array_equal(first.corrected, second.corrected)
+
+
+def test_balanced_mode_returns_the_normalised_soft_threshold(toy):
+    """Balanced OT fixes the target marginal: the output is b_g rescaled to the gene's total."""
+    adata, _ = toy
+    result = correct(adata, mode="balanced", epochs=3, cutoff=5.0, sinkhorn_iterations=300, progress=False)
+    config = CorrectionConfig(mode="balanced", cutoff=5.0, progress=False)
+    problem = _SampleProblem.build(adata, config, image=None, device=torch.device("cpu"), dtype=torch.float32)
+    counts = torch.as_tensor(adata.X.toarray())
+    batch = _GeneBatch(problem, counts, result.params["q"].to_numpy(), config)
+    with torch.no_grad():
+        batch.q_logit.copy_(torch.logit(torch.as_tensor(result.params["q"].to_numpy(), dtype=torch.float32)))
+        soft = batch.start()
+    expected = (soft / soft.sum(0) * counts.sum(0)).numpy()
+    np.testing.assert_allclose(result.corrected, expected, rtol=1e-3, atol=1e-2 * expected.max())
+
+
+def test_robust_to_zero_genes_huge_counts_and_tiny_r():
+    adata, _ = hex_sample(n_genes=3)
+    counts = adata.X.toarray()
+    counts[:, 0] = 0
+    counts[:, 1] *= 1e5
+    adata.X = sp.csr_matrix(counts)
+    result = correct(adata, **FAST, r_init=1e-6)
+    assert np.isfinite(result.corrected).all()
+    assert np.isfinite(result.params.to_numpy(dtype=float)).all()
+    assert result.corrected[:, 0].sum() == 0
+    np.testing.assert_allclose(result.corrected[:, 1].sum(), counts[:, 1].sum(), rtol=1e-3)
+
+
+def test_to_anndata_and_rediffuse(toy):
+    adata, _ = toy
+    result = correct(adata, **FAST)
+    out = result.to_anndata(adata)
+    assert out.shape == (adata.n_obs, adata.n_vars)
+    np.testing.assert_array_equal(out.layers["counts"], adata.X.toarray())
+    np.testing.assert_array_equal(out.X, out.layers["corrected"])
+    assert {"q_init", "q", "r", "diffusion_length", "bleed", "distal"} <= set(out.var.columns)
+    again = rediffuse(out)
+    assert again.shape == out.shape
+    np.testing.assert_allclose(again.sum(0), out.X.sum(0), rtol=1e-5)
+    # Re-applying the learned diffusion explains the observations better than the corrected field does.
+    observed = adata.X.toarray()
+    assert np.abs(again - observed).sum() < np.abs(out.X - observed).sum()
+
+
+def test_bad_options_and_inputs(toy):
+    adata, _ = toy
+    with pytest.raises(ConfigError, match="mode"):
+        CorrectionConfig(mode="sideways")
+    with pytest.raises(ConfigError, match="unknown correction options"):
+        CorrectionConfig.from_dict({"epoch": 3})
+    with pytest.raises(InputError, match="not in the data"):
+        correct(adata, genes=["nope"], **FAST)
+    with pytest.raises(ConfigError, match="cuda"):
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+        correct(adata, device="cuda", **FAST)

@@ -1,0 +1,1 @@
+"""Figures for QC, correction and reports."""
