@@ -32,6 +32,10 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Ite
     target = tmp if directory else tmp / final.name
     try:
         yield target
+        # mkdtemp creates 0700 folders; give the output the permissions any new folder would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if directory:
             if final.exists():
                 shutil.rmtree(final)

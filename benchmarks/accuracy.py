@@ -1,0 +1,173 @@
+"""Accuracy against ground truth on a simulated sample (issue 4's figures).
+
+Simulates a sample (default: the full-size "moderate" demo sample), prepares it, initialises the quantiles with
+the Moran's I scan, and scores over tissue spots:
+
+- raw counts;
+- the trivial baseline that zeroes background spots and rescales each gene to keep its total;
+- ``deconvolve`` (the default mode) and ``balanced`` (the seed's formulation);
+- EM with the simulator's true kernel (maximum likelihood with the answer known).
+
+Writes ``benchmarks/results/accuracy[_SUFFIX].json`` and ``.md``.
+
+Usage::
+
+    .venv/bin/python benchmarks/accuracy.py                       # full size, ~minutes on 2 cores
+    .venv/bin/python benchmarks/accuracy.py --n-rows 30 --n-cols 26 --n-genes 40 --suffix small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import torch
+
+from undiffuse.correct import CorrectionConfig, correct, deconvolve_known_kernel
+from undiffuse.metrics import marker_specificity, out_of_tissue_fraction, pearson, pooled_rmse
+from undiffuse.moran import scan_quantiles
+from undiffuse.prepare import prepare_sample
+from undiffuse.simulate import simulate_sample
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def score(estimate: np.ndarray, truth: ad.AnnData, tissue: np.ndarray, genes: list[str]) -> dict[str, float]:
+    """RMSE and mean per-gene Pearson over tissue spots, marker specificity, background share."""
+    reference = np.asarray(truth[:, genes].X, dtype=np.float64)
+    markers = truth.var.loc[genes, "marker_of"].astype(str).to_numpy()
+    is_marker = markers != ""
+    domains = truth.obs["domain"].astype(str).to_numpy()
+    specificity = marker_specificity(estimate[:, is_marker], domains, markers[is_marker], tissue=tissue)
+    return {
+        "rmse": pooled_rmse(estimate[tissue], reference[tissue]),
+        "pearson_mean": float(pearson(estimate[tissue], reference[tissue]).mean()),
+        "marker_specificity_mean": float(specificity.mean()),
+        "background_share": float(out_of_tissue_fraction(estimate.sum(1, keepdims=True), tissue)[0]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-rows", type=int, default=78)
+    parser.add_argument("--n-cols", type=int, default=64)
+    parser.add_argument("--n-genes", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--skip-balanced", action="store_true")
+    parser.add_argument("--suffix", default="")
+    args = parser.parse_args()
+
+    config = CorrectionConfig() if args.epochs is None else CorrectionConfig(epochs=args.epochs)
+    with tempfile.TemporaryDirectory(prefix="undiffuse-accuracy-") as scratch:
+        root = Path(scratch)
+        outs = simulate_sample(root / "sample", n_rows=args.n_rows, n_cols=args.n_cols, n_genes=args.n_genes, seed=args.seed)
+        adata = prepare_sample(outs, root / "prepared")
+        truth = ad.read_h5ad(root / "sample" / "truth.h5ad")[adata.obs_names]
+    genes = adata.var_names[adata.var["selected"].to_numpy(bool)].tolist()
+    tissue = adata.obs["in_tissue"].to_numpy(bool)
+    counts = np.asarray(adata[:, genes].X.toarray(), dtype=np.float64)
+    quantiles = scan_quantiles(adata, genes)
+    q_init = quantiles.set_index("gene")["q_init"] if "gene" in quantiles.columns else quantiles["q_init"]
+
+    figures: dict[str, dict[str, float]] = {}
+    timings: dict[str, float] = {}
+    figures["raw"] = score(counts, truth, tissue, genes)
+    baseline = counts * tissue[:, None]
+    baseline *= counts.sum(0) / np.where(baseline.sum(0) > 0, baseline.sum(0), 1.0)
+    figures["zero_background_rescaled"] = score(baseline, truth, tissue, genes)
+
+    simulation = truth.uns["simulation"]
+    started = time.perf_counter()
+    oracle = deconvolve_known_kernel(
+        adata,
+        genes=genes,
+        scale=truth.var.loc[genes, "kernel_scale"].to_numpy(),
+        bleed=float(simulation["bleed"]),
+        distal=float(simulation["distal"]),
+        kind=str(simulation["kernel"]),
+        cutoff=truth.var.loc[genes, "kernel_cutoff"].to_numpy(),
+        q_init=q_init,
+        config=config,
+    )
+    timings["em_true_kernel"] = time.perf_counter() - started
+    figures["em_true_kernel"] = score(oracle, truth, tissue, genes)
+
+    modes = ["deconvolve"] if args.skip_balanced else ["deconvolve", "balanced"]
+    learned = None
+    for mode in modes:
+        started = time.perf_counter()
+        result = correct(adata, genes=genes, q_init=q_init, config=config, mode=mode)
+        timings[mode] = time.perf_counter() - started
+        figures[mode] = score(result.corrected.astype(np.float64), truth, tissue, genes)
+        if mode == "deconvolve":
+            learned = result.params
+
+    raw, ours, ml = figures["raw"], figures["deconvolve"], figures["em_true_kernel"]
+    checks = {
+        "rmse <= 0.75 x raw": ours["rmse"] <= 0.75 * raw["rmse"],
+        "rmse <= 1.05 x EM with true kernel": ours["rmse"] <= 1.05 * ml["rmse"],
+        "beats zero-background baseline": ours["rmse"] < figures["zero_background_rescaled"]["rmse"],
+        "pearson within 0.01 of raw": ours["pearson_mean"] >= raw["pearson_mean"] - 0.01,
+        "marker specificity above raw": ours["marker_specificity_mean"] > raw["marker_specificity_mean"],
+        "background share <= 1%": ours["background_share"] <= 0.01,
+    }
+    true_scale = truth.var.loc[genes, "kernel_scale"].to_numpy()
+    report = {
+        "sample": {
+            "n_rows": args.n_rows,
+            "n_cols": args.n_cols,
+            "n_genes_simulated": args.n_genes,
+            "n_genes_corrected": len(genes),
+            "n_spots": int(adata.n_obs),
+            "n_tissue_spots": int(tissue.sum()),
+            "seed": args.seed,
+            "simulation": {k: simulation[k] for k in ("bleed", "distal", "kernel", "kernel_scale")},
+        },
+        "config": {k: v for k, v in vars(config).items() if k != "weights"} | {"weights": config.weights},
+        "figures": figures,
+        "checks": checks,
+        "kernel_recovery": {
+            "diffusion_length_median": float(learned["diffusion_length"].median()),
+            "true_kernel_scale_median": float(np.median(true_scale)),
+            "diffusion_length_vs_true_pearson": float(np.corrcoef(learned["diffusion_length"], true_scale)[0, 1]),
+            "bleed_median": float(learned["bleed"].median()),
+            "distal_median": float(learned["distal"].median()),
+        },
+        "wall_time_s": timings,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": __import__("os").cpu_count(),
+            "torch": torch.__version__,
+            "device": "cpu",
+        },
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "accuracy" + (f"_{args.suffix}" if args.suffix else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    lines = [
+        f"# Accuracy on the simulated sample ({args.n_rows} x {args.n_cols} spots, {len(genes)} genes corrected)",
+        "",
+        "| method | RMSE (tissue) | mean Pearson | marker specificity | background share |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, values in figures.items():
+        lines.append(
+            f"| {name} | {values['rmse']:.3f} | {values['pearson_mean']:.4f} | "
+            f"{values['marker_specificity_mean']:.4f} | {values['background_share']:.4f} |"
+        )
+    lines += ["", "| check | passed |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in checks.items()]
+    lines += ["", f"Machine: {report['machine']}", f"Wall times (s): {timings}", ""]
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""QC: ARC score, background decay, and the diffusion range estimator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from undiffuse.diffusion import diffuse
+from undiffuse.qc import (
+    CUTOFF_RANGE,
+    FALLBACK_CUTOFF,
+    FALLBACK_SCALE,
+    TAIL_FRACTION,
+    DecayFit,
+    arc_score,
+    background_decay,
+    estimate_diffusion,
+    half_plane_tail,
+    inverse_half_plane_tail,
+)
+from undiffuse.spatial import distance_to_mask
+
+
+def hex_lattice(n_rows: int, n_cols: int) -> np.ndarray:
+    """Centres of a Visium-like hexagonal lattice, in pitches."""
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    x = cols + 0.5 * (rows % 2)
+    y = rows * np.sqrt(3) / 2
+    return np.column_stack([x.ravel(), y.ravel()]).astype(np.float64)
+
+
+def model_decay(kind: str, floor: float, amplitude: float, scale: float, n_bins: int = 15) -> pd.DataFrame:
+    distance = np.arange(1, n_bins + 1, dtype=np.float64)
+    median = DecayFit(kind, floor, amplitude, scale, 0.0, 1.0).predict(distance)
+    return pd.DataFrame(
+        {
+            "bin": distance,
+            "distance": distance,
+            "n_spots": 100,
+            "median_umis": median,
+            "mean_umis": median,
+            "q25_umis": median * 0.9,
+            "q75_umis": median * 1.1,
+        }
+    )
+
+
+def test_arc_score_by_hand():
+    totals = np.array([10.0, 20.0, 30.0, 2.0, 4.0])
+    tissue = np.array([True, True, True, False, False])
+    # (6 background UMIs / 5 spots) / (60 / 3 per tissue spot)
+    assert arc_score(totals, tissue) == pytest.approx(1.2 / 20.0)
+    assert arc_score(totals, np.ones(5, dtype=bool)) == 0.0
+
+
+@pytest.mark.parametrize(("kind", "reference"), [("gaussian", stats.norm()), ("heavy_tailed", stats.t(df=2))])
+def test_half_plane_tail_is_the_marginal_tail(kind, reference):
+    u = np.linspace(-3, 6, 50)
+    np.testing.assert_allclose(half_plane_tail(u, kind), reference.sf(u), rtol=1e-10, atol=1e-14)
+    for h in (0.4, 0.05, 1e-3):
+        assert half_plane_tail(np.array(inverse_half_plane_tail(h, kind)), kind) == pytest.approx(h)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "heavy_tailed"])
+def test_fit_recovers_model_parameters(kind):
+    estimate, fits = estimate_diffusion(model_decay(kind, floor=300.0, amplitude=4000.0, scale=2.0))
+    assert estimate.fitted and estimate.kernel == kind
+    fit = fits[kind]
+    assert fit.floor == pytest.approx(300.0, rel=1e-3)
+    assert fit.amplitude == pytest.approx(4000.0, rel=1e-3)
+    assert fit.scale == pytest.approx(2.0, rel=1e-3)
+    # The cutoff is where the excess is TAIL_FRACTION of the excess at one pitch.
+    excess = fit.predict(np.array([1.0, estimate.cutoff])) - fit.floor
+    assert excess[1] / excess[0] == pytest.approx(TAIL_FRACTION, rel=1e-6)
+    if kind == "gaussian":
+        assert estimate.scale == pytest.approx(2.0, rel=1e-3)
+
+
+def test_cutoff_is_clipped():
+    narrow, _ = estimate_diffusion(model_decay("gaussian", 100.0, 1000.0, 0.3))
+    wide, _ = estimate_diffusion(model_decay("gaussian", 100.0, 1000.0, 12.0, n_bins=30))
+    assert narrow.cutoff == CUTOFF_RANGE[0] and wide.cutoff == CUTOFF_RANGE[1]
+    assert wide.scale <= wide.cutoff / 2
+
+
+def test_fallback_without_background():
+    empty = background_decay(np.zeros(4), np.ones(4), np.ones(4, dtype=bool))
+    assert empty.empty
+    estimate, fits = estimate_diffusion(empty)
+    assert not estimate.fitted and fits == {}
+    assert (estimate.cutoff, estimate.scale) == (FALLBACK_CUTOFF, FALLBACK_SCALE)
+
+
+def test_background_decay_bins():
+    distance = np.array([0.0, 0.0, 1.0, 1.0, 1.73, 2.0, 2.65, 3.0])
+    umis = np.array([100.0, 90.0, 10.0, 12.0, 6.0, 8.0, 3.0, 5.0])
+    tissue = distance == 0
+    table = background_decay(distance, umis, tissue)
+    assert table["bin"].tolist() == [1.0, 2.0, 3.0]
+    assert table["n_spots"].tolist() == [2, 2, 2]
+    assert table["median_umis"].tolist() == [11.0, 7.0, 4.0]
+    assert table["distance"].tolist() == pytest.approx([1.0, 1.865, 2.825])
+
+
+@pytest.mark.parametrize(
+    ("kind", "scale", "tolerance"),
+    [("gaussian", 1.5, 0.1), ("gaussian", 3.0, 0.1), ("heavy_tailed", 1.5, 0.15)],
+)
+def test_estimator_recovers_the_forward_model(kind, scale, tolerance):
+    """Diffuse a uniform half-plane of tissue with the shared forward model; the fit finds the kernel.
+
+    The heavy tail needs a wider lattice and kernel support (the forward model's default truncation at
+    eight scales makes its tail look narrower); the estimate is then within 15 %.
+    """
+    coords = hex_lattice(64, 64)
+    tissue = coords[:, 0] < 30
+    field = np.where(tissue, 1000.0, 0.0)[:, None]
+    cutoff = 20.0 if kind == "heavy_tailed" else None
+    observed = diffuse(
+        field, coords, tissue, scale=np.array([scale]), bleed=0.3, distal=0.05, kind=kind, cutoff=cutoff
+    )[:, 0]
+    # Spots near the top and bottom edges do not see a half-plane of tissue; keep the middle rows.
+    middle = (coords[:, 1] > 16) & (coords[:, 1] < coords[:, 1].max() - 16)
+    distance = distance_to_mask(coords, tissue)
+    estimate, fits = estimate_diffusion(background_decay(distance[middle], observed[middle], tissue[middle]))
+    assert estimate.fitted and estimate.kernel == kind
+    assert fits[kind].scale == pytest.approx(scale, rel=tolerance)
+    assert CUTOFF_RANGE[0] <= estimate.cutoff <= CUTOFF_RANGE[1]

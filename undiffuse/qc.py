@@ -1,0 +1,389 @@
+r"""Quality control of a raw sample, and the diffusion range measured on its background spots.
+
+Background spots (no tissue above them) catch only molecules that diffused there, so their UMIs, as a
+function of the distance to the nearest tissue spot, are the direct evidence of lateral diffusion
+("spot swapping"). From that decay curve this module estimates the largest diffusion distance, which the
+correction uses as its kernel cutoff, and a Gaussian-equivalent kernel scale, its initial kernel scale.
+
+The estimator
+-------------
+Let :math:`m(d)` be the median UMIs of background spots at distance :math:`d` (spot pitches) from the
+tissue, in bins one pitch wide. Seen from a background spot, the tissue near the edge is roughly a
+half-plane whose boundary lies :math:`\delta = 1/2` pitch beyond the centre of the last tissue spot. A
+radial kernel :math:`K_s` of scale :math:`s` spreading the molecules of a uniform half-plane source leaves,
+at distance :math:`d`, its one-dimensional marginal tail :math:`H((d - \delta) / s)`, so
+
+.. math::
+
+    m(d) = f + A\, H\!\left(\frac{d - \delta}{s}\right),
+
+with a floor :math:`f` (molecules spread uniformly over the slide: distal bleeding and ambient RNA) and an
+amplitude :math:`A`. Two families of :mod:`undiffuse.diffusion` are fitted by weighted least squares
+(weights: the standard error of each bin's median, :math:`1.2533\,\mathrm{IQR} / (1.349 \sqrt n)`):
+
+- ``gaussian``, :math:`K \propto e^{-r^2 / 2s^2}`: :math:`H(u) = \tfrac12 \operatorname{erfc}(u / \sqrt 2)`;
+- ``heavy_tailed``, the Student-t kernel with :math:`\nu = 2`,
+  :math:`K \propto (1 + r^2 / 2 s^2)^{-2}`: :math:`H(u) = \tfrac12 - u / (2 \sqrt{2 + u^2})`.
+
+The family with the smaller weighted residual describes the tail. The **cutoff** is the distance at which
+its excess over the floor has fallen to ``tail_fraction`` (5 %) of the excess at one pitch,
+
+.. math::
+
+    H\!\left(\frac{d_c - \delta}{s}\right) = \tau\, H\!\left(\frac{1 - \delta}{s}\right),
+
+solved in closed form and clipped to ``cutoff_range`` (3 to 15 pitches). The **scale** is the Gaussian
+fit's :math:`s`, the Gaussian kernel that best explains the decay (the correction's kernels are
+parametrised by a Gaussian-like scale), clipped to ``[0.25, cutoff / 2]``. Without enough background
+spots (fewer than four bins of five spots) the estimate falls back to :data:`FALLBACK_CUTOFF` and
+:data:`FALLBACK_SCALE` and says so (``fitted = False``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+from anndata import AnnData
+from scipy.optimize import OptimizeWarning, curve_fit
+from scipy.special import erfc, erfcinv
+
+from .spatial import distance_to_mask, pitch_coordinates
+
+#: Boundary between tissue and background, beyond the centre of the outermost tissue spot (pitches).
+EDGE_OFFSET = 0.5
+
+#: Cutoff is where the fitted excess has fallen to this share of its value at one pitch.
+TAIL_FRACTION = 0.05
+
+#: Sane range of the diffusion cutoff, in pitches.
+CUTOFF_RANGE = (3.0, 15.0)
+
+#: Smallest Gaussian-equivalent scale reported, in pitches.
+MIN_SCALE = 0.25
+
+#: Used when the background cannot support a fit (a filtered matrix, a slide covered by tissue).
+FALLBACK_CUTOFF = 5.0
+FALLBACK_SCALE = 1.0
+
+#: Bins with fewer background spots are shown but not fitted.
+MIN_SPOTS_PER_BIN = 5
+MIN_BINS = 4
+
+KERNEL_FAMILIES = ("gaussian", "heavy_tailed")
+
+
+def half_plane_tail(u: np.ndarray, kind: str) -> np.ndarray:
+    """One-dimensional marginal tail :math:`H(u)` of a unit-scale radial kernel (see the module docs)."""
+    u = np.asarray(u, dtype=np.float64)
+    if kind == "gaussian":
+        return 0.5 * erfc(u / math.sqrt(2.0))
+    if kind == "heavy_tailed":
+        return 0.5 - u / (2.0 * np.sqrt(2.0 + u**2))
+    raise ValueError(f"unknown kernel family {kind!r}")
+
+
+def inverse_half_plane_tail(h: float, kind: str) -> float:
+    """``u`` with :math:`H(u) = h`, for ``0 < h < 1``."""
+    if kind == "gaussian":
+        return float(math.sqrt(2.0) * erfcinv(2.0 * h))
+    if kind == "heavy_tailed":
+        w = 1.0 - 2.0 * h
+        return float(w * math.sqrt(2.0 / (1.0 - w**2)))
+    raise ValueError(f"unknown kernel family {kind!r}")
+
+
+def arc_score(total_counts: np.ndarray, tissue: np.ndarray) -> float:
+    r"""SpotClean's ambient RNA contamination (ARC) score.
+
+    .. math::
+
+        \mathrm{ARC} = \frac{\sum_{i \notin \Omega} n_i / N}{\frac{1}{|\Omega|}\sum_{i \in \Omega} n_i},
+
+    background UMIs per spot of the whole slide over the mean UMIs of a tissue spot: a conservative lower
+    bound of the share of contaminating UMIs in tissue spots (Ni et al., 2022). Zero without background.
+    """
+    total_counts = np.asarray(total_counts, dtype=np.float64)
+    tissue = np.asarray(tissue, dtype=bool)
+    mean_tissue = total_counts[tissue].mean() if tissue.any() else 0.0
+    if mean_tissue <= 0:
+        return 0.0
+    return float(total_counts[~tissue].sum() / total_counts.shape[0] / mean_tissue)
+
+
+def spot_totals(adata: AnnData) -> np.ndarray:
+    """Total UMIs of every spot, over all genes."""
+    return np.asarray(adata.X.sum(axis=1), dtype=np.float64).ravel()
+
+
+def background_decay(distance: np.ndarray, umis: np.ndarray, tissue: np.ndarray) -> pd.DataFrame:
+    """UMIs of background spots binned by distance to the nearest tissue spot.
+
+    Parameters
+    ----------
+    distance
+        ``(N,)`` distance of each spot to the nearest tissue spot, in pitches.
+    umis
+        ``(N,)`` total UMIs per spot.
+    tissue
+        ``(N,)`` tissue mask; only the other spots are binned.
+
+    Returns
+    -------
+    One row per bin one pitch wide centred on an integer distance: ``bin`` (centre), ``distance`` (mean
+    distance of its spots), ``n_spots``, ``median_umis``, ``mean_umis``, ``q25_umis``, ``q75_umis``.
+    """
+    background = ~np.asarray(tissue, dtype=bool)
+    frame = pd.DataFrame({"distance": distance[background], "umis": umis[background]})
+    columns = ["bin", "distance", "n_spots", "median_umis", "mean_umis", "q25_umis", "q75_umis"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    frame["bin"] = np.maximum(np.round(frame["distance"]), 1.0)
+    grouped = frame.groupby("bin")
+    table = pd.DataFrame(
+        {
+            "distance": grouped["distance"].mean(),
+            "n_spots": grouped.size(),
+            "median_umis": grouped["umis"].median(),
+            "mean_umis": grouped["umis"].mean(),
+            "q25_umis": grouped["umis"].quantile(0.25),
+            "q75_umis": grouped["umis"].quantile(0.75),
+        }
+    )
+    return table.reset_index()[columns]
+
+
+@dataclass(frozen=True)
+class DecayFit:
+    """Fit of ``floor + amplitude * H((d - EDGE_OFFSET) / scale)`` for one kernel family."""
+
+    kind: str
+    floor: float
+    amplitude: float
+    scale: float
+    weighted_sse: float
+    r_squared: float
+
+    def predict(self, distance: np.ndarray) -> np.ndarray:
+        return self.floor + self.amplitude * half_plane_tail(
+            (np.asarray(distance) - EDGE_OFFSET) / self.scale, self.kind
+        )
+
+    def cutoff(self, tail_fraction: float) -> float:
+        """Distance where the excess over the floor is ``tail_fraction`` of its value at one pitch."""
+        at_one = half_plane_tail(np.array((1.0 - EDGE_OFFSET) / self.scale), self.kind)
+        return EDGE_OFFSET + self.scale * inverse_half_plane_tail(float(tail_fraction * at_one), self.kind)
+
+
+def fit_decay(decay: pd.DataFrame, kind: str) -> DecayFit | None:
+    """Weighted least-squares fit of one kernel family to a decay table; None when it cannot be fitted."""
+    usable = decay[decay["n_spots"] >= MIN_SPOTS_PER_BIN]
+    if len(usable) < MIN_BINS:
+        return None
+    x = usable["distance"].to_numpy(dtype=np.float64)
+    y = usable["median_umis"].to_numpy(dtype=np.float64)
+    iqr = (usable["q75_umis"] - usable["q25_umis"]).to_numpy(dtype=np.float64)
+    # Standard error of a median; floored so that a bin of identical values does not get infinite weight.
+    sigma = (
+        1.2533 * np.maximum(iqr / 1.349, 0.05 * max(float(np.median(y)), 1.0)) / np.sqrt(usable["n_spots"])
+    )
+    floor0 = float(np.min(y))
+    scale0 = 1.5
+    amp0 = max(float(y[0]) - floor0, 1e-6) / float(
+        half_plane_tail(np.array((1 - EDGE_OFFSET) / scale0), kind)
+    )
+
+    def model(d: np.ndarray, floor: float, amplitude: float, scale: float) -> np.ndarray:
+        return floor + amplitude * half_plane_tail((d - EDGE_OFFSET) / scale, kind)
+
+    upper = float(np.max(y)) * 10 + 1.0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)
+            params, _ = curve_fit(
+                model,
+                x,
+                y,
+                p0=(floor0, amp0, scale0),
+                sigma=sigma,
+                bounds=([0.0, 0.0, 0.05], [upper, upper * 1e3, 50.0]),
+                maxfev=20000,
+            )
+    except (RuntimeError, ValueError):
+        return None
+    residual = (y - model(x, *params)) / sigma
+    centred = (y - np.average(y, weights=sigma**-2)) / sigma
+    total = float(np.sum(centred**2))
+    r_squared = 1.0 - float(np.sum(residual**2)) / total if total > 0 else 0.0
+    if not np.all(np.isfinite(params)):
+        return None
+    return DecayFit(
+        kind, float(params[0]), float(params[1]), float(params[2]), float(np.sum(residual**2)), r_squared
+    )
+
+
+@dataclass(frozen=True)
+class DiffusionEstimate:
+    """How far molecules diffuse, from the background decay.
+
+    Attributes
+    ----------
+    cutoff
+        Largest diffusion distance (pitches): the correction's kernel cutoff.
+    scale
+        Gaussian-equivalent kernel scale (pitches): the correction's initial kernel scale.
+    fitted
+        False when the fallback values were used.
+    kernel
+        Family that fits the tail best (``gaussian`` or ``heavy_tailed``), or ``none``.
+    floor, amplitude, kernel_scale, r_squared
+        Parameters and goodness of fit of that family (0 when not fitted).
+    """
+
+    cutoff: float
+    scale: float
+    fitted: bool
+    kernel: str = "none"
+    floor: float = 0.0
+    amplitude: float = 0.0
+    kernel_scale: float = 0.0
+    r_squared: float = 0.0
+
+
+def estimate_diffusion(
+    decay: pd.DataFrame,
+    *,
+    tail_fraction: float = TAIL_FRACTION,
+    cutoff_range: tuple[float, float] = CUTOFF_RANGE,
+) -> tuple[DiffusionEstimate, dict[str, DecayFit]]:
+    """Estimate the diffusion cutoff and Gaussian-equivalent scale from a background decay table.
+
+    See the module docstring for the model. Returns the estimate and the fits by family.
+    """
+    fits = {kind: fit for kind in KERNEL_FAMILIES if (fit := fit_decay(decay, kind)) is not None}
+    low, high = cutoff_range
+    if "gaussian" not in fits or fits["gaussian"].amplitude <= 0:
+        cutoff = float(np.clip(FALLBACK_CUTOFF, low, high))
+        return DiffusionEstimate(cutoff, min(FALLBACK_SCALE, cutoff / 2), fitted=False), fits
+    best = min(fits.values(), key=lambda fit: fit.weighted_sse)
+    cutoff = float(np.clip(best.cutoff(tail_fraction), low, high))
+    scale = float(np.clip(fits["gaussian"].scale, MIN_SCALE, cutoff / 2))
+    estimate = DiffusionEstimate(
+        cutoff=cutoff,
+        scale=scale,
+        fitted=True,
+        kernel=best.kind,
+        floor=best.floor,
+        amplitude=best.amplitude,
+        kernel_scale=best.scale,
+        r_squared=best.r_squared,
+    )
+    return estimate, fits
+
+
+def add_qc_metrics(adata: AnnData) -> None:
+    """scanpy's QC metrics in place (``obs`` ``total_counts``, ``n_genes_by_counts``, ``pct_counts_mt``
+    when mitochondrial genes are present; ``var`` ``total_counts``, ``n_cells_by_counts``, ...)."""
+    names = adata.var_names.str.lower()
+    adata.var["mt"] = names.str.startswith("mt-")
+    qc_vars = ["mt"] if adata.var["mt"].any() else []
+    sc.pp.calculate_qc_metrics(adata, qc_vars=qc_vars, percent_top=None, log1p=False, inplace=True)
+
+
+@dataclass(frozen=True)
+class QCReport:
+    """QC of one sample: scalar metrics, the background decay table and the diffusion estimate."""
+
+    metrics: dict[str, object]
+    decay: pd.DataFrame
+    estimate: DiffusionEstimate
+    fits: dict[str, DecayFit]
+
+
+def compute_qc(
+    adata: AnnData,
+    *,
+    tissue: np.ndarray,
+    tail_fraction: float = TAIL_FRACTION,
+    cutoff_range: tuple[float, float] = CUTOFF_RANGE,
+) -> QCReport:
+    """Compute QC in place and return the report.
+
+    Adds ``obs['distance_to_tissue']`` (pitches) and scanpy's QC columns to ``adata``.
+
+    Parameters
+    ----------
+    adata
+        Canonical AnnData with raw counts on all spots.
+    tissue
+        ``(N,)`` boolean mask of tissue spots (the mask the correction will use).
+    tail_fraction, cutoff_range
+        See :func:`estimate_diffusion`.
+
+    Returns
+    -------
+    QCReport whose ``metrics`` hold only finite scalars: spot and UMI counts in tissue and background,
+    the ARC score, the diffusion cutoff and scale and the fit behind them.
+    """
+    tissue = np.asarray(tissue, dtype=bool)
+    add_qc_metrics(adata)
+    umis = spot_totals(adata)
+    distance = distance_to_mask(pitch_coordinates(adata), tissue)
+    adata.obs["distance_to_tissue"] = distance
+    decay = background_decay(distance, umis, tissue)
+    estimate, fits = estimate_diffusion(decay, tail_fraction=tail_fraction, cutoff_range=cutoff_range)
+
+    n_genes = np.asarray((adata.X > 0).sum(axis=1)).ravel() if sp.issparse(adata.X) else (adata.X > 0).sum(1)
+    background = ~tissue
+    total = float(umis.sum())
+    in_tissue = adata.obs["in_tissue"].to_numpy(dtype=bool)
+    metrics: dict[str, object] = {
+        "sample_id": str(adata.uns["undiffuse"]["sample_id"]),
+        "platform": str(adata.uns["undiffuse"]["platform"]),
+        "n_spots": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "n_spots_in_tissue": int(in_tissue.sum()),
+        "n_tissue_spots": int(tissue.sum()),
+        "n_background_spots": int(background.sum()),
+        "spot_pitch_px": float(adata.uns["undiffuse"]["spot_pitch_px"]),
+        "umis_total": total,
+        "umis_tissue": float(umis[tissue].sum()),
+        "umis_background": float(umis[background].sum()),
+        "background_umi_fraction": float(umis[background].sum() / total) if total > 0 else 0.0,
+        "mean_umis_tissue_spot": float(umis[tissue].mean()),
+        "median_umis_tissue_spot": float(np.median(umis[tissue])),
+        "mean_umis_background_spot": float(umis[background].mean()) if background.any() else 0.0,
+        "median_umis_background_spot": float(np.median(umis[background])) if background.any() else 0.0,
+        "median_genes_tissue_spot": float(np.median(n_genes[tissue])),
+        "max_distance_to_tissue": float(distance.max()),
+        "arc_score": arc_score(umis, tissue),
+        "diffusion_cutoff": estimate.cutoff,
+        "diffusion_scale": estimate.scale,
+        "decay_fitted": bool(estimate.fitted),
+        "decay_kernel": estimate.kernel,
+        "decay_floor": estimate.floor,
+        "decay_amplitude": estimate.amplitude,
+        "decay_kernel_scale": estimate.kernel_scale,
+        "decay_r_squared": estimate.r_squared,
+    }
+    for kind, fit in fits.items():
+        metrics[f"decay_{kind}_scale"] = fit.scale
+        metrics[f"decay_{kind}_r_squared"] = fit.r_squared
+    return QCReport(metrics=metrics, decay=_with_fits(decay, fits), estimate=estimate, fits=fits)
+
+
+def _with_fits(decay: pd.DataFrame, fits: dict[str, DecayFit]) -> pd.DataFrame:
+    table = decay.copy()
+    for kind, fit in fits.items():
+        table[f"fit_{kind}"] = fit.predict(table["distance"].to_numpy(dtype=np.float64))
+    return table
+
+
+def estimate_as_dict(estimate: DiffusionEstimate) -> dict[str, object]:
+    """The estimate as plain scalars."""
+    return asdict(estimate)
