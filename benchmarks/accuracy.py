@@ -54,7 +54,9 @@ def score(estimate: np.ndarray, truth: ad.AnnData, tissue: np.ndarray, genes: li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n-rows", type=int, default=78)
     parser.add_argument("--n-cols", type=int, default=64)
     parser.add_argument("--n-genes", type=int, default=300)
@@ -67,7 +69,9 @@ def main() -> None:
     config = CorrectionConfig() if args.epochs is None else CorrectionConfig(epochs=args.epochs)
     with tempfile.TemporaryDirectory(prefix="undiffuse-accuracy-") as scratch:
         root = Path(scratch)
-        outs = simulate_sample(root / "sample", n_rows=args.n_rows, n_cols=args.n_cols, n_genes=args.n_genes, seed=args.seed)
+        outs = simulate_sample(
+            root / "sample", n_rows=args.n_rows, n_cols=args.n_cols, n_genes=args.n_genes, seed=args.seed
+        )
         adata = prepare_sample(outs, root / "prepared")
         truth = ad.read_h5ad(root / "sample" / "truth.h5ad")[adata.obs_names]
     genes = adata.var_names[adata.var["selected"].to_numpy(bool)].tolist()
@@ -136,7 +140,9 @@ def main() -> None:
         "kernel_recovery": {
             "diffusion_length_median": float(learned["diffusion_length"].median()),
             "true_kernel_scale_median": float(np.median(true_scale)),
-            "diffusion_length_vs_true_pearson": float(np.corrcoef(learned["diffusion_length"], true_scale)[0, 1]),
+            "diffusion_length_vs_true_pearson": float(
+                np.corrcoef(learned["diffusion_length"], true_scale)[0, 1]
+            ),
             "bleed_median": float(learned["bleed"].median()),
             "distal_median": float(learned["distal"].median()),
         },

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from .diffusion import expected_counts, normalise_rows
 from .errors import ConfigError, InputError
 from .losses import image_loss, moran_loss, out_of_tissue_loss, poisson_loss
+from .memory import heap_reuse
 from .moran import SpatialWeights, spatial_weights
 from .ot.cost import N_RADIAL_BASIS, cost_weights, gibbs_log_weights, pair_features
 from .ot.deconvolution import deconvolve_em
@@ -295,7 +296,7 @@ def correct(
         leave=False,
     )
     started = time.perf_counter()
-    with _deterministic_algorithms():
+    with _deterministic_algorithms(), heap_reuse():
         for batch in batches:
             counts = torch.as_tensor(counts_all[:, batch], dtype=dtype, device=device)
             solver = _GeneBatch(problem, counts, levels[batch], config)
@@ -418,7 +419,9 @@ def deconvolve_known_kernel(
         for radius in np.unique(cutoff):
             columns = np.flatnonzero(cutoff == radius)
             run = replace(config, cutoff=float(radius), mode="deconvolve", device="cpu")
-            problem = _SampleProblem.build(adata, run, image=None, device=torch.device("cpu"), dtype=torch.float32)
+            problem = _SampleProblem.build(
+                adata, run, image=None, device=torch.device("cpu"), dtype=torch.float32
+            )
             counts = torch.as_tensor(counts_all[:, columns])
             batch = _GeneBatch(problem, counts, levels[columns], run)
             distance = torch.sqrt(problem.sq_distance)
@@ -630,16 +633,14 @@ class _GeneBatch:
         shape = torch.where(mass > 0, inside / torch.where(mass > 0, mass, 1.0), uniform)
         return shape * self.totals
 
-    def transport(
-        self, start: torch.Tensor, warm: torch.Tensor | None, n_iter: int, n_grad: int | None, kernel=None
-    ):
+    def transport(self, start: torch.Tensor, warm, n_iter: int, n_grad: int | None, kernel=None):
         """Run the mode's solver; returns the field and the state to carry to the next epoch."""
         problem = self.problem
         if self.config.mode == "balanced":
             a = self.counts / torch.where(self.totals > 0, self.totals, 1.0)
             mass = start.sum(dim=0)
             b = start / torch.where(mass > 0, mass, 1.0)
-            plan = sinkhorn_log(
+            plan, log = sinkhorn_log(
                 a,
                 b,
                 problem.pairs,
@@ -647,8 +648,10 @@ class _GeneBatch:
                 self.reg,
                 numItermax=n_iter,
                 n_grad_iterations=n_grad,
+                warmstart=warm,
+                log=True,
             )
-            return self.totals * column_sums(plan, problem.pairs, problem.n_spots), None
+            return self.totals * column_sums(plan, problem.pairs, problem.n_spots), (log["f"], log["g"])
         shares = self.shares
         kernel = problem.kernel(self.phi, self.reg) if kernel is None else kernel
         initial = start if warm is None else _carry(start, warm)
@@ -685,9 +688,8 @@ class _GeneBatch:
     def fit(self, bar: tqdm) -> pd.DataFrame:
         """Train for ``config.epochs`` epochs; returns the loss history (means over the batch's genes)."""
         rows, warm = [], None
+        # Solver state is carried across epochs, so each epoch only needs the differentiated tail.
         n_iter = self.config.tail_iterations
-        if self.config.mode == "balanced":
-            n_iter = self.config.sinkhorn_iterations
         for _ in range(self.config.epochs):
             self.optimizer.zero_grad(set_to_none=True)
             kernel = self.problem.kernel(self.phi, self.reg) if self.config.mode == "deconvolve" else None

@@ -8,7 +8,6 @@ so that equal inputs give byte-identical files.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -224,10 +223,6 @@ def write_spaceranger_outs(
     """
     outs_dir = Path(outs_dir)
     with atomic_path(outs_dir, directory=True) as tmp:
-        # The temporary folder is private (0700); give the final one the permissions of a new folder.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
         write_10x_h5(
             tmp / "raw_feature_bc_matrix.h5", counts, barcodes, gene_ids, gene_names, library_id=library_id
         )

@@ -52,6 +52,7 @@ def sinkhorn_log(
     numItermax: int = 1000,
     stopThr: float = 1e-9,
     n_grad_iterations: int | None = None,
+    warmstart: tuple[torch.Tensor, torch.Tensor] | None = None,
     log: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
     r"""Entropic (un)balanced OT between the columns of ``a`` and ``b``, batched over genes.
@@ -75,6 +76,8 @@ def sinkhorn_log(
     n_grad_iterations
         Differentiate only the last this many iterations (earlier ones run without a graph), which bounds
         autograd memory; ``None`` differentiates all of them.
+    warmstart
+        Initial potentials ``(f, g)``, each ``(N, G)`` (e.g. the ``f`` and ``g`` of an earlier log).
     log
         Also return a dict with the potentials ``f``, ``g``, the number of iterations ``n_iter`` and ``err``.
 
@@ -97,8 +100,10 @@ def sinkhorn_log(
         g_new = tau * (log_b - segment_logsumexp(f_new[source] - scaled_cost, target, n_spots))
         return f_new, g_new
 
-    f_scaled = torch.zeros_like(a)
-    g_scaled = torch.zeros_like(b)
+    if warmstart is None:
+        f_scaled, g_scaled = torch.zeros_like(a), torch.zeros_like(b)
+    else:
+        f_scaled, g_scaled = warmstart[0].detach() / reg_t, warmstart[1].detach() / reg_t
     n_free = numItermax if n_grad_iterations is None else max(numItermax - n_grad_iterations, 0)
     err, n_iter = math.inf, 0
     with torch.set_grad_enabled(n_grad_iterations is None and torch.is_grad_enabled()):

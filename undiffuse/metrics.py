@@ -1,0 +1,572 @@
+r"""Evaluation of a correction, with and without a ground truth.
+
+Every metric compares two *stages* of a sample: ``raw`` (the observed counts, ``layers['counts']`` of
+``corrected.h5ad``) and ``corrected`` (``layers['corrected']``). Metrics against a ground truth follow the
+C3-Diff paper: root mean squared error and Pearson correlation per gene map,
+
+.. math::
+
+    \mathrm{RMSE}_g = \sqrt{\tfrac{1}{|\Omega|} \textstyle\sum_{i \in \Omega} (\hat z_{ig} - z_{ig})^2},
+    \qquad
+    \mathrm{PCC}_g = \frac{\sum_i (\hat z_{ig} - \bar{\hat z}_g)(z_{ig} - \bar z_g)}
+    {\sqrt{\sum_i (\hat z_{ig} - \bar{\hat z}_g)^2 \sum_i (z_{ig} - \bar z_g)^2}},
+
+over the tissue spots :math:`\Omega`. Without a truth, the consistency check re-applies the learned diffusion
+to the corrected field and compares it with the observation, at the spot level and on a coarser grid of 2 x 2
+neighbouring spots, as C3-Diff evaluates datasets that lack a high-resolution truth. The ARC score is
+:func:`undiffuse.qc.arc_score` and Moran's I :func:`undiffuse.moran.morans_i`, the statistics of the QC and
+the quantile initialisation.
+
+:func:`evaluate_sample` computes every table at once; :func:`write_metrics` writes them to
+``results/{sample}/metrics/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .atomic import atomic_path
+from .errors import InputError
+
+#: The two stages every before/after metric compares.
+RAW, CORRECTED = "raw", "corrected"
+
+#: Stage of the consistency check that compares the re-diffused corrected field with the observation.
+REDIFFUSED = "rediffused"
+
+#: Stage of metrics computed on the ground truth itself (e.g. the marker specificity of the true field).
+TRUTH = "truth"
+
+#: Edge of the coarse grid's blocks, in spots along each array axis.
+COARSE_FACTOR = 2
+
+#: What each summary metric measures, shown beside it in the report.
+METRIC_DESCRIPTIONS: dict[str, str] = {
+    "out_of_tissue_fraction": "share of all UMIs on background spots (all genes)",
+    "arc_score": "SpotClean ARC score: (background UMIs / all spots) / (UMIs / tissue spot)",
+    "moran_i_mean": "mean Moran's I over corrected genes, all spots, first ring (as squidpy)",
+    "consistency_rmse": "RMSE vs observed counts, all spots (pooled over genes); rediffused: the learned "
+    "diffusion re-applied to the corrected field",
+    "consistency_pearson": "Pearson vs observed counts, all spots (mean over genes); rediffused as above",
+    "consistency_rmse_2x2": "as consistency_rmse, on blocks of 2 x 2 neighbouring spots",
+    "consistency_pearson_2x2": "as consistency_pearson, on blocks of 2 x 2 neighbouring spots",
+    "truth_rmse": "RMSE vs ground truth, tissue spots (pooled over genes)",
+    "truth_pearson": "Pearson vs ground truth, tissue spots (mean over genes)",
+    "marker_specificity": "share of a marker's in-tissue UMIs inside its own region (mean over markers)",
+    "cell_type_accuracy": "share of tissue spots whose marker-based cell type is their true region",
+}
+
+#: Names of the tables :func:`evaluate_sample` may return (``summary`` and ``genes`` always).
+TABLE_NAMES = ("summary", "genes", "consistency", "truth", "markers", "cell_types", "notes")
+
+Rediffuse = Callable[[AnnData], np.ndarray]
+
+
+def rmse(estimate: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    r"""Root mean squared error per column, :math:`\sqrt{\mathrm{mean}_i (e_{ig} - r_{ig})^2}`.
+
+    Parameters
+    ----------
+    estimate, reference
+        ``(N, G)`` arrays (or ``(N,)`` for a single map).
+
+    Returns
+    -------
+    ``(G,)`` float64 (a scalar array for ``(N,)`` inputs).
+    """
+    estimate, reference = _pair(estimate, reference)
+    return np.sqrt(np.mean((estimate - reference) ** 2, axis=0))
+
+
+def pooled_rmse(estimate: np.ndarray, reference: np.ndarray) -> float:
+    """Root mean squared error over all entries of the two arrays (all spots and genes together)."""
+    estimate, reference = _pair(estimate, reference)
+    return float(np.sqrt(np.mean((estimate - reference) ** 2))) if estimate.size else 0.0
+
+
+def pearson(estimate: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    r"""Pearson correlation per column.
+
+    A column that is constant in either array has no defined correlation; it gets 0 (no linear association),
+    so that tables never hold NaN.
+
+    Returns
+    -------
+    ``(G,)`` float64 in ``[-1, 1]``.
+    """
+    estimate, reference = _pair(estimate, reference)
+    e = estimate - estimate.mean(axis=0)
+    r = reference - reference.mean(axis=0)
+    numerator = np.sum(e * r, axis=0)
+    denominator = np.sqrt(np.sum(e * e, axis=0) * np.sum(r * r, axis=0))
+    # A relative floor: centred sums of a float32 constant column are rounding noise, not variance.
+    scale = np.maximum(np.abs(estimate).max(axis=0, initial=0.0), np.abs(reference).max(axis=0, initial=0.0))
+    defined = denominator > 1e-12 * np.maximum(scale, 1e-300) ** 2 * max(estimate.shape[0], 1)
+    correlation = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=defined)
+    return np.clip(correlation, -1.0, 1.0)
+
+
+def out_of_tissue_fraction(counts: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """Share of each gene's counts that lies on background spots (0 for a gene without counts).
+
+    Parameters
+    ----------
+    counts
+        ``(N, G)`` non-negative counts on all spots.
+    tissue
+        ``(N,)`` boolean tissue mask.
+    """
+    counts = _as_2d(counts)
+    tissue = _mask(tissue, counts.shape[0])
+    total = counts.sum(axis=0)
+    outside = counts[~tissue].sum(axis=0)
+    return np.divide(outside, total, out=np.zeros_like(total), where=total > 0)
+
+
+def relative_change(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    r"""How much the correction moved each gene: :math:`\sum_i |a_{ig} - b_{ig}| / \sum_i |b_{ig}|`.
+
+    0 for a gene without counts.
+    """
+    before, after = _pair(before, after)
+    moved = np.abs(after - before).sum(axis=0)
+    mass = np.abs(before).sum(axis=0)
+    return np.divide(moved, mass, out=np.zeros_like(moved), where=mass > 0)
+
+
+def marker_specificity(
+    counts: np.ndarray, regions: np.ndarray, marker_regions: np.ndarray, *, tissue: np.ndarray | None = None
+) -> np.ndarray:
+    r"""Share of each marker's in-tissue mass that lies inside its own region.
+
+    .. math::
+
+        s_g = \frac{\sum_{i \in \Omega,\ \rho(i) = R_g} x_{ig}}{\sum_{i \in \Omega} x_{ig}},
+
+    where :math:`\rho(i)` is the region of spot :math:`i` and :math:`R_g` the region gene :math:`g` marks.
+    Diffusion moves marker mass across region borders and lowers :math:`s_g`; a good correction restores it.
+
+    Parameters
+    ----------
+    counts
+        ``(N, G)`` counts of the marker genes.
+    regions
+        ``(N,)`` region label of each spot.
+    marker_regions
+        ``(G,)`` region each gene marks.
+    tissue
+        ``(N,)`` mask of the spots to count (default: all).
+
+    Returns
+    -------
+    ``(G,)`` shares in ``[0, 1]`` (0 for a gene without in-tissue counts).
+    """
+    counts = _as_2d(counts)
+    regions = np.asarray(regions).astype(str)
+    marker_regions = np.asarray(marker_regions).astype(str)
+    if regions.shape[0] != counts.shape[0] or marker_regions.shape[0] != counts.shape[1]:
+        raise ValueError("regions must have one entry per spot and marker_regions one per gene")
+    keep = np.ones(counts.shape[0], dtype=bool) if tissue is None else _mask(tissue, counts.shape[0])
+    inside = regions[keep][:, None] == marker_regions[None, :]
+    kept = counts[keep]
+    total = kept.sum(axis=0)
+    own = np.where(inside, kept, 0.0).sum(axis=0)
+    return np.divide(own, total, out=np.zeros_like(total), where=total > 0)
+
+
+def coarse_blocks(array_row: np.ndarray, array_col: np.ndarray, *, factor: int = COARSE_FACTOR) -> np.ndarray:
+    """Label each spot with its block of ``factor x factor`` neighbouring spots on the array grid.
+
+    On the Visium hexagonal grid a row holds every other column (``array_col`` steps by 2), so a block spans
+    ``factor`` rows and ``2 * factor`` column indices: 2 x 2 spots for the default factor. On square grids
+    (Visium HD) a block spans ``factor`` rows and columns.
+
+    Returns
+    -------
+    ``(N,)`` int64 block labels ``0 .. B-1``.
+    """
+    rows = np.asarray(array_row, dtype=np.int64)
+    cols = np.asarray(array_col, dtype=np.int64)
+    if rows.shape != cols.shape or rows.ndim != 1:
+        raise ValueError("array_row and array_col must be 1-D and of equal length")
+    if factor < 1:
+        raise ValueError("factor must be a positive integer")
+    step = _column_step(rows, cols)
+    rows_block = (rows - rows.min()) // factor
+    cols_block = (cols - cols.min()) // (factor * step)
+    _, labels = np.unique(np.stack([rows_block, cols_block], axis=1), axis=0, return_inverse=True)
+    return labels.reshape(-1).astype(np.int64)
+
+
+def aggregate_blocks(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Sum the rows of ``values`` ``(N, G)`` within each block of ``labels`` ``(N,)``: ``(B, G)``."""
+    values = _as_2d(values)
+    labels = np.asarray(labels, dtype=np.int64)
+    n_blocks = int(labels.max()) + 1 if labels.size else 0
+    indicator = sp.csr_matrix(
+        (np.ones(labels.shape[0]), (labels, np.arange(labels.shape[0]))), shape=(n_blocks, labels.shape[0])
+    )
+    return np.asarray(indicator @ values)
+
+
+def consistency_table(
+    observed: np.ndarray,
+    rediffused: np.ndarray,
+    corrected: np.ndarray,
+    blocks: np.ndarray,
+    genes: list[str] | pd.Index,
+) -> pd.DataFrame:
+    """Per-gene agreement of the observation with the re-diffused corrected field, and with the field itself.
+
+    Parameters
+    ----------
+    observed
+        ``(N, G)`` observed counts on all spots.
+    rediffused
+        ``(N, G)`` expected observed counts predicted from the corrected field by the learned diffusion.
+    corrected
+        ``(N, G)`` corrected field; compared as is, it tells how much of the agreement re-diffusion adds.
+    blocks
+        ``(N,)`` coarse-grid labels from :func:`coarse_blocks`.
+
+    Returns
+    -------
+    DataFrame indexed by gene with ``rmse_{stage}``, ``pearson_{stage}``, ``rmse_{stage}_2x2``,
+    ``pearson_{stage}_2x2`` for the stages ``rediffused`` and ``corrected``.
+    """
+    columns: dict[str, np.ndarray] = {}
+    coarse_observed = aggregate_blocks(observed, blocks)
+    for stage, field in ((REDIFFUSED, rediffused), (CORRECTED, corrected)):
+        coarse = aggregate_blocks(field, blocks)
+        columns[f"rmse_{stage}"] = rmse(field, observed)
+        columns[f"pearson_{stage}"] = pearson(field, observed)
+        columns[f"rmse_{stage}_2x2"] = rmse(coarse, coarse_observed)
+        columns[f"pearson_{stage}_2x2"] = pearson(coarse, coarse_observed)
+    return pd.DataFrame(columns, index=pd.Index(list(genes), name="gene"))
+
+
+def stage_matrices(adata: AnnData) -> tuple[np.ndarray, np.ndarray]:
+    """Dense float64 ``(raw, corrected)``: layers ``counts`` and ``corrected`` of ``corrected.h5ad``."""
+    if "counts" not in adata.layers:
+        raise ValueError("the corrected AnnData has no layers['counts'] with the raw counts")
+    corrected = adata.layers["corrected"] if "corrected" in adata.layers else adata.X
+    return _dense(adata.layers["counts"]), _dense(corrected)
+
+
+def corrected_gene_mask(adata: AnnData) -> np.ndarray:
+    """Boolean ``(G,)``: genes the correction changed (``var['passed_through']`` is False or absent)."""
+    if "passed_through" in adata.var:
+        return ~adata.var["passed_through"].to_numpy(dtype=bool)
+    return np.ones(adata.n_vars, dtype=bool)
+
+
+def tissue_mask(adata: AnnData) -> np.ndarray:
+    """The tissue mask of the correction (``obs['tissue']``, else ``obs['in_tissue']``)."""
+    for key in ("tissue", "in_tissue"):
+        if key in adata.obs:
+            return adata.obs[key].to_numpy(dtype=bool)
+    raise ValueError("the AnnData has neither obs['tissue'] nor obs['in_tissue']")
+
+
+def evaluate_sample(
+    corrected: AnnData,
+    *,
+    truth: AnnData | None = None,
+    markers: pd.DataFrame | None = None,
+    rediffuse: Rediffuse | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Every metric of one corrected sample.
+
+    Parameters
+    ----------
+    corrected
+        The contents of ``corrected.h5ad``: ``layers['counts']`` (raw) and ``layers['corrected']`` on all
+        spots, ``obs['tissue']``, ``obs['array_row']``/``obs['array_col']``, ``obsm['spatial']``,
+        ``var['passed_through']``.
+    truth
+        The simulator's ``truth.h5ad`` (``X`` = undiffused expected counts, ``obs['domain']``,
+        ``var['marker_of']``), matched to ``corrected`` by barcode and gene name.
+    markers
+        Marker table with columns ``cell_type`` and ``gene`` (:func:`undiffuse.celltypes.read_markers`),
+        for the cell-type localisation.
+    rediffuse
+        Maps the corrected AnnData, restricted to its corrected genes, to their expected observed counts
+        ``(N, G_corrected)`` (default: :func:`undiffuse.correct.rediffuse`, the learned diffusion).
+
+    Returns
+    -------
+    Tables by name:
+
+    - ``summary``: long table ``metric``, ``stage``, ``value`` (see :data:`METRIC_DESCRIPTIONS`);
+    - ``genes``: per gene ``passed_through``, ``total_raw``, ``relative_change``,
+      ``out_of_tissue_{raw,corrected}``, ``moran_{raw,corrected}`` (:func:`undiffuse.moran.gene_morans_i`);
+    - ``consistency``: per corrected gene, see :func:`consistency_table`;
+    - ``truth`` (with a truth): per gene ``rmse_{raw,corrected}``, ``pearson_{raw,corrected}``;
+    - ``markers`` (with a truth): per marker gene ``region``, ``specificity_{raw,corrected,truth}``;
+    - ``cell_types`` (with markers): per tissue spot, see :func:`undiffuse.celltypes.compare_cell_types`,
+      plus ``region`` with a truth;
+    - ``notes``: why a table is missing (e.g. the learned model is incomplete), also issued as warnings.
+    """
+    # Imported here so that reading and writing metrics does not load torch and scanpy.
+    from .moran import morans_i_numpy, spatial_weights
+    from .qc import arc_score
+
+    raw, fixed = stage_matrices(corrected)
+    tissue = tissue_mask(corrected)
+    if not tissue.any():
+        raise ValueError("the tissue mask selects no spot")
+    is_corrected = corrected_gene_mask(corrected)
+    genes = corrected.var_names
+    stages = {RAW: raw, CORRECTED: fixed}
+
+    summary: list[tuple[str, str, float]] = []
+    for stage, values in stages.items():
+        summary.append(
+            ("out_of_tissue_fraction", stage, float(out_of_tissue_fraction(values.sum(1), tissue)[0]))
+        )
+        summary.append(("arc_score", stage, arc_score(values.sum(axis=1), tissue)))
+
+    weights = spatial_weights(corrected)
+    gene_table = pd.DataFrame(
+        {
+            "passed_through": ~is_corrected,
+            "total_raw": raw.sum(axis=0),
+            "relative_change": relative_change(raw, fixed),
+            **{f"out_of_tissue_{stage}": out_of_tissue_fraction(v, tissue) for stage, v in stages.items()},
+            **{f"moran_{stage}": morans_i_numpy(v, weights) for stage, v in stages.items()},
+        },
+        index=pd.Index(genes, name="gene"),
+    )
+    averaged = is_corrected if is_corrected.any() else np.ones_like(is_corrected)
+    for stage in stages:
+        summary.append(("moran_i_mean", stage, float(gene_table[f"moran_{stage}"][averaged].mean())))
+    tables: dict[str, pd.DataFrame] = {"genes": gene_table}
+
+    notes: list[tuple[str, str]] = []
+    if is_corrected.any():
+        consistency = _consistency(corrected, raw, fixed, is_corrected, rediffuse, summary, notes)
+        if consistency is not None:
+            tables["consistency"] = consistency
+    else:
+        notes.append(("consistency", "not computed: no gene was corrected"))
+
+    if truth is not None:
+        tables.update(_truth_tables(corrected, truth, stages, tissue, summary))
+
+    if markers is not None:
+        from .celltypes import compare_cell_types, marker_sets
+
+        if marker_sets(markers, genes):
+            tables["cell_types"] = _cell_types(
+                compare_cell_types(corrected, markers), truth, markers, summary
+            )
+        else:
+            notes.append(("cell_types", "not computed: none of the marker genes is measured in this sample"))
+
+    if notes:
+        tables["notes"] = pd.DataFrame(notes, columns=["topic", "note"]).set_index("topic")
+        for topic, note in notes:
+            warnings.warn(f"{topic}: {note}", stacklevel=2)
+    tables["summary"] = pd.DataFrame(summary, columns=["metric", "stage", "value"])
+    return {name: tables[name] for name in TABLE_NAMES if name in tables}
+
+
+def _consistency(
+    corrected: AnnData,
+    raw: np.ndarray,
+    fixed: np.ndarray,
+    is_corrected: np.ndarray,
+    rediffuse: Rediffuse | None,
+    summary: list[tuple[str, str, float]],
+    notes: list[tuple[str, str]],
+) -> pd.DataFrame | None:
+    """The consistency table of the corrected genes; appends its summary rows (pooled RMSE, mean Pearson).
+
+    None, with a note, when ``corrected`` lacks part of the learned model: the other metrics still count.
+    """
+    if rediffuse is None:
+        from .correct import rediffuse
+    try:
+        predicted = np.asarray(rediffuse(corrected[:, is_corrected].copy()), dtype=np.float64)
+    except KeyError as err:
+        notes.append(("consistency", f"not computed: the learned diffusion model lacks {err}"))
+        return None
+    expected_shape = (corrected.n_obs, int(is_corrected.sum()))
+    if predicted.shape != expected_shape:
+        raise ValueError(f"rediffuse returned shape {predicted.shape}, expected {expected_shape}")
+    if not np.isfinite(predicted).all():
+        raise ValueError("rediffuse returned NaN or Inf")
+    observed = raw[:, is_corrected]
+    fields = {REDIFFUSED: predicted, CORRECTED: fixed[:, is_corrected]}
+    blocks = coarse_blocks(corrected.obs["array_row"].to_numpy(), corrected.obs["array_col"].to_numpy())
+    table = consistency_table(
+        observed, fields[REDIFFUSED], fields[CORRECTED], blocks, corrected.var_names[is_corrected]
+    )
+    coarse_observed = aggregate_blocks(observed, blocks)
+    for stage, field in fields.items():
+        summary.append(("consistency_rmse", stage, pooled_rmse(field, observed)))
+        summary.append(("consistency_pearson", stage, float(table[f"pearson_{stage}"].mean())))
+        summary.append(
+            ("consistency_rmse_2x2", stage, pooled_rmse(aggregate_blocks(field, blocks), coarse_observed))
+        )
+        summary.append(("consistency_pearson_2x2", stage, float(table[f"pearson_{stage}_2x2"].mean())))
+    return table
+
+
+def align_truth(corrected: AnnData, truth: AnnData) -> AnnData:
+    """The truth on the corrected sample's spots (same order) and on the genes both share (corrected order).
+
+    Raises
+    ------
+    ValueError
+        The truth lacks some of the sample's barcodes, or shares no gene with it.
+    """
+    barcodes = corrected.obs_names
+    if not barcodes.isin(truth.obs_names).all():
+        missing = int((~barcodes.isin(truth.obs_names)).sum())
+        raise ValueError(f"the truth lacks {missing} of the corrected sample's {len(barcodes)} barcodes")
+    shared = corrected.var_names[corrected.var_names.isin(truth.var_names)]
+    if shared.empty:
+        raise ValueError("the truth shares no gene with the corrected sample")
+    return truth[barcodes, shared]
+
+
+def _cell_types(
+    cell_types: pd.DataFrame,
+    truth: AnnData | None,
+    markers: pd.DataFrame,
+    summary: list[tuple[str, str, float]],
+) -> pd.DataFrame:
+    """Add the true region of each spot and the accuracy of the cell types, when the truth has regions."""
+    if truth is None or "domain" not in truth.obs:
+        return cell_types
+    cell_types["region"] = truth.obs["domain"].reindex(cell_types.index).astype(str).to_numpy()
+    # Accuracy is defined only where the region is one of the marker table's cell types.
+    known = cell_types["region"].isin(set(markers["cell_type"]))
+    if known.any():
+        for stage in (RAW, CORRECTED):
+            hits = (cell_types[f"cell_type_{stage}"] == cell_types["region"])[known]
+            summary.append(("cell_type_accuracy", stage, float(hits.mean())))
+    return cell_types
+
+
+def _truth_tables(
+    corrected: AnnData,
+    truth: AnnData,
+    stages: Mapping[str, np.ndarray],
+    tissue: np.ndarray,
+    summary: list[tuple[str, str, float]],
+) -> dict[str, pd.DataFrame]:
+    """RMSE/Pearson against the truth per gene, and marker specificity; appends their summary rows."""
+    truth = align_truth(corrected, truth)
+    shared = truth.var_names
+    columns = corrected.var_names.get_indexer(shared)
+    true_field = _dense(truth.X)[tissue]
+    table = pd.DataFrame(index=pd.Index(shared, name="gene"))
+    for stage, values in stages.items():
+        estimate = values[tissue][:, columns]
+        table[f"rmse_{stage}"] = rmse(estimate, true_field)
+        table[f"pearson_{stage}"] = pearson(estimate, true_field)
+        summary.append(("truth_rmse", stage, pooled_rmse(estimate, true_field)))
+        summary.append(("truth_pearson", stage, float(table[f"pearson_{stage}"].mean())))
+    tables = {"truth": table}
+
+    if "domain" in truth.obs and "marker_of" in truth.var:
+        marker_of = truth.var["marker_of"].fillna("").astype(str)
+        marker_genes = marker_of[marker_of != ""]
+        if not marker_genes.empty:
+            regions = truth.obs["domain"].astype(str).to_numpy()
+            marker_columns = corrected.var_names.get_indexer(marker_genes.index)
+            fields = {stage: values[:, marker_columns] for stage, values in stages.items()}
+            fields[TRUTH] = _dense(truth[:, marker_genes.index].X)
+            markers = pd.DataFrame(
+                {"region": marker_genes.to_numpy()}, index=pd.Index(marker_genes.index, name="gene")
+            )
+            for stage, values in fields.items():
+                share = marker_specificity(values, regions, marker_genes.to_numpy(), tissue=tissue)
+                markers[f"specificity_{stage}"] = share
+                summary.append(("marker_specificity", stage, float(share.mean())))
+            tables["markers"] = markers
+    return tables
+
+
+def summary_dict(summary: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """The long summary table as ``{metric: {stage: value}}`` (the layout of ``metrics.json``)."""
+    nested: dict[str, dict[str, float]] = {}
+    for metric, stage, value in summary[["metric", "stage", "value"]].itertuples(index=False):
+        nested.setdefault(str(metric), {})[str(stage)] = float(value)
+    return nested
+
+
+def write_metrics(tables: Mapping[str, pd.DataFrame], outdir: str | os.PathLike[str]) -> Path:
+    """Write each table to ``outdir/{name}.tsv`` and the summary to ``outdir/metrics.json``, atomically.
+
+    The folder appears complete or not at all. Raises ``ValueError`` if a table holds NaN or Inf.
+    """
+    if "summary" not in tables:
+        raise ValueError("the metrics need a summary table")
+    for name, table in tables.items():
+        numeric = table.select_dtypes(include=[np.number]).to_numpy(dtype=np.float64)
+        if not np.isfinite(numeric).all():
+            raise ValueError(f"metrics table {name!r} holds NaN or Inf")
+    outdir = Path(outdir)
+    with atomic_path(outdir, directory=True) as tmp:
+        for name, table in tables.items():
+            table.to_csv(tmp / f"{name}.tsv", sep="\t", index=name != "summary")
+        (tmp / "metrics.json").write_text(json.dumps(summary_dict(tables["summary"]), indent=2) + "\n")
+    return outdir
+
+
+def read_metrics(outdir: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
+    """Tables written by :func:`write_metrics`, by name (index restored)."""
+    outdir = Path(outdir)
+    summary_path = outdir / "summary.tsv"
+    if not summary_path.is_file():
+        raise InputError(outdir, "not a metrics folder: summary.tsv is missing")
+    tables = {"summary": pd.read_csv(summary_path, sep="\t")}
+    for name in TABLE_NAMES[1:]:
+        path = outdir / f"{name}.tsv"
+        if path.is_file():
+            tables[name] = pd.read_csv(path, sep="\t", index_col=0, keep_default_na=False)
+    return tables
+
+
+def _dense(matrix) -> np.ndarray:
+    return np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=np.float64)
+
+
+def _as_2d(values) -> np.ndarray:
+    values = _dense(values)
+    return values[:, None] if values.ndim == 1 else values
+
+
+def _pair(estimate, reference) -> tuple[np.ndarray, np.ndarray]:
+    estimate, reference = _dense(estimate), _dense(reference)
+    if estimate.shape != reference.shape:
+        raise ValueError(f"shapes differ: {estimate.shape} vs {reference.shape}")
+    return estimate, reference
+
+
+def _mask(mask, n: int) -> np.ndarray:
+    mask = np.asarray(mask, dtype=bool).reshape(-1)
+    if mask.shape[0] != n:
+        raise ValueError(f"the mask has {mask.shape[0]} entries for {n} spots")
+    return mask
+
+
+def _column_step(rows: np.ndarray, cols: np.ndarray) -> int:
+    """Smallest column step between spots of one row: 2 on the hexagonal Visium grid, 1 on square grids."""
+    order = np.lexsort((cols, rows))
+    same_row = rows[order][1:] == rows[order][:-1]
+    steps = np.diff(cols[order])[same_row]
+    steps = steps[steps > 0]
+    return int(steps.min()) if steps.size else 1
