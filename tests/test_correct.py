@@ -65,7 +65,7 @@ def test_gradients_reach_q_r_and_phi(toy):
     field, _ = batch.transport(batch.start(), None, 4, 2)
     terms = batch.losses(field)
     sum(batch.weights[k] * v for k, v in terms.items()).sum().backward()
-    for name in ("q_logit", "r_raw", "phi"):
+    for name in ("q_logit", "log_r", "phi"):
         grad = getattr(batch, name).grad
         assert torch.isfinite(grad).all(), name
         assert grad.abs().sum() > 0, f"dL/d{name} is zero"

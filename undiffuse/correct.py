@@ -73,6 +73,8 @@ LOSS_TERMS = ("image", "out_of_tissue", "moran", "poisson")
 
 #: Neighbour radius (spot pitches) when neither the config nor the QC gives one.
 DEFAULT_CUTOFF = 8.0
+#: A Gaussian kernel keeps 99% of its mass within this many scales (2-D: sqrt(2 ln 100)).
+SCALES_PER_CUTOFF = 3.0
 #: Genes optimised together; results do not depend on it, memory does.
 DEFAULT_BATCH = 64
 
@@ -100,11 +102,15 @@ class CorrectionConfig:
     weights
         Loss weights ``image``, ``out_of_tissue``, ``moran`` (the seed's, all 1) and ``poisson``.
     cutoff
-        Neighbour radius in spot pitches; ``None`` takes the QC estimate
-        (``adata.uns['undiffuse']['diffusion_cutoff']``), else 8.
+        Neighbour radius in spot pitches. ``None`` derives it from the QC's background decay
+        (``adata.uns['undiffuse']``): the larger of its ``diffusion_cutoff`` and 3 ``diffusion_scale`` (where a
+        Gaussian kernel holds 99% of its mass), at most ``max_cutoff``; 8 without QC.
+    max_cutoff
+        Upper bound of the derived cutoff: memory and time grow with its square.
     r_init
-        Initial entropic regularisation (the seed's 1), or ``"qc"``: :math:`2 s^2` from the QC's diffusion scale
-        :math:`s`.
+        Initial entropic regularisation: ``"qc"`` (default) takes :math:`2 s^2` from the QC's diffusion scale
+        :math:`s`, so that the initial heat kernel has the measured width, and falls back to the seed's 1
+        without QC; or a positive number.
     bleed_init, distal_init
         Initial local and uniform bleeding shares (``deconvolve``).
     image_size
@@ -120,8 +126,8 @@ class CorrectionConfig:
     """
 
     mode: Mode = "deconvolve"
-    epochs: int = 60
-    lr: float = 0.1
+    epochs: int = 40
+    lr: float = 0.05
     em_iterations: int = 60
     tail_iterations: int = 3
     sinkhorn_iterations: int = 200
@@ -130,10 +136,11 @@ class CorrectionConfig:
         default_factory=lambda: {"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 10.0}
     )
     cutoff: float | None = None
-    r_init: float | str = 1.0
+    r_init: float | str = "qc"
+    max_cutoff: float = 10.0
     bleed_init: float = 0.3
     distal_init: float = 0.02
-    image_size: int = 96
+    image_size: int = 64
     batch_genes: int = DEFAULT_BATCH
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
@@ -155,6 +162,8 @@ class CorrectionConfig:
             problems.append("lr and beta must be positive")
         if not (0 <= self.bleed_init and 0 <= self.distal_init and self.bleed_init + self.distal_init < 1):
             problems.append("bleed_init and distal_init must be non-negative with a sum below 1")
+        if not self.max_cutoff > 0:
+            problems.append("max_cutoff must be positive (spot pitches)")
         if self.cutoff is not None and not self.cutoff > 0:
             problems.append("cutoff must be positive (spot pitches)")
         if not (self.r_init == "qc" or (isinstance(self.r_init, int | float) and self.r_init > 0)):
@@ -471,7 +480,7 @@ class _SampleProblem:
         coords = pitch_coordinates(adata)
         tissue = _tissue_mask(adata)
         info = adata.uns.get("undiffuse", {})
-        cutoff = float(config.cutoff or info.get("diffusion_cutoff") or DEFAULT_CUTOFF)
+        cutoff = float(config.cutoff or _qc_cutoff(info, config.max_cutoff))
         sources = tissue if config.mode == "deconvolve" else None
         pairs = neighbour_pairs(coords, cutoff, sources=sources)
         source = torch.as_tensor(pairs.source, device=device)
@@ -565,7 +574,7 @@ class _GeneBatch:
     """The learnable parameters and the training loop of a batch of genes.
 
     Parameters are unconstrained tensors mapped into range: ``q = sigmoid(q_logit)``,
-    ``r = softplus(r_raw) + R_MIN``, ``(stay, bleed, distal) = softmax(share_logits)``, ``W = exp(features @ phi)``.
+    ``r = R_MIN + exp(log_r)`` (a scale learns in relative steps), ``(stay, bleed, distal) = softmax(share_logits)``, ``W = exp(features @ phi)``.
     """
 
     R_MIN = 1e-3
@@ -589,13 +598,13 @@ class _GeneBatch:
             [1.0 - config.bleed_init - config.distal_init, config.bleed_init, config.distal_init], dtype=dtype
         ).clamp_min(1e-4)
         self.q_logit = torch.logit(self.q_init.clamp(0.01, 0.99)).clone().requires_grad_(True)
-        self.r_raw = torch.full((n_genes,), _softplus_inverse(r0 - self.R_MIN), dtype=dtype, device=device)
-        self.r_raw.requires_grad_(True)
+        self.log_r = torch.full((n_genes,), math.log(max(r0 - self.R_MIN, 1e-12)), dtype=dtype, device=device)
+        self.log_r.requires_grad_(True)
         self.phi = torch.zeros(
             (n_genes, problem.features.shape[1]), dtype=dtype, device=device, requires_grad=True
         )
         self.share_logits = torch.log(shares0).to(device).repeat(n_genes, 1).requires_grad_(True)
-        learnable = [self.q_logit, self.r_raw, self.phi]
+        learnable = [self.q_logit, self.log_r, self.phi]
         if config.mode == "deconvolve":
             learnable.append(self.share_logits)
         self.optimizer = torch.optim.Adam(learnable, lr=config.lr)
@@ -613,7 +622,7 @@ class _GeneBatch:
 
     @property
     def reg(self) -> torch.Tensor:
-        return torch.nn.functional.softplus(self.r_raw) + self.R_MIN
+        return self.R_MIN + torch.exp(self.log_r.clamp(max=30.0))
 
     @property
     def shares(self) -> torch.Tensor:
@@ -708,7 +717,7 @@ class _GeneBatch:
 
     def _sanitise_gradients(self) -> None:
         # A gene whose counts are all zero has undefined gradients; it must not stall the others.
-        for tensor in (self.q_logit, self.r_raw, self.phi, self.share_logits):
+        for tensor in (self.q_logit, self.log_r, self.phi, self.share_logits):
             if tensor.grad is not None:
                 torch.nan_to_num_(tensor.grad, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -841,16 +850,21 @@ def _dense_counts(adata: AnnData, genes: Sequence[str]) -> np.ndarray:
     return dense.astype(np.float32)
 
 
+def _qc_cutoff(info: Mapping[str, Any], max_cutoff: float) -> float:
+    """Neighbour radius from the QC's background decay (see :class:`CorrectionConfig`)."""
+    measured = [
+        float(info[k]) * f
+        for k, f in (("diffusion_cutoff", 1.0), ("diffusion_scale", SCALES_PER_CUTOFF))
+        if info.get(k)
+    ]
+    return min(max(measured), max_cutoff) if measured else DEFAULT_CUTOFF
+
+
 def _initial_reg(config: CorrectionConfig, problem: _SampleProblem) -> float:
     if config.r_init == "qc":
-        if not problem.diffusion_scale:
-            raise ConfigError("r_init 'qc' needs the QC's diffusion scale: run `undiffuse prepare` first")
-        return 2.0 * float(problem.diffusion_scale) ** 2
+        # Without QC (e.g. an AnnData that did not go through `prepare`), the seed's initialisation.
+        return 2.0 * float(problem.diffusion_scale) ** 2 if problem.diffusion_scale else 1.0
     return float(config.r_init)
-
-
-def _softplus_inverse(value: float) -> float:
-    return value + math.log(-math.expm1(-value)) if value < 20 else value
 
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:

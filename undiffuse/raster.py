@@ -20,7 +20,7 @@ class Raster:
     Attributes
     ----------
     matrix
-        ``(H * W, N)`` torch sparse CSR matrix with ones where a pixel lies inside a spot's disc.
+        ``(H * W, N)`` torch sparse COO matrix with ones where a pixel lies inside a spot's disc.
     shape
         ``(H, W)`` of the grid.
     """
@@ -66,8 +66,9 @@ def build_raster(
         torch.as_tensor(np.vstack([rows, cols]), dtype=torch.int64),
         torch.ones(rows.shape[0], dtype=dtype),
         size=(height * width, coords_px.shape[0]),
+        check_invariants=False,
     )
-    return Raster(indices.coalesce().to_sparse_csr().to(device), (height, width))
+    return Raster(indices.coalesce().to(device), (height, width))
 
 
 def image_intensity(image: np.ndarray) -> np.ndarray:
