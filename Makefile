@@ -30,10 +30,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-# Headless Chromium (report screenshot test) and a one-node SLURM cluster (integration test), when root.
+# Headless Chromium (report screenshot test) and SLURM (integration test; the test starts and stops its own
+# one-node cluster), installed with apt-get when root.
 system-deps:
 	bash scripts/install_chromium.sh || echo "chromium unavailable: the screenshot test will skip"
-	bash scripts/slurm_cluster.sh start || echo "SLURM unavailable: the SLURM integration test will skip"
+	bash scripts/slurm_cluster.sh install || echo "SLURM unavailable: the SLURM integration test will skip"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
