@@ -76,7 +76,7 @@ DEFAULT_CUTOFF = 8.0
 #: A Gaussian kernel keeps 99% of its mass within this many scales (2-D: sqrt(2 ln 100)).
 SCALES_PER_CUTOFF = 3.0
 #: Genes optimised together; results do not depend on it, memory does.
-DEFAULT_BATCH = 64
+DEFAULT_BATCH = 16
 
 
 @dataclass
@@ -355,7 +355,8 @@ def rediffuse(corrected: AnnData, *, layer: str = "corrected") -> np.ndarray:
     learn no forward model, the corrected field itself.
     """
     settings = corrected.uns["correction"]
-    field = np.asarray(corrected.layers[layer], dtype=np.float64)
+    stored = corrected.layers[layer]
+    field = np.asarray(stored.toarray() if sp.issparse(stored) else stored, dtype=np.float64)
     if settings.get("mode") == "balanced":
         return field
     config = CorrectionConfig(cutoff=float(settings["cutoff"]), device="cpu", progress=False)

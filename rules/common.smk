@@ -1,0 +1,235 @@
+"""Shared set-up of the workflow: config and sample-sheet validation, paths, input functions, resources."""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+from snakemake.utils import validate
+
+# The workflow runs the library of its own checkout, whatever is installed in the environment running snakemake.
+sys.path.insert(0, str(Path(workflow.basedir)))
+# envs/*.yaml install that checkout with `pip install -e ${UNDIFFUSE_ROOT}`; declared so that snakemake hands
+# it on to remote jobs.
+os.environ["UNDIFFUSE_ROOT"] = str(Path(workflow.basedir).resolve())
+
+
+envvars:
+    "UNDIFFUSE_ROOT",
+
+
+from undiffuse.chunks import n_chunks, read_gene_list
+from undiffuse.config import (
+    SIMULATED_INPUT,
+    check_sample_sheet,
+    correction_options,
+    simulation_options,
+)
+from undiffuse.errors import InputError
+
+validate(config, "../config/schemas/config.schema.yaml", set_default=True)
+
+
+def resolve_path(path):
+    """A path from the config or the sample sheet: as given when it exists from the working directory,
+    else relative to the workflow's folder (so that --directory runs still find config/...).
+    """
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    beside_workflow = Path(workflow.basedir) / candidate
+    return beside_workflow if beside_workflow.exists() else candidate
+
+
+SAMPLE_SHEET = resolve_path(config["samples"])
+if not SAMPLE_SHEET.is_file():
+    raise InputError(SAMPLE_SHEET, "sample sheet not found (config key 'samples')")
+samples = pd.read_csv(SAMPLE_SHEET, sep="\t", dtype=str, comment="#").set_index(
+    "sample", drop=False
+)
+validate(samples, "../config/schemas/samples.schema.yaml", set_default=False)
+check_sample_sheet(samples, SAMPLE_SHEET)
+
+RESULTS = config["outdir"]
+SAMPLES = list(samples.index)
+RULE_RESOURCES = config["resources"]
+
+#: Reports are optional: their rules live in rules/report.smk and are included when it exists.
+REPORT_RULES = Path(workflow.basedir) / "rules" / "report.smk"
+
+
+wildcard_constraints:
+    sample="|".join(re.escape(sample) for sample in SAMPLES),
+    chunk=r"\d+",
+
+
+def canonical(options):
+    """A params mapping with its keys sorted at every level: the order of keys in the config files must not
+    look like a change of parameters to snakemake's params rerun trigger."""
+    if isinstance(options, dict):
+        return {key: canonical(options[key]) for key in sorted(options)}
+    return options
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sample sheet
+
+
+def sheet_value(sample, column):
+    """A cell of the sample sheet, or None when the column is absent or the cell empty."""
+    value = samples.loc[sample].get(column)
+    return (
+        None
+        if value is None or pd.isna(value) or not str(value).strip()
+        else str(value).strip()
+    )
+
+
+def is_simulated(sample):
+    return sheet_value(sample, "input") == SIMULATED_INPUT
+
+
+def simulated_dir(sample):
+    return f"{RESULTS}/{sample}/simulated"
+
+
+def input_location(sample):
+    """What prepare reads: the simulated outs/ folder, or the sheet's input path."""
+    if is_simulated(sample):
+        return f"{simulated_dir(sample)}/outs"
+    return str(resolve_path(sheet_value(sample, "input")))
+
+
+def optional_sheet_path(sample, column):
+    value = sheet_value(sample, column)
+    return None if value is None else str(resolve_path(value))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input functions
+
+
+def prepare_inputs(wildcards):
+    """The files prepare depends on: the simulated matrix (which makes the DAG run simulate first), or the
+    sheet's input, plus the optional image and gene list."""
+    sample = wildcards.sample
+    if is_simulated(sample):
+        inputs = {"data": f"{simulated_dir(sample)}/outs/raw_feature_bc_matrix.h5"}
+    else:
+        inputs = {"data": input_location(sample)}
+    for column in ("image", "genes"):
+        path = optional_sheet_path(sample, column)
+        if path is not None:
+            inputs[column] = path
+    return inputs
+
+
+def truth_file(wildcards):
+    """The simulated ground truth of a sample, or nothing for a real sample (for report rules)."""
+    if is_simulated(wildcards.sample):
+        return f"{simulated_dir(wildcards.sample)}/truth.h5ad"
+    return []
+
+
+def simulation_params(wildcards):
+    sample = wildcards.sample
+    options = simulation_options(
+        config, sample_id=sample, seed=sheet_value(sample, "seed")
+    )
+    return canonical(options)
+
+
+def sample_chunk_count(sample):
+    """Number of correct_chunk jobs of a sample, known once the checkpoint init_quantiles has run."""
+    quantiles = checkpoints.init_quantiles.get(sample=sample).output.quantiles
+    return n_chunks(len(read_gene_list(quantiles)), config["correct"]["chunk_size"])
+
+
+def chunk_outputs(wildcards):
+    return expand(
+        f"{RESULTS}/{{sample}}/chunks/chunk_{{chunk}}.h5ad",
+        sample=wildcards.sample,
+        chunk=range(sample_chunk_count(wildcards.sample)),
+    )
+
+
+def step_benchmarks(wildcards):
+    """Benchmark files of the steps before merge (named inputs benchmark_<step>), for the provenance."""
+    sample = wildcards.sample
+    steps = (["simulate"] if is_simulated(sample) else []) + [
+        "prepare",
+        "init_quantiles",
+    ]
+    files = {
+        f"benchmark_{step}": f"logs/benchmarks/{sample}/{step}.tsv" for step in steps
+    }
+    for chunk in range(sample_chunk_count(sample)):
+        files[f"benchmark_correct_chunk_{chunk}"] = (
+            f"logs/benchmarks/{sample}/correct_chunk/{chunk}.tsv"
+        )
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resources: attempt k of a job asks for k times the memory and run time of the first, so --retries escalates.
+
+
+def rule_threads(rule):
+    return RULE_RESOURCES[rule]["threads"]
+
+
+def scaled_mem_mb(rule):
+    return lambda wildcards, attempt: RULE_RESOURCES[rule]["mem_mb"] * attempt
+
+
+def scaled_runtime(rule):
+    return lambda wildcards, attempt: RULE_RESOURCES[rule]["runtime"] * attempt
+
+
+#: Spots assumed before prepared.h5ad exists (a full Visium slide).
+VISIUM_SPOTS = 4992
+
+
+def count_spots(prepared):
+    """Number of spots in prepared.h5ad, read from its obs index without loading the data."""
+    try:
+        import h5py
+
+        with h5py.File(prepared, "r") as handle:
+            obs = handle["obs"]
+            return int(obs[obs.attrs["_index"]].shape[0])
+    except (ImportError, OSError, KeyError):
+        return VISIUM_SPOTS
+
+
+#: Neighbours per spot within a radius of R pitches on the hexagonal Visium lattice: (2 pi / sqrt 3) R^2.
+HEX_NEIGHBOURS_PER_SQUARED_PITCH = 3.63
+
+
+def correct_chunk_mem_mb(wildcards, input, attempt):
+    """Memory of a chunk job: a fixed part plus a part per neighbour pair x gene optimised at once, times the
+    attempt. The correction holds (pairs x genes) tensors for batch_genes genes at a time; the kernel radius
+    is the configured cutoff, else its upper bound max_cutoff (the derived one is not known before the job).
+    """
+    settings = RULE_RESOURCES["correct_chunk"]
+    options = config["correct"]
+    genes_at_once = min(options["chunk_size"], options["batch_genes"])
+    radius = options["cutoff"] or options["max_cutoff"]
+    pairs = count_spots(input.prepared) * HEX_NEIGHBOURS_PER_SQUARED_PITCH * radius**2
+    pair_genes = pairs * genes_at_once
+    per_pair_gene = settings["mem_mb_per_million_pair_genes"]
+    return int(attempt * (settings["mem_mb"] + per_pair_gene * pair_genes / 1e6))
+
+
+def all_outputs():
+    """The default targets: every sample's corrected data, and the reports when their rules exist."""
+    targets = expand(
+        f"{RESULTS}/{{sample}}/{{name}}",
+        sample=SAMPLES,
+        name=["corrected.h5ad", "parameters.tsv"],
+    )
+    if REPORT_RULES.exists():
+        targets += expand(f"{RESULTS}/{{sample}}/report.html", sample=SAMPLES)
+        targets.append(f"{RESULTS}/summary.html")
+    return targets

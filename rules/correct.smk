@@ -1,0 +1,23 @@
+rule correct_chunk:
+    """Correct one chunk of a sample's selected genes (chunk k of undiffuse.chunks.split_genes)."""
+    input:
+        prepared=f"{RESULTS}/{{sample}}/prepared.h5ad",
+        quantiles=f"{RESULTS}/{{sample}}/quantiles.tsv",
+    output:
+        chunk=f"{RESULTS}/{{sample}}/chunks/chunk_{{chunk}}.h5ad",
+    log:
+        "logs/{sample}/correct_chunk/{chunk}.log",
+    benchmark:
+        "logs/benchmarks/{sample}/correct_chunk/{chunk}.tsv"
+    conda:
+        "../envs/correct.yaml"
+    threads: rule_threads("correct_chunk")
+    resources:
+        mem_mb=correct_chunk_mem_mb,
+        runtime=scaled_runtime("correct_chunk"),
+        gpu=1 if config["correct"]["gpu"] else 0,
+    params:
+        chunk_size=config["correct"]["chunk_size"],
+        options=canonical(correction_options(config)),
+    script:
+        "../workflow_scripts/correct_chunk.py"

@@ -1,0 +1,300 @@
+"""The workflow end to end on the tiny two-sample config: outputs, merged = direct, resume after a lost chunk.
+
+The run happens once per test session in a temporary working directory (``--directory``), never in the
+repository's ``results/``. Slow on a loaded machine (each job imports the scientific stack), hence the
+``workflow`` marker; the tiny config keeps it to a minute or two on 2 free cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_CONFIG = REPO / "config" / "test" / "config.yaml"
+SAMPLES = ("alpha", "beta")
+#: Every var column merge adds, on top of prepare's.
+MERGED_VAR_COLUMNS = (
+    "q_init",
+    "q",
+    "r",
+    "diffusion_length",
+    "bleed",
+    "distal",
+    "moran_before",
+    "moran_after",
+    "passed_through",
+)
+
+
+def snakemake_command(workdir: Path, *args: str, configfile: Path = TEST_CONFIG) -> list[str]:
+    """Command line of snakemake on the repository's Snakefile in ``workdir``.
+
+    Targets go before ``--configfile``, which takes several values."""
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *args,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        "--retries",
+        "0",
+        "--configfile",
+        str(configfile),
+    ]
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path = TEST_CONFIG) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        snakemake_command(workdir, *args, configfile=configfile), capture_output=True, text=True, timeout=1200
+    )
+
+
+def targets(sample: str) -> list[str]:
+    return [f"results/{sample}/corrected.h5ad", f"results/{sample}/parameters.tsv"]
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> number of jobs."""
+    table = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)}
+
+
+def resolved_config(corrected: ad.AnnData) -> dict:
+    """The config the workflow ran with (defaults, config/config.yaml, then the test config), from the
+    provenance of its output."""
+    return json.loads(corrected.uns["undiffuse"]["provenance"]["config"])
+
+
+def check(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result.stdout + result.stderr
+
+
+def result_files(workdir: Path) -> dict[Path, int]:
+    """Every file under results/, with its modification time."""
+    return {path: path.stat().st_mtime_ns for path in (workdir / "results").rglob("*") if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory) -> dict:
+    """Start the two-sample run, stop it (SIGTERM, as a scheduler does) once a first chunk is written, note
+    what is on disk and what a dry run plans, then resume it to the end."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    log = workdir / "interrupted.log"
+    with open(log, "w") as stream:
+        process = subprocess.Popen(
+            snakemake_command(workdir, *targets("alpha"), *targets("beta")),
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        # Stop once snakemake has registered a finished chunk job (a chunk written by a job it has not yet
+        # seen finish is, rightly, removed as incomplete).
+        finished_chunk = re.compile(r"Finished jobid: \d+ \(Rule: correct_chunk\)")
+        deadline = time.monotonic() + 1200
+        while process.poll() is None and not finished_chunk.search(log.read_text()):
+            assert time.monotonic() < deadline, "no chunk job finished in 20 minutes"
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before it could be stopped: " + log.read_text()[-3000:]
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=300)
+    assert process.returncode != 0
+
+    on_disk = result_files(workdir)
+    plan = planned_jobs(check(snakemake(workdir, *targets("alpha"), *targets("beta"), "-n")))
+    check(snakemake(workdir, *targets("alpha"), *targets("beta")))
+    return {"workdir": workdir, "on_disk": on_disk, "plan": plan}
+
+
+@pytest.fixture(scope="module")
+def workflow_run(interrupted_run) -> Path:
+    return interrupted_run["workdir"]
+
+
+@pytest.mark.parametrize("configfile", [REPO / "config" / "config.yaml", TEST_CONFIG])
+def test_dry_run_plans_every_step(tmp_path, configfile):
+    from undiffuse.config import load_config, read_sample_sheet
+
+    n_samples = len(read_sample_sheet(REPO / load_config(configfile)["samples"]))
+    jobs = planned_jobs(check(snakemake(tmp_path, "-n", configfile=configfile)))
+    for rule in ("simulate", "prepare", "init_quantiles", "merge"):
+        assert jobs.get(rule) == n_samples, (rule, jobs)
+    assert not (tmp_path / "results").exists(), "a dry run must not write outputs"
+
+
+@pytest.mark.realdata
+def test_dry_run_mixes_real_and_simulated_samples(tmp_path, shared_data):
+    real = shared_data / "visium_mouse_brain_raw_top100" / "outs"
+    if not real.is_dir():
+        pytest.skip(f"real data not available: {real} is absent")
+    (tmp_path / "samples.tsv").write_text(f"sample\tinput\nbrain\t{real}\ndemo\tsimulate\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        TEST_CONFIG.read_text().replace("config/test/samples.tsv", str(tmp_path / "samples.tsv"))
+    )
+    output = check(snakemake(tmp_path, *targets("brain"), *targets("demo"), "-n", configfile=config))
+    jobs = planned_jobs(output)
+    assert jobs["simulate"] == 1 and jobs["prepare"] == 2 and jobs["merge"] == 2
+    assert str(real) in output  # prepare reads the sheet's folder
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TEST_CONFIG.read_text() + "\ninit_quantiles:\n  grid: {step: -1}\n")
+    result = snakemake(tmp_path, "-n", configfile=bad)
+    assert result.returncode != 0
+    assert "init_quantiles" in result.stderr + result.stdout and "step" in result.stderr + result.stdout
+
+
+@pytest.mark.workflow
+def test_two_samples_run_end_to_end(workflow_run):
+    for sample in SAMPLES:
+        folder = workflow_run / "results" / sample
+        corrected = ad.read_h5ad(folder / "corrected.h5ad")
+        prepared = ad.read_h5ad(folder / "prepared.h5ad")
+        quantiles = pd.read_csv(folder / "quantiles.tsv", sep="\t")
+        assert corrected.obs_names.equals(prepared.obs_names) and corrected.var_names.equals(
+            prepared.var_names
+        )
+        assert set(MERGED_VAR_COLUMNS) <= set(corrected.var.columns)
+        assert {"counts", "corrected"} <= set(corrected.layers)
+        assert np.isfinite(corrected.X.data).all() and np.isfinite(corrected.layers["corrected"].data).all()
+        corrected_genes = corrected.var_names[~corrected.var["passed_through"].to_numpy()]
+        assert sorted(corrected_genes) == sorted(quantiles["gene"])
+        assert 0 < len(corrected_genes) < corrected.n_vars  # some genes pass through
+        passed = corrected.var["passed_through"].to_numpy()
+        np.testing.assert_array_equal(corrected.X[:, passed].toarray(), prepared.X[:, passed].toarray())
+        assert "spatial" in corrected.uns
+        provenance = corrected.uns["undiffuse"]["provenance"]
+        assert {"prepare", "init_quantiles", "correct_chunk_total"} <= set(provenance["wall_times_s"])
+        assert provenance["seed"] == 0
+        parameters = pd.read_csv(folder / "parameters.tsv", sep="\t", keep_default_na=False)
+        assert parameters["gene"].tolist() == corrected.var_names.tolist()
+        chunks = sorted(folder.glob("chunks/chunk_*.h5ad"))
+        assert len(chunks) == 3  # 10 genes in chunks of at most 4
+        for log in ("prepare", "init_quantiles", "merge"):
+            assert (workflow_run / "logs" / sample / f"{log}.log").is_file()
+            assert (workflow_run / "logs" / "benchmarks" / sample / f"{log}.tsv").is_file()
+    # The two samples were simulated with different seeds.
+    alpha, beta = (ad.read_h5ad(workflow_run / "results" / s / "corrected.h5ad") for s in SAMPLES)
+    assert alpha.layers["counts"].sum() != beta.layers["counts"].sum()
+
+
+@pytest.mark.workflow
+def test_merged_equals_a_direct_correction(workflow_run):
+    from undiffuse.config import correction_options
+    from undiffuse.correct import CorrectionConfig, correct
+    from undiffuse.moran import read_quantile_table
+
+    folder = workflow_run / "results" / "alpha"
+    prepared = ad.read_h5ad(folder / "prepared.h5ad")
+    quantiles = read_quantile_table(folder / "quantiles.tsv")
+    merged = ad.read_h5ad(folder / "corrected.h5ad")
+    options = correction_options(resolved_config(merged))
+    direct = correct(
+        prepared, genes=list(quantiles.index), q_init=quantiles["q_init"], config=CorrectionConfig(**options)
+    )
+    scale = np.abs(direct.corrected).max()
+    np.testing.assert_allclose(
+        merged[:, direct.genes].X.toarray(), direct.corrected, rtol=0, atol=1e-5 * scale
+    )
+    np.testing.assert_allclose(
+        merged.var.loc[direct.genes, "q"].to_numpy(),
+        direct.params.loc[direct.genes, "q"].to_numpy(),
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.workflow
+def test_a_killed_run_resumes_with_only_what_is_missing(interrupted_run):
+    workdir, on_disk, plan = interrupted_run["workdir"], interrupted_run["on_disk"], interrupted_run["plan"]
+    chunks_done = [path for path in on_disk if path.parent.name == "chunks"]
+    assert chunks_done, "the run was stopped before any chunk was complete"
+    # Nothing complete at the kill was recomputed: every file then on disk is untouched.
+    assert {path: result_files(workdir)[path] for path in on_disk} == on_disk
+    # The plan after the kill: the missing chunks of the scanned samples (3 each), the scans still missing
+    # (whose chunks the checkpoint adds later), and both merges.
+    scanned = [s for s in SAMPLES if workdir / "results" / s / "quantiles.tsv" in on_disk]
+    assert plan.get("correct_chunk", 0) == 3 * len(scanned) - len(chunks_done)
+    assert plan.get("init_quantiles", 0) == len(SAMPLES) - len(scanned)
+    assert plan["merge"] == len(SAMPLES)
+    # Jobs stopped mid-write left no temporary files behind (atomic_path cleans up on SIGTERM).
+    assert not [path for path in result_files(workdir) if ".partial" in str(path)]
+
+
+@pytest.mark.workflow
+def test_a_lost_chunk_is_recomputed_alone_and_identically(workflow_run):
+    folder = workflow_run / "results" / "alpha"
+    before = ad.read_h5ad(folder / "corrected.h5ad")
+    before_parameters = (folder / "parameters.tsv").read_text()
+    # The state of a run stopped during the chunk jobs: one chunk and the merged outputs are missing.
+    for name in ("chunks/chunk_1.h5ad", "corrected.h5ad", "parameters.tsv"):
+        (folder / name).unlink()
+    untouched = result_files(workflow_run)
+
+    plan = check(snakemake(workflow_run, *targets("alpha"), *targets("beta"), "-n"))
+    assert planned_jobs(plan) == {"correct_chunk": 1, "merge": 1, "total": 2}
+    assert "chunk=1" in plan and "sample=beta" not in plan
+    # Memory of the chunk job: 1000 MB + 100 MB per million (pair x gene); 3.63 R^2 pairs per spot, R = 3.
+    pair_genes = before.n_obs * 3.63 * 3.0**2 * 4
+    assert f"mem_mb={int(1000 + 100 * pair_genes / 1e6)}," in plan.split("rule correct_chunk:", 1)[1]
+
+    check(snakemake(workflow_run, *targets("alpha"), *targets("beta")))
+    assert {path: result_files(workflow_run)[path] for path in untouched} == untouched
+    after = ad.read_h5ad(folder / "corrected.h5ad")
+    np.testing.assert_array_equal(after.X.toarray(), before.X.toarray())
+    pd.testing.assert_frame_equal(after.var, before.var)
+    assert (folder / "parameters.tsv").read_text() == before_parameters
+    assert planned_jobs(check(snakemake(workflow_run, *targets("alpha"), *targets("beta"), "-n"))) == {}
+
+
+@pytest.mark.workflow
+def test_resumed_output_equals_an_uninterrupted_computation(workflow_run, tmp_path):
+    """Recompute every chunk and the merge in one go, with the workflow's own step functions."""
+    import torch
+
+    from undiffuse.chunks import run_chunk
+    from undiffuse.config import correction_options
+    from undiffuse.merge import merge_sample
+
+    folder = workflow_run / "results" / "beta"
+    resumed = ad.read_h5ad(folder / "corrected.h5ad")
+    config = resolved_config(resumed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config["resources"]["correct_chunk"]["threads"])  # as the jobs ran
+    try:
+        chunks = []
+        for index in range(3):
+            chunks.append(tmp_path / f"chunk_{index}.h5ad")
+            run_chunk(
+                folder / "prepared.h5ad",
+                folder / "quantiles.tsv",
+                chunks[-1],
+                index=index,
+                chunk_size=config["correct"]["chunk_size"],
+                options=correction_options(config),
+            )
+    finally:
+        torch.set_num_threads(threads)
+    uninterrupted = merge_sample(
+        folder / "prepared.h5ad", chunks, folder / "quantiles.tsv", tmp_path / "c.h5ad", tmp_path / "p.tsv"
+    )
+    np.testing.assert_array_equal(resumed.X.toarray(), uninterrupted.X.toarray())
+    pd.testing.assert_frame_equal(resumed.var, uninterrupted.var)

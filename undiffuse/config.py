@@ -1,0 +1,199 @@
+"""Workflow configuration: load a YAML config, validate it against ``config/schemas/`` and fill in defaults.
+
+The Snakefile validates with ``snakemake.utils.validate(..., set_default=True)``; this module applies the same
+schemas the same way for the command line and for notebooks, so that ``undiffuse <step> --config FILE`` and
+the workflow resolve a config identically. Heavy libraries (pandas) are imported inside the functions that
+need them: the Snakefile imports this module at start-up.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from functools import cache
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+import yaml
+
+from .errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: The schemas live in the repository beside the package (``config/schemas/``).
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "config" / "schemas"
+CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
+SAMPLES_SCHEMA = SCHEMA_DIR / "samples.schema.yaml"
+
+#: Keys of the ``correct`` section that steer the workflow, not the correction itself.
+WORKFLOW_ONLY_CORRECT_KEYS = frozenset({"chunk_size", "gpu"})
+
+#: Sample-sheet value of ``input`` for samples that the workflow simulates.
+SIMULATED_INPUT = "simulate"
+
+
+def load_config(path: str | PathLike[str] | None = None) -> dict[str, Any]:
+    """Read a config YAML, validate it and fill in every default.
+
+    Parameters
+    ----------
+    path
+        Config file; ``None`` gives the defaults alone.
+
+    Returns
+    -------
+    The complete config (a new dict).
+
+    Raises
+    ------
+    InputError
+        The file is missing or is not a YAML mapping.
+    ConfigError
+        A value breaks the schema; the message names the file, the key and the rule.
+    """
+    if path is None:
+        return validate_config({})
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(path, f"not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise InputError(path, f"a config must be a YAML mapping, not {type(data).__name__}")
+    return validate_config(data, source=path)
+
+
+def validate_config(
+    config: Mapping[str, Any], *, source: str | PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Validate a config mapping against ``config.schema.yaml`` and return a copy with defaults filled in.
+
+    Parameters
+    ----------
+    config
+        The config as read (sections may be missing).
+    source
+        The file it came from, named in error messages.
+    """
+    return _validate(config, _load_schema(CONFIG_SCHEMA), what="config", source=source)
+
+
+def validate_sample_row(
+    row: Mapping[str, Any], *, source: str | PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Validate one sample-sheet row against ``samples.schema.yaml`` (empty cells left out)."""
+    return _validate(row, _load_schema(SAMPLES_SCHEMA), what="sample sheet row", source=source)
+
+
+def read_sample_sheet(path: str | PathLike[str]) -> pd.DataFrame:
+    """Read and validate a sample sheet (TSV, text cells); indexed by ``sample``.
+
+    Raises
+    ------
+    InputError
+        The sheet is missing, a row breaks the schema, or sample names repeat.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "sample sheet not found")
+    frame = pd.read_csv(path, sep="\t", dtype=str, comment="#", skip_blank_lines=True)
+    for position, record in enumerate(frame.to_dict("records")):
+        row = {key: value for key, value in record.items() if isinstance(value, str) and value.strip()}
+        try:
+            validate_sample_row(row)
+        except ConfigError as err:
+            raise InputError(path, f"row {position + 1}: {err}") from err
+    check_sample_sheet(frame, path)
+    return frame.set_index("sample", drop=False)
+
+
+def check_sample_sheet(frame: pd.DataFrame, path: str | PathLike[str]) -> None:
+    """Checks that span rows: at least one sample, unique names. Raises :class:`InputError`."""
+    if frame.empty:
+        raise InputError(path, "the sample sheet lists no sample")
+    repeated = sorted(set(frame["sample"][frame["sample"].duplicated()]))
+    if repeated:
+        raise InputError(path, f"sample names must be unique; repeated: {', '.join(repeated)}")
+
+
+def correction_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``correct`` section without its workflow-only keys: the keyword arguments of ``CorrectionConfig``.
+
+    With ``gpu: true`` and ``device: auto`` the device becomes ``cuda``, so that a job that asked the
+    scheduler for a GPU fails loudly when it gets none instead of running on the CPU.
+    """
+    section = copy.deepcopy(dict(config["correct"]))
+    if section.get("gpu") and section.get("device") == "auto":
+        section["device"] = "cuda"
+    return {key: value for key, value in section.items() if key not in WORKFLOW_ONLY_CORRECT_KEYS}
+
+
+def simulation_options(
+    config: Mapping[str, Any], *, sample_id: str | None = None, seed: int | str | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of ``simulate_sample`` from the ``simulation`` section.
+
+    Parameters
+    ----------
+    config
+        Validated config.
+    sample_id
+        Library id written into the simulated matrix (the sample's name in the workflow).
+    seed
+        Seed overriding ``simulation.seed`` (the sample sheet's ``seed`` column).
+    """
+    options = copy.deepcopy(dict(config["simulation"]))
+    if sample_id is not None:
+        options["sample_id"] = str(sample_id)
+    if seed is not None:
+        options["seed"] = int(seed)
+    return options
+
+
+@cache
+def _load_schema(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(path, "schema not found: undiffuse.config needs the repository's config/schemas/")
+    return yaml.safe_load(path.read_text())
+
+
+def _validate(
+    instance: Mapping[str, Any], schema: dict[str, Any], *, what: str, source: str | PathLike[str] | None
+) -> dict[str, Any]:
+    filled = copy.deepcopy(dict(instance))
+    validator = _DefaultFillingValidator(copy.deepcopy(schema))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(filled))
+    if error is not None:
+        location = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+        prefix = f"{source}: " if source is not None else ""
+        raise ConfigError(f"{prefix}invalid {what}: {location}: {error.message}")
+    return filled
+
+
+def _set_defaults(
+    validator: jsonschema.protocols.Validator,
+    properties: Mapping[str, Any],
+    instance: Any,
+    schema: Mapping[str, Any],
+) -> Iterator[jsonschema.ValidationError]:
+    # As snakemake.utils.validate(set_default=True): a missing key takes its default before the properties
+    # are validated, so that a defaulted section ({}) is then filled in turn.
+    if isinstance(instance, dict):
+        for name, subschema in properties.items():
+            if "default" in subschema:
+                instance.setdefault(name, copy.deepcopy(subschema["default"]))
+    yield from jsonschema.Draft202012Validator.VALIDATORS["properties"](
+        validator, properties, instance, schema
+    )
+
+
+_DefaultFillingValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {"properties": _set_defaults}
+)
