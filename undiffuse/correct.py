@@ -65,6 +65,7 @@ from .ot.sinkhorn import sinkhorn_log
 from .raster import Raster, build_raster, image_intensity, working_grid
 from .sparse_ops import column_sums
 from .spatial import neighbour_pairs, pitch_coordinates
+from .tissue import pick_image
 
 logger = logging.getLogger(__name__)
 
@@ -545,17 +546,16 @@ def _image_raster(
 ) -> tuple[Raster | None, torch.Tensor | None]:
     """The rasteriser and target intensity of the image loss, or ``(None, None)`` without an image."""
     coords_full = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    library = next(iter(adata.uns.get("spatial", {}).values()), {})
+    sample_id = adata.uns.get("undiffuse", {}).get("sample_id")
+    library = adata.uns.get("spatial", {}).get(sample_id, {})
     scalefactors = library.get("scalefactors", {})
     if image is not None:
         scale = 1.0
     else:
-        images = library.get("images", {})
-        key = next((k for k in ("hires", "lowres") if k in images), None)
-        if key is None:
+        picked = pick_image(adata) if library else None
+        if picked is None:
             return None, None
-        image = np.asarray(images[key])
-        scale = float(scalefactors[f"tissue_{key}_scalef"])
+        _, image, scale = picked
     small, zoom = working_grid(image_intensity(image), max_side)
     diameter = scalefactors.get("spot_diameter_fullres")
     if diameter is None:
