@@ -176,3 +176,20 @@ def test_bad_options_and_inputs(toy):
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is present")
         correct(adata, device="cuda", **FAST)
+
+
+def test_cli_prepares_raw_input_then_corrects(tiny_sample, tmp_path):
+    """`undiffuse correct` accepts a Space Ranger folder and writes counts and corrected layers."""
+    import anndata as ad
+
+    from undiffuse.cli import main
+
+    out = tmp_path / "corrected.h5ad"
+    status = main(["correct", str(tiny_sample / "outs"), str(out), "--epochs", "2", "--quiet"])
+    assert status == 0
+    corrected = ad.read_h5ad(out)
+    assert {"counts", "corrected"} <= set(corrected.layers)
+    np.testing.assert_array_equal(corrected.X, corrected.layers["corrected"])
+    assert np.isfinite(corrected.X).all()
+    assert main(["correct", str(tmp_path / "missing"), str(tmp_path / "x.h5ad")]) == 2
+    assert not (tmp_path / "x.h5ad").exists()
