@@ -59,7 +59,7 @@ from .losses import image_loss, moran_loss, out_of_tissue_loss, poisson_loss
 from .memory import heap_reuse
 from .moran import SpatialWeights, spatial_weights
 from .ot.cost import N_RADIAL_BASIS, cost_weights, gibbs_log_weights, pair_features
-from .ot.deconvolution import deconvolve_em
+from .ot.deconvolution import deconvolve_em, through_start
 from .ot.quantile import dequantised_order_statistics, quantile, soft_threshold
 from .ot.sinkhorn import sinkhorn_log
 from .raster import Raster, build_raster, image_intensity, working_grid
@@ -71,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["deconvolve", "balanced"]
 LOSS_TERMS = ("image", "out_of_tissue", "moran", "poisson")
+#: The seed's weights (all 1) and the Poisson fidelity's.
+DEFAULT_WEIGHTS = {"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 10.0}
 
 #: Neighbour radius (spot pitches) when neither the config nor the QC gives one.
 DEFAULT_CUTOFF = 8.0
@@ -133,9 +135,7 @@ class CorrectionConfig:
     tail_iterations: int = 3
     sinkhorn_iterations: int = 200
     beta: float = 50.0
-    weights: dict[str, float] = field(
-        default_factory=lambda: {"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 10.0}
-    )
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     cutoff: float | None = None
     r_init: float | str = "qc"
     max_cutoff: float = 10.0
@@ -148,7 +148,7 @@ class CorrectionConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.weights = {**{"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 10.0}, **self.weights}
+        self.weights = {**DEFAULT_WEIGHTS, **self.weights}
         problems = []
         if self.mode not in ("deconvolve", "balanced"):
             problems.append(f"mode must be 'deconvolve' or 'balanced', not {self.mode!r}")
@@ -664,7 +664,7 @@ class _GeneBatch:
             return self.totals * column_sums(plan, problem.pairs, problem.n_spots), (log["f"], log["g"])
         shares = self.shares
         kernel = problem.kernel(self.phi, self.reg) if kernel is None else kernel
-        initial = start if warm is None else _carry(start, warm)
+        initial = start if warm is None else through_start(start, warm)
         field = deconvolve_em(
             self.counts,
             initial,
@@ -779,13 +779,6 @@ def _deterministic_algorithms() -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
-
-
-def _carry(start: torch.Tensor, warm: torch.Tensor) -> torch.Tensor:
-    """The warm EM state, written as ``start`` times a fixed factor so that gradients reach ``start``."""
-    tiny = torch.finfo(start.dtype).tiny
-    factor = torch.where(start.detach() > 0, warm / start.detach().clamp_min(tiny), torch.zeros_like(warm))
-    return torch.where(start.detach() > 0, start * factor, warm)
 
 
 # --------------------------------------------------------------------------------------------------------------

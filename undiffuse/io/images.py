@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,25 @@ def _to_rgb_float(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)
 
 
+@contextmanager
+def _open_image(path: str | Path) -> Iterator[Image.Image]:
+    """Open an image file; a missing, corrupt or truncated file raises :class:`InputError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file does not exist")
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    # Full-resolution H&E scans legitimately exceed PIL's decompression-bomb limit.
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield image
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as err:
+        raise InputError(path, f"cannot be read as an image (corrupt or truncated file?): {err}") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+
+
 def read_image(path: str | Path, *, max_long_side: int | None = None) -> np.ndarray:
     """Read an image as float32 RGB in ``[0, 1]``, shape ``(height, width, 3)``.
 
@@ -71,41 +92,19 @@ def read_image(path: str | Path, *, max_long_side: int | None = None) -> np.ndar
     InputError
         When the file is missing or cannot be decoded (corrupt or truncated).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file does not exist")
-    previous_limit = Image.MAX_IMAGE_PIXELS
-    # Full-resolution H&E scans legitimately exceed PIL's decompression-bomb limit.
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with warnings.catch_warnings(), Image.open(path) as image:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image.load()
-            if max_long_side is not None and max(image.size) > max_long_side:
-                factor = max_long_side / max(image.size)
-                size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
-                image = image.convert("RGB").resize(size, Image.Resampling.BOX)
-            return _to_rgb_float(image)
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as err:
-        raise InputError(path, f"cannot be read as an image (corrupt or truncated file?): {err}") from err
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous_limit
+    with _open_image(path) as image:
+        image.load()
+        if max_long_side is not None and max(image.size) > max_long_side:
+            factor = max_long_side / max(image.size)
+            size = (max(1, round(image.size[0] * factor)), max(1, round(image.size[1] * factor)))
+            image = image.convert("RGB").resize(size, Image.Resampling.BOX)
+        return _to_rgb_float(image)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` of an image file, read from its header only."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file does not exist")
-    previous_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as err:
-        raise InputError(path, f"cannot be read as an image (corrupt or truncated file?): {err}") from err
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous_limit
+    with _open_image(path) as image:
+        return image.size
 
 
 def check_image_fits(

@@ -60,6 +60,19 @@ def em_step(
     return field * back
 
 
+def through_start(start: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """``field`` written as ``start`` times a fixed factor: the same values, with gradients reaching ``start``.
+
+    EM updates are multiplicative, so a field reached from ``start`` is ``start * (field / start)``; holding
+    the accumulated factor fixed differentiates through earlier updates without keeping their graph. Where
+    ``start`` is zero the field is taken as it is.
+    """
+    fixed = start.detach()
+    tiny = torch.finfo(start.dtype).tiny
+    factor = torch.where(fixed > 0, field.detach() / fixed.clamp_min(tiny), torch.zeros_like(fixed))
+    return torch.where(fixed > 0, start * factor, field.detach())
+
+
 def deconvolve_em(
     counts: torch.Tensor,
     start: torch.Tensor,
@@ -101,8 +114,7 @@ def deconvolve_em(
         field = start
         for _ in range(n_iter - n_grad_iterations):
             field = em_step(field, counts, kernel.detach(), pairs, bleed.detach(), distal.detach())
-        factor = torch.where(start > 0, field / start.clamp_min(torch.finfo(start.dtype).tiny), field)
-    field = torch.where(start.detach() > 0, start * factor, factor)
+    field = through_start(start, field)
     for _ in range(n_grad_iterations):
         field = em_step(field, counts, kernel, pairs, bleed, distal)
     return field
