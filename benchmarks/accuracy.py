@@ -5,8 +5,10 @@ the Moran's I scan, and scores over tissue spots:
 
 - raw counts;
 - the trivial baseline that zeroes background spots and rescales each gene to keep its total;
-- ``deconvolve`` (the default mode) and ``balanced`` (the seed's formulation);
-- EM with the simulator's true kernel (maximum likelihood with the answer known).
+- ``deconvolve`` (the default mode, with its smoothness prior), ``deconvolve`` without the prior (maximum
+  likelihood, ``prior_strength=0``) and ``balanced`` (the seed's formulation);
+- EM with the simulator's true kernel: maximum likelihood (the reference of issue 4's criteria) and maximum a
+  posteriori with the same prior as ``deconvolve`` (the answer known).
 
 Writes ``benchmarks/results/accuracy[_SUFFIX].json`` and ``.md``.
 
@@ -23,6 +25,7 @@ import json
 import platform
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -63,10 +66,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--skip-balanced", action="store_true")
+    parser.add_argument("--skip-no-prior", action="store_true", help="skip deconvolve without the prior")
     parser.add_argument("--suffix", default="")
     args = parser.parse_args()
 
-    config = CorrectionConfig() if args.epochs is None else CorrectionConfig(epochs=args.epochs)
+    config = CorrectionConfig()
+    if args.epochs is not None:
+        config = replace(config, epochs=args.epochs)
     with tempfile.TemporaryDirectory(prefix="undiffuse-accuracy-") as scratch:
         root = Path(scratch)
         outs = simulate_sample(
@@ -88,29 +94,34 @@ def main() -> None:
     figures["zero_background_rescaled"] = score(baseline, truth, tissue, genes)
 
     simulation = truth.uns["simulation"]
-    started = time.perf_counter()
-    oracle = deconvolve_known_kernel(
-        adata,
-        genes=genes,
-        scale=truth.var.loc[genes, "kernel_scale"].to_numpy(),
-        bleed=float(simulation["bleed"]),
-        distal=float(simulation["distal"]),
-        kind=str(simulation["kernel"]),
-        cutoff=truth.var.loc[genes, "kernel_cutoff"].to_numpy(),
-        q_init=q_init,
-        config=config,
-    )
-    timings["em_true_kernel"] = time.perf_counter() - started
-    figures["em_true_kernel"] = score(oracle, truth, tissue, genes)
-
-    modes = ["deconvolve"] if args.skip_balanced else ["deconvolve", "balanced"]
-    learned = None
-    for mode in modes:
+    for name, prior_strength in (("em_true_kernel", 0.0), ("map_true_kernel", config.prior_strength)):
         started = time.perf_counter()
-        result = correct(adata, genes=genes, q_init=q_init, config=config, mode=mode)
-        timings[mode] = time.perf_counter() - started
-        figures[mode] = score(result.corrected.astype(np.float64), truth, tissue, genes)
-        if mode == "deconvolve":
+        oracle = deconvolve_known_kernel(
+            adata,
+            genes=genes,
+            scale=truth.var.loc[genes, "kernel_scale"].to_numpy(),
+            bleed=float(simulation["bleed"]),
+            distal=float(simulation["distal"]),
+            kind=str(simulation["kernel"]),
+            cutoff=truth.var.loc[genes, "kernel_cutoff"].to_numpy(),
+            q_init=q_init,
+            config=replace(config, prior_strength=prior_strength),
+        )
+        timings[name] = time.perf_counter() - started
+        figures[name] = score(oracle, truth, tissue, genes)
+
+    runs = {"deconvolve": {"mode": "deconvolve"}}
+    if not args.skip_no_prior:
+        runs["deconvolve_no_prior"] = {"mode": "deconvolve", "prior_strength": 0.0}
+    if not args.skip_balanced:
+        runs["balanced"] = {"mode": "balanced"}
+    learned = None
+    for name, options in runs.items():
+        started = time.perf_counter()
+        result = correct(adata, genes=genes, q_init=q_init, config=replace(config, **options))
+        timings[name] = time.perf_counter() - started
+        figures[name] = score(result.corrected.astype(np.float64), truth, tissue, genes)
+        if name == "deconvolve":
             learned = result.params
 
     raw, ours, ml = figures["raw"], figures["deconvolve"], figures["em_true_kernel"]
@@ -145,6 +156,7 @@ def main() -> None:
             ),
             "bleed_median": float(learned["bleed"].median()),
             "distal_median": float(learned["distal"].median()),
+            "prior_strength_median": float(learned["prior_strength"].median()),
         },
         "wall_time_s": timings,
         "machine": {

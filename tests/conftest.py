@@ -4,13 +4,49 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
+from anndata import AnnData
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 #: A sample small enough for unit tests, big enough to have background spots all round the tissue.
 TINY_SAMPLE = dict(n_rows=24, n_cols=20, n_genes=24, seed=7)
+
+
+def hex_sample(n_rows=20, n_cols=16, n_genes=6, *, depth=200.0, seed=0, bleed=0.3, scale=1.8):
+    """A small hexagonal sample with striped domains diffused by the forward model, plus its truth."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    cols = 2 * cols + rows % 2
+    coords = np.column_stack([cols.ravel() * 0.5, rows.ravel() * np.sqrt(3) / 2])
+    centre = coords.mean(axis=0)
+    tissue = np.hypot(*(coords - centre).T) < 0.3 * coords.max(axis=0).min()
+    domain = (coords[:, 0] // 3).astype(int) % 2
+    truth = np.zeros((coords.shape[0], n_genes))
+    for g in range(n_genes):
+        level = depth * (0.5 + g / n_genes)
+        truth[:, g] = np.where(domain == g % 2, level, 0.05 * level) * tissue
+    from undiffuse.diffusion import diffuse
+
+    expected = diffuse(truth, coords, tissue, scale=np.full(n_genes, scale), bleed=bleed, distal=0.01)
+    counts = rng.poisson(expected).astype(np.float32)
+    image = np.ones((60, 60, 3))
+    adata = AnnData(sp.csr_matrix(counts))
+    adata.var_names = [f"gene{g}" for g in range(n_genes)]
+    adata.obs_names = [f"spot{i}" for i in range(coords.shape[0])]
+    adata.obs["in_tissue"] = tissue
+    adata.obsm["spatial"] = coords * 100.0
+    adata.uns["undiffuse"] = {"spot_pitch_px": 100.0, "sample_id": "toy"}
+    adata.uns["spatial"] = {
+        "toy": {
+            "images": {"lowres": image},
+            "scalefactors": {"tissue_lowres_scalef": 0.03, "spot_diameter_fullres": 55.0},
+        }
+    }
+    return adata, truth
 
 
 @pytest.fixture(scope="session")

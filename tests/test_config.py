@@ -54,6 +54,8 @@ def test_validation_does_not_change_its_input():
         ({"correct": {"device": "tpu"}}, r"correct\.device"),
         ({"correct": {"weights": {"moran": -1}}}, r"correct\.weights\.moran"),
         ({"correct": {"r_init": 0}}, r"correct\.r_init"),
+        ({"correct": {"prior_strength": -1}}, r"correct\.prior_strength"),
+        ({"correct": {"prior_strength": "strong"}}, r"correct\.prior_strength"),
         ({"simulation": {"bleed": 1.5}}, r"simulation\.bleed"),
         ({"simulation": {"n_rowz": 20}}, r"simulation: Additional properties are not allowed \('n_rowz'"),
         ({"init_quantiles": {"grid": {"step": 0}}}, r"init_quantiles\.grid\.step"),

@@ -6,44 +6,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from anndata import AnnData
+from conftest import hex_sample
 
 from undiffuse.correct import CorrectionConfig, _GeneBatch, _SampleProblem, correct, rediffuse
-from undiffuse.diffusion import diffuse
 from undiffuse.errors import ConfigError, InputError
+from undiffuse.merge import PARAMETER_COLUMNS
 
 FAST = dict(epochs=8, em_iterations=30, cutoff=5.0, progress=False)
-
-
-def hex_sample(n_rows=20, n_cols=16, n_genes=6, *, depth=200.0, seed=0, bleed=0.3, scale=1.8):
-    """A small hexagonal sample with striped domains diffused by the forward model, plus its truth."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    cols = 2 * cols + rows % 2
-    coords = np.column_stack([cols.ravel() * 0.5, rows.ravel() * np.sqrt(3) / 2])
-    centre = coords.mean(axis=0)
-    tissue = np.hypot(*(coords - centre).T) < 0.3 * coords.max(axis=0).min()
-    domain = (coords[:, 0] // 3).astype(int) % 2
-    truth = np.zeros((coords.shape[0], n_genes))
-    for g in range(n_genes):
-        level = depth * (0.5 + g / n_genes)
-        truth[:, g] = np.where(domain == g % 2, level, 0.05 * level) * tissue
-    expected = diffuse(truth, coords, tissue, scale=np.full(n_genes, scale), bleed=bleed, distal=0.01)
-    counts = rng.poisson(expected).astype(np.float32)
-    image = np.ones((60, 60, 3))
-    adata = AnnData(sp.csr_matrix(counts))
-    adata.var_names = [f"gene{g}" for g in range(n_genes)]
-    adata.obs_names = [f"spot{i}" for i in range(coords.shape[0])]
-    adata.obs["in_tissue"] = tissue
-    adata.obsm["spatial"] = coords * 100.0
-    adata.uns["undiffuse"] = {"spot_pitch_px": 100.0, "sample_id": "toy"}
-    adata.uns["spatial"] = {
-        "toy": {
-            "images": {"lowres": image},
-            "scalefactors": {"tissue_lowres_scalef": 0.03, "spot_diameter_fullres": 55.0},
-        }
-    }
-    return adata, truth
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +124,7 @@ def test_to_anndata_and_rediffuse(toy):
     assert out.shape == (adata.n_obs, adata.n_vars)
     np.testing.assert_array_equal(out.layers["counts"], adata.X.toarray())
     np.testing.assert_array_equal(out.X, out.layers["corrected"])
-    assert {"q_init", "q", "r", "diffusion_length", "bleed", "distal"} <= set(out.var.columns)
+    assert set(PARAMETER_COLUMNS) <= set(out.var.columns)
     again = rediffuse(out)
     assert again.shape == out.shape
     np.testing.assert_allclose(again.sum(0), out.X.sum(0), rtol=1e-5)
@@ -168,6 +137,10 @@ def test_bad_options_and_inputs(toy):
     adata, _ = toy
     with pytest.raises(ConfigError, match="mode"):
         CorrectionConfig(mode="sideways")
+    with pytest.raises(ConfigError, match="prior_strength"):
+        CorrectionConfig(prior_strength=-1.0)
+    with pytest.raises(ConfigError, match="prior_strength"):
+        CorrectionConfig(prior_strength="strong")
     with pytest.raises(ConfigError, match="unknown correction options"):
         CorrectionConfig.from_dict({"epoch": 3})
     with pytest.raises(InputError, match="not in the data"):

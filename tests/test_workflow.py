@@ -32,6 +32,7 @@ MERGED_VAR_COLUMNS = (
     "diffusion_length",
     "bleed",
     "distal",
+    "prior_strength",
     "moran_before",
     "moran_after",
     "passed_through",

@@ -27,7 +27,7 @@ from .errors import InputError
 from .moran import gene_morans_i, read_quantile_table, spatial_weights
 
 #: Learned per-gene parameters, as in ``CorrectionResult.params``.
-PARAMETER_COLUMNS = ("q_init", "q", "r", "diffusion_length", "bleed", "distal")
+PARAMETER_COLUMNS = ("q_init", "q", "r", "diffusion_length", "bleed", "distal", "prior_strength")
 
 #: Learned values of a gene that passes through: 0, the identity model (nothing bleeds, no threshold).
 PASS_THROUGH_VALUE = 0.0

@@ -33,6 +33,7 @@ from anndata import AnnData
 
 from .atomic import atomic_path
 from .errors import InputError
+from .merge import PARAMETER_COLUMNS
 from .metrics import Rediffuse
 
 #: Folder of the notebook templates shipped with the repository.
@@ -545,7 +546,7 @@ class ReportInputs:
         from .metrics import corrected_gene_mask
 
         var = self.corrected.var.loc[corrected_gene_mask(self.corrected)]
-        columns = [c for c in ("q_init", "q", "r", "diffusion_length", "bleed", "distal") if c in var]
+        columns = [c for c in PARAMETER_COLUMNS if c in var]
         if var.empty or not columns:
             return pd.DataFrame()
         table = var[columns].astype(np.float64).describe(percentiles=[0.25, 0.5, 0.75])
