@@ -49,6 +49,18 @@ def hex_sample(n_rows=20, n_cols=16, n_genes=6, *, depth=200.0, seed=0, bleed=0.
     return adata, truth
 
 
+def tissue_rmse(values, truth, tissue):
+    """RMSE against the truth over tissue spots."""
+    return float(np.sqrt(((values[tissue] - truth[tissue]) ** 2).mean()))
+
+
+def mean_pearson(values, truth, tissue):
+    """Mean over genes of the Pearson correlation with the truth over tissue spots."""
+    return float(
+        np.mean([np.corrcoef(values[tissue, g], truth[tissue, g])[0, 1] for g in range(truth.shape[1])])
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_sample(tmp_path_factory) -> Path:
     """Folder of a small simulated sample: ``outs/`` (Space Ranger layout) and ``truth.h5ad``."""

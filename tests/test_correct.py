@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import hex_sample
+from conftest import hex_sample, mean_pearson, tissue_rmse
 
 from undiffuse.correct import CorrectionConfig, _GeneBatch, _SampleProblem, correct, rediffuse
 from undiffuse.errors import ConfigError, InputError
@@ -18,10 +18,6 @@ FAST = dict(epochs=8, em_iterations=30, cutoff=5.0, progress=False)
 @pytest.fixture(scope="module")
 def toy():
     return hex_sample()
-
-
-def tissue_rmse(values, truth, tissue):
-    return float(np.sqrt(((values[tissue] - truth[tissue]) ** 2).mean()))
 
 
 def test_gradients_reach_q_r_and_phi(toy):
@@ -58,6 +54,7 @@ def test_deconvolve_improves_on_raw_and_keeps_totals(toy):
     counts = adata.X.toarray()
     tissue = adata.obs["in_tissue"].to_numpy()
     assert tissue_rmse(result.corrected, truth, tissue) < 0.8 * tissue_rmse(counts, truth, tissue)
+    assert mean_pearson(result.corrected, truth, tissue) >= mean_pearson(counts, truth, tissue) - 0.01
     np.testing.assert_allclose(result.corrected.sum(0), counts.sum(0), rtol=1e-4)
     assert result.corrected[~tissue].sum() == 0
     assert np.isfinite(result.corrected).all()

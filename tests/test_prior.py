@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import hex_sample
+from conftest import hex_sample, mean_pearson, tissue_rmse
 
 from undiffuse.correct import CorrectionConfig, deconvolve_known_kernel
 from undiffuse.diffusion import expected_counts, normalise_rows
@@ -162,14 +162,6 @@ def test_prior_beats_maximum_likelihood_with_the_true_kernel():
     ml = deconvolve_known_kernel(adata, **common, config=CorrectionConfig(progress=False, prior_strength=0))
     map_ = deconvolve_known_kernel(adata, **common, config=CorrectionConfig(progress=False))
 
-    def rmse(values):
-        return np.sqrt(((values[tissue] - truth[tissue]) ** 2).mean())
-
-    def mean_pearson(values):
-        return np.mean(
-            [np.corrcoef(values[tissue, g], truth[tissue, g])[0, 1] for g in range(truth.shape[1])]
-        )
-
-    assert rmse(map_) < rmse(ml)
-    assert mean_pearson(map_) > mean_pearson(ml)
+    assert tissue_rmse(map_, truth, tissue) < tissue_rmse(ml, truth, tissue)
+    assert mean_pearson(map_, truth, tissue) > mean_pearson(ml, truth, tissue)
     np.testing.assert_allclose(map_.sum(0), adata.X.toarray().sum(0), rtol=1e-4)

@@ -14,8 +14,9 @@ PyTorch,
   (:math:`d_g`), as SpotClean models bleeding.
 
 In ``deconvolve`` mode a spatial smoothness prior (:mod:`undiffuse.ot.prior`, a Gamma Markov random field whose
-strength is set per gene by empirical Bayes) turns the EM into maximum a posteriori estimation, which keeps
-counting noise from being amplified.
+strength is set per gene by empirical Bayes) turns the final EM into maximum a posteriori estimation, which
+keeps counting noise from being amplified. Training fits the kernel to the maximum-likelihood field: a prior
+that smooths the field would stand in for part of the blur and shrink the learned bleeding.
 
 Two modes:
 
@@ -695,8 +696,14 @@ class _GeneBatch:
                 self.strength = torch.full_like(self.excess, float(setting))
         return GammaFieldPrior(problem.neighbours, self.strength)
 
-    def transport(self, start: torch.Tensor, warm, n_iter: int, n_grad: int | None, kernel=None):
-        """Run the mode's solver; returns the field and the state to carry to the next epoch."""
+    def transport(
+        self, start: torch.Tensor, warm, n_iter: int, n_grad: int | None, kernel=None, *, prior: bool = False
+    ):
+        """Run the mode's solver; returns the field and the state to carry to the next epoch.
+
+        ``prior`` applies the smoothness prior (``deconvolve``): only to the output. Training fits the kernel to
+        the maximum-likelihood field, since a prior that smooths the field would otherwise stand in for part of
+        the blur and the learned bleeding would shrink."""
         problem = self.problem
         if self.config.mode == "balanced":
             a = self.counts / torch.where(self.totals > 0, self.totals, 1.0)
@@ -726,7 +733,7 @@ class _GeneBatch:
             shares[:, 2],
             n_iter=n_iter,
             n_grad_iterations=n_grad,
-            prior=self.prior(kernel, shares[:, 1], shares[:, 2]),
+            prior=self.prior(kernel, shares[:, 1], shares[:, 2]) if prior else None,
         )
         return field, field.detach()
 
@@ -780,7 +787,7 @@ class _GeneBatch:
         n_iter = (
             self.config.em_iterations if self.config.mode == "deconvolve" else self.config.sinkhorn_iterations
         )
-        field, _ = self.transport(self.start(), None, n_iter, None)
+        field, _ = self.transport(self.start(), None, n_iter, None, prior=True)
         return torch.nan_to_num(field, nan=0.0, posinf=0.0, neginf=0.0)
 
     @torch.no_grad()
