@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import hex_sample, mean_pearson, tissue_rmse
+from conftest import hex_lattice, hex_sample, mean_pearson, tissue_rmse
 
 from undiffuse.correct import CorrectionConfig, deconvolve_known_kernel
 from undiffuse.diffusion import expected_counts, normalise_rows
@@ -21,14 +21,9 @@ from undiffuse.ot.prior import (
 from undiffuse.spatial import neighbour_pairs
 
 
-def hex_coords(n_rows: int, n_cols: int) -> np.ndarray:
-    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    return np.column_stack([(2 * cols + rows % 2).ravel() * 0.5, rows.ravel() * np.sqrt(3) / 2])
-
-
 @pytest.fixture(scope="module")
 def lattice():
-    coords = hex_coords(24, 20)
+    coords = hex_lattice(24, 20)
     tissue = np.hypot(*(coords - coords.mean(0)).T) < 7.0
     neighbours = TissueNeighbours.build(coords, tissue, dtype=torch.float64, device="cpu")
     return coords, tissue, neighbours
@@ -64,7 +59,7 @@ def test_update_is_maximum_likelihood_at_zero_and_neighbour_mean_when_strong(lat
 
 
 def test_isolated_spot_keeps_its_update():
-    coords = hex_coords(6, 6)
+    coords = hex_lattice(6, 6)
     tissue = np.zeros(len(coords), bool)
     tissue[[0, 20]] = True  # two tissue spots that are not neighbours
     neighbours = TissueNeighbours.build(coords, tissue, dtype=torch.float64, device="cpu")
@@ -93,7 +88,7 @@ def test_strength_recovers_the_gamma_shape_without_blur(lattice):
         field = rng.gamma(true_alpha, means / true_alpha, (len(tissue), 3)) * tissue[:, None]
         counts = torch.as_tensor(rng.poisson(field), dtype=torch.float64)
         excess, energy = local_excess_variation(counts, neighbours)
-        attenuation = blur_attenuation(lambda f: f, neighbours, 3, like=counts)
+        attenuation = blur_attenuation(lambda f: f, neighbours, counts)
         np.testing.assert_allclose(attenuation.numpy(), 1.0)
         estimates.append(empirical_strength(excess, energy, attenuation).numpy())
     np.testing.assert_allclose(np.median(estimates, axis=0), expected, rtol=0.15)
@@ -126,7 +121,9 @@ def test_blur_attenuation_falls_with_bleeding(lattice):
     bleed = torch.tensor([0.0, 0.3, 0.6], dtype=torch.float64)
     distal = torch.zeros(3, dtype=torch.float64)
     attenuation = blur_attenuation(
-        lambda f: expected_counts(f, kernel, pair_index, bleed, distal), neighbours, 3, like=distal
+        lambda f: expected_counts(f, kernel, pair_index, bleed, distal),
+        neighbours,
+        torch.zeros((len(tissue), 3), dtype=torch.float64),
     )
     values = attenuation.numpy()
     assert values[0] == pytest.approx(1.0)

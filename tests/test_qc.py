@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import hex_lattice
 from scipy import stats
 
 from undiffuse.diffusion import diffuse
@@ -21,14 +22,6 @@ from undiffuse.qc import (
     inverse_half_plane_tail,
 )
 from undiffuse.spatial import distance_to_mask
-
-
-def hex_lattice(n_rows: int, n_cols: int) -> np.ndarray:
-    """Centres of a Visium-like hexagonal lattice, in pitches."""
-    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    x = cols + 0.5 * (rows % 2)
-    y = rows * np.sqrt(3) / 2
-    return np.column_stack([x.ravel(), y.ravel()]).astype(np.float64)
 
 
 def model_decay(kind: str, floor: float, amplitude: float, scale: float, n_bins: int = 15) -> pd.DataFrame:

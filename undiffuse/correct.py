@@ -645,7 +645,6 @@ class _GeneBatch:
             weights["poisson"] = 0.0  # balanced OT has no forward model to hold the data against
         self.weights = weights
         self.excess, self.energy = local_excess_variation(counts, problem.neighbours)
-        self.strength = torch.zeros(n_genes, dtype=dtype, device=device)
 
     # parameters in range ---------------------------------------------------------------------------------
     @property
@@ -682,19 +681,18 @@ class _GeneBatch:
         if self.config.mode != "deconvolve" or setting == 0:
             return None
         problem = self.problem
+        if setting != "auto":
+            return GammaFieldPrior(problem.neighbours, torch.full_like(self.excess, float(setting)))
         with torch.no_grad():
-            if setting == "auto":
-                kernel, bleed, distal = kernel.detach(), bleed.detach(), distal.detach()
-                attenuation = blur_attenuation(
-                    lambda field: expected_counts(field, kernel, problem.pairs, bleed, distal),
-                    problem.neighbours,
-                    self.counts.shape[1],
-                    like=self.counts,
-                )
-                self.strength = empirical_strength(self.excess, self.energy, attenuation)
-            else:
-                self.strength = torch.full_like(self.excess, float(setting))
-        return GammaFieldPrior(problem.neighbours, self.strength)
+            kernel, bleed, distal = kernel.detach(), bleed.detach(), distal.detach()
+            attenuation = blur_attenuation(
+                lambda field: expected_counts(field, kernel, problem.pairs, bleed, distal),
+                problem.neighbours,
+                self.counts,
+            )
+            return GammaFieldPrior(
+                problem.neighbours, empirical_strength(self.excess, self.energy, attenuation)
+            )
 
     def transport(
         self, start: torch.Tensor, warm, n_iter: int, n_grad: int | None, kernel=None, *, prior: bool = False
@@ -794,6 +792,12 @@ class _GeneBatch:
     def parameter_table(self) -> pd.DataFrame:
         shares = self.shares if self.config.mode == "deconvolve" else torch.zeros((self.counts.shape[1], 3))
         threshold = quantile(self.counts, self.q, order_statistics=self.order_statistics)
+        prior = (
+            self.prior(self.problem.kernel(self.phi, self.reg), shares[:, 1], shares[:, 2])
+            if self.config.mode == "deconvolve"
+            else None
+        )
+        strength = prior.strength if prior is not None else torch.zeros_like(self.excess)
         table = pd.DataFrame(
             {
                 "q_init": self.q_init.cpu().numpy(),
@@ -803,7 +807,7 @@ class _GeneBatch:
                 "diffusion_length": self.diffusion_length().cpu().numpy(),
                 "bleed": shares[:, 1].cpu().numpy(),
                 "distal": shares[:, 2].cpu().numpy(),
-                "prior_strength": self.strength.cpu().numpy(),
+                "prior_strength": strength.cpu().numpy(),
             }
         )
         for k in range(self.phi.shape[1]):

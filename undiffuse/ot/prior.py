@@ -38,8 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..moran import SpatialWeights
-from ..spatial import adjacency, distance_to_mask
+from ..moran import SpatialWeights, spatial_weights
+from ..sparse_ops import pull
+from ..spatial import distance_to_mask
 
 #: Bounds of the per-gene strength :math:`\alpha`. Above the upper one the field is, up to the data, the
 #: neighbour mean; below the lower one the prior hardly acts.
@@ -72,29 +73,25 @@ class TissueNeighbours:
     ) -> TissueNeighbours:
         """From ``(N, 2)`` coordinates in spot pitches and an ``(N,)`` tissue mask."""
         tissue = np.asarray(tissue, dtype=bool)
-        ring = adjacency(coords).tocoo()
-        keep = tissue[ring.row] & tissue[ring.col]
-        source, target = ring.row[keep], ring.col[keep]
-        degree = np.bincount(source, minlength=len(tissue)).astype(np.float64)
-        weight = 1.0 / degree[source]
-        weights = SpatialWeights(
-            torch.as_tensor(source.astype(np.int64)),
-            torch.as_tensor(target.astype(np.int64)),
-            torch.as_tensor(weight, dtype=dtype),
-            len(tissue),
-        ).to(device)
+        inside = torch.as_tensor(np.flatnonzero(tissue))
+        # The row-normalised first ring of the tissue spots alone, written back in the sample's spot indices.
+        ring = spatial_weights(coords[tissue], dtype=dtype)
+        weights = SpatialWeights(inside[ring.source], inside[ring.target], ring.weight, len(tissue)).to(
+            device
+        )
+        degree = torch.zeros(len(tissue), dtype=dtype).index_add(
+            0, inside[ring.source], torch.ones_like(ring.weight)
+        )
         if tissue.all():
             centre = int(np.argmin(((coords - coords.mean(axis=0)) ** 2).sum(axis=1)))
         else:
             centre = int(np.argmax(np.where(tissue, distance_to_mask(coords, ~tissue), -1.0)))
-        return cls(weights, torch.as_tensor(degree, dtype=dtype, device=device), centre)
+        return cls(weights, degree.to(device), centre)
 
     def mean(self, field: torch.Tensor) -> torch.Tensor:
         """``(N, G)`` mean of each spot's tissue neighbours (0 where it has none)."""
         w = self.weights
-        return torch.zeros_like(field).index_add(
-            0, w.source, w.weight.to(field.dtype)[:, None] * field[w.target]
-        )
+        return pull(w.weight.to(field.dtype)[:, None], (w.source, w.target), field)
 
     def deviation_energy(self, field: torch.Tensor) -> torch.Tensor:
         """``(G,)`` sum over tissue spots with neighbours of the squared deviation from the neighbour mean."""
@@ -165,11 +162,7 @@ def local_excess_variation(
 
 
 def blur_attenuation(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    neighbours: TissueNeighbours,
-    n_genes: int,
-    *,
-    like: torch.Tensor,
+    forward: Callable[[torch.Tensor], torch.Tensor], neighbours: TissueNeighbours, like: torch.Tensor
 ) -> torch.Tensor:
     r"""``(G,)`` share of spot-to-spot variance that survives the forward model.
 
@@ -177,8 +170,17 @@ def blur_attenuation(
     everywhere, :math:`\mathbb E \|D K^\top \varepsilon\|^2 / \mathbb E \|D \varepsilon\|^2 =
     \|D K^\top e_c\|^2 / \|D e_c\|^2` with :math:`D` the deviation from the neighbour mean and :math:`e_c` a
     single spot at the centre of the tissue.
+
+    Parameters
+    ----------
+    forward
+        The forward model, ``(N, G)`` field -> ``(N, G)`` expected counts.
+    neighbours
+        The tissue neighbour graph (its ``centre`` receives the impulse).
+    like
+        ``(N, G)`` any field of the batch: the impulse takes its shape, type and device.
     """
-    impulse = torch.zeros((neighbours.degree.shape[0], n_genes), dtype=like.dtype, device=like.device)
+    impulse = torch.zeros_like(like)
     impulse[neighbours.centre] = 1.0
     blurred = neighbours.deviation_energy(forward(impulse))
     return blurred / neighbours.deviation_energy(impulse).clamp_min(torch.finfo(like.dtype).tiny)
