@@ -52,8 +52,14 @@ _POSITIONS_FILE = {
 _GZIP_LEVEL = 4
 
 
-def _fixed_bytes(values: Sequence[str]) -> np.ndarray:
-    """Fixed-length ASCII byte strings, as Cell Ranger stores its string datasets."""
+def _fixed_bytes(values: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Fixed-length ASCII byte strings, as Cell Ranger stores its string datasets.
+
+    A NumPy bytes array (``S`` dtype) passes through unchanged, so that the millions of barcodes of a
+    Visium HD 2 um matrix need not become Python strings.
+    """
+    if isinstance(values, np.ndarray) and values.dtype.kind == "S":
+        return values
     encoded = [str(v).encode("ascii") for v in values]
     width = max((len(v) for v in encoded), default=1)
     return np.array(encoded, dtype=f"S{max(width, 1)}")
@@ -148,6 +154,22 @@ def write_png(path: str | PathLike[str], image: np.ndarray) -> Path:
     return path
 
 
+def _write_parquet(path: Path, table: pd.DataFrame) -> None:
+    """Positions as Parquet with a string barcode column, whether the barcodes are ``str`` or ``bytes``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    barcodes = table["barcode"].to_numpy()
+    if barcodes.dtype == object and len(barcodes) and isinstance(barcodes[0], bytes):
+        barcodes = barcodes.astype(bytes)
+    # Arrow casts bytes to strings in one pass (millions of HD bins), instead of decoding one by one.
+    columns = {"barcode": pa.array(barcodes)}
+    if pa.types.is_binary(columns["barcode"].type):
+        columns["barcode"] = columns["barcode"].cast(pa.string())
+    columns.update({name: pa.array(table[name].to_numpy()) for name in table.columns if name != "barcode"})
+    pq.write_table(pa.table(columns), path)
+
+
 def write_spatial(
     spatial_dir: str | PathLike[str],
     positions: pd.DataFrame,
@@ -190,7 +212,7 @@ def write_spatial(
     spatial_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(spatial_dir / _POSITIONS_FILE[layout]) as tmp:
         if layout == "parquet":
-            table.to_parquet(tmp, index=False)
+            _write_parquet(tmp, table)
         else:
             table.to_csv(tmp, index=False, header=layout == "spaceranger2", lineterminator="\n")
     with atomic_path(spatial_dir / "scalefactors_json.json") as tmp:
@@ -235,3 +257,75 @@ def write_spaceranger_outs(
             layout=layout,
         )
     return outs_dir
+
+
+#: Chemistry written into the matrices of a Visium HD sample.
+HD_CHEMISTRY = "Visium HD v1"
+
+
+def write_hd_bin_folder(
+    bin_dir: str | PathLike[str],
+    counts: sp.spmatrix | sp.sparray,
+    barcodes: Sequence[str] | np.ndarray,
+    gene_ids: Sequence[str],
+    gene_names: Sequence[str],
+    positions: pd.DataFrame,
+    scalefactors: Mapping[str, float],
+    *,
+    hires_image: np.ndarray | None = None,
+    lowres_image: np.ndarray | None = None,
+    library_id: str = "simulated",
+) -> Path:
+    """Write one Visium HD ``binned_outputs/square_XXXum/`` folder as Space Ranger lays it out.
+
+    The folder holds ``raw_feature_bc_matrix.h5`` (every bin of the capture area),
+    ``filtered_feature_bc_matrix.h5`` (the bins with ``in_tissue``) and ``spatial/`` with
+    ``tissue_positions.parquet``, ``scalefactors_json.json`` and the images. The caller makes the whole
+    ``binned_outputs`` folder atomic; each file here is written through ``atomic_path`` as well.
+
+    Parameters
+    ----------
+    bin_dir
+        The ``square_XXXum`` folder.
+    counts
+        ``(n_bins, n_genes)`` non-negative integer UMI counts of all bins, in ``barcodes`` order.
+    barcodes
+        Bin barcodes (``s_008um_00012_00034-1``), as strings or a NumPy bytes array.
+    gene_ids, gene_names
+        Feature labels.
+    positions
+        One row per bin, in ``barcodes`` order, with the columns of :data:`POSITION_COLUMNS`.
+    scalefactors
+        HD scale factors (``bin_size_um``, ``microns_per_pixel``, ``spot_diameter_fullres``, ...).
+    hires_image, lowres_image, library_id
+        As in :func:`write_spaceranger_outs`.
+
+    Returns
+    -------
+    ``bin_dir``.
+    """
+    bin_dir = Path(bin_dir)
+    csr = sp.csr_matrix(counts)
+    if len(positions) != csr.shape[0]:
+        raise ValueError(f"{len(positions)} positions for {csr.shape[0]} bins")
+    options = dict(library_id=library_id, chemistry=HD_CHEMISTRY)
+    write_10x_h5(bin_dir / "raw_feature_bc_matrix.h5", csr, barcodes, gene_ids, gene_names, **options)
+    in_tissue = np.flatnonzero(positions["in_tissue"].to_numpy().astype(bool))
+    barcodes = barcodes if isinstance(barcodes, np.ndarray) else np.asarray(barcodes, dtype=object)
+    write_10x_h5(
+        bin_dir / "filtered_feature_bc_matrix.h5",
+        csr[in_tissue],
+        barcodes[in_tissue],
+        gene_ids,
+        gene_names,
+        **options,
+    )
+    write_spatial(
+        bin_dir / "spatial",
+        positions,
+        scalefactors,
+        hires_image=hires_image,
+        lowres_image=lowres_image,
+        layout="parquet",
+    )
+    return bin_dir
