@@ -22,8 +22,8 @@ envvars:
 from undiffuse.chunks import n_chunks, read_gene_list
 from undiffuse.config import (
     SIMULATED_INPUT,
-    check_sample_sheet,
     correction_options,
+    read_sample_sheet,
     simulation_options,
 )
 from undiffuse.errors import InputError
@@ -45,11 +45,9 @@ def resolve_path(path):
 SAMPLE_SHEET = resolve_path(config["samples"])
 if not SAMPLE_SHEET.is_file():
     raise InputError(SAMPLE_SHEET, "sample sheet not found (config key 'samples')")
-samples = pd.read_csv(SAMPLE_SHEET, sep="\t", dtype=str, comment="#").set_index(
-    "sample", drop=False
-)
-validate(samples, "../config/schemas/samples.schema.yaml", set_default=False)
-check_sample_sheet(samples, SAMPLE_SHEET)
+# The one parser of sample sheets (undiffuse.config.read_sample_sheet): schema, required columns, unique
+# names; its errors name the sheet.
+samples = read_sample_sheet(SAMPLE_SHEET)
 
 RESULTS = config["outdir"]
 SAMPLES = list(samples.index)

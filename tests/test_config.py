@@ -136,14 +136,18 @@ def test_simulation_options_take_the_sample_seed_and_name():
     [
         ("sample\tinput\na\tsimulate\na\tsimulate\n", "repeated: a"),
         ("sample\tinput\nbad name\tsimulate\n", "row 1: .*sample"),
-        ("sample\nalpha\n", "row 1: .*'input' is a required property"),
+        ("sample\nalpha\n", "lacks the column\\(s\\) input"),
+        ("name\tinput\nalpha\tsimulate\n", "lacks the column\\(s\\) sample .*header: name, input"),
+        ("sample input\nalpha simulate\n", "lacks the column\\(s\\) sample, input"),
+        ("", "is empty"),
+        ("sample\tinput\n\xff\xfe\tsimulate\n", "cannot be read as a sample sheet"),
         ("sample\tinput\tseed\nalpha\tsimulate\tx1\n", "row 1: .*seed"),
         ("sample\tinput\n", "no sample"),
     ],
 )
 def test_sample_sheet_errors_name_the_sheet(tmp_path, content, message):
     path = tmp_path / "samples.tsv"
-    path.write_text(content)
+    path.write_bytes(content.encode("latin-1"))
     with pytest.raises(InputError, match=message) as raised:
         read_sample_sheet(path)
     assert str(path) in str(raised.value)
@@ -176,3 +180,29 @@ def _leaf_keys(node: dict, root: dict, prefix: str = "", depth: int = 0) -> set[
         keys.add(path)
         keys |= _leaf_keys(child, root, path if depth >= 1 else "", depth + 1)
     return keys
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("correct:\n  epochs: [1\n", "is not valid YAML: .* at line \\d+, column \\d+; fix the syntax"),
+        ("correct:\n  epochs: 2.5\n", "correct.epochs: 2.5 is not of type 'integer'"),
+        ("correct:\n  weights: 5\n", "correct.weights: 5 is not of type 'object'"),
+        ("- a\n- b\n", "must be a YAML mapping"),
+    ],
+)
+def test_config_file_errors_are_one_line_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    with pytest.raises((InputError, ConfigError), match=message) as raised:
+        load_config(path)
+    assert str(raised.value).startswith(f"{path}: ")
+    assert "\n" not in str(raised.value)
+
+
+def test_config_file_not_utf8(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"correct:\n  epochs: \xff\n")
+    with pytest.raises(InputError, match="is not UTF-8 text") as raised:
+        load_config(path)
+    assert raised.value.path == str(path)

@@ -60,7 +60,7 @@ def test_hvgs_ranked_on_tissue_spots_only():
 def test_gene_list_file(tmp_path):
     adata, _ = counts_with_variable_genes()
     path = tmp_path / "genes.txt"
-    path.write_text("# markers\ngene3\n\ngene7  # a comment\nENSG00010\ngene3\n")
+    path.write_text("\ufeff# markers\ngene3\n\ngene7  # a comment\nENSG00010\n")
     assert read_gene_list(path) == ["gene3", "gene7", "ENSG00010"]
     selected = select_genes(adata, tissue=np.ones(adata.n_obs, dtype=bool), genes=path)
     assert adata.var_names[selected].tolist() == ["gene3", "gene7", "gene10"]
@@ -84,3 +84,50 @@ def test_gene_list_errors(tmp_path):
         select_genes(adata, tissue=tissue, genes=tmp_path / "missing.txt")
     selected = select_genes(adata, tissue=tissue, genes=["gene0", "ENSG00001"])
     assert selected.sum() == 2
+
+
+def test_gene_list_repeats_and_bad_bytes_are_errors_naming_the_file(tmp_path):
+    repeated = tmp_path / "repeated.txt"
+    repeated.write_text("gene3\ngene7\ngene3  # again\n")
+    with pytest.raises(InputError, match="names gene3 more than once; list each gene once") as caught:
+        read_gene_list(repeated)
+    assert caught.value.path == str(repeated)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"gene1\n\xff\xfe\x00gene2\n")
+    with pytest.raises(InputError, match="is not UTF-8 text") as caught:
+        read_gene_list(binary)
+    assert caught.value.path == str(binary)
+
+
+def test_gene_list_by_name_or_id_and_repeats_in_a_list():
+    from undiffuse.genes import resolve_genes
+
+    adata, _ = counts_with_variable_genes()
+    assert resolve_genes(adata, ["gene2", "ENSG00005"]) == ["gene2", "gene5"]
+    with pytest.raises(InputError, match="--genes names gene2 more than once") as caught:
+        resolve_genes(adata, ["gene2", "gene2"], option="--genes")
+    assert caught.value.path is None
+    with pytest.raises(InputError, match="names gene2 twice \\(by name and by id\\)"):
+        resolve_genes(adata, ["gene2", "ENSG00002"])
+
+
+@pytest.mark.parametrize(("min_counts", "n_top_genes"), [(-1, 10), (0, 0), (1.5, 10)])
+def test_bad_selection_options_are_config_errors(min_counts, n_top_genes):
+    from undiffuse.errors import ConfigError
+
+    adata, _ = counts_with_variable_genes()
+    with pytest.raises(ConfigError, match="must be an integer"):
+        select_genes(
+            adata, tissue=np.ones(adata.n_obs, dtype=bool), min_counts=min_counts, n_top_genes=n_top_genes
+        )
+
+
+def test_no_gene_passing_min_counts_names_the_largest_total():
+    adata, _ = counts_with_variable_genes()
+    adata.uns["undiffuse"] = {"source": "sample.h5"}
+    largest = int(np.asarray(adata.X.sum(axis=0)).max())
+    with pytest.raises(
+        InputError, match=f"the most expressed gene has {largest}: lower --min-counts"
+    ) as caught:
+        select_genes(adata, tissue=np.ones(adata.n_obs, dtype=bool), min_counts=largest + 1)
+    assert caught.value.path == "sample.h5"

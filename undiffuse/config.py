@@ -31,6 +31,12 @@ SAMPLES_SCHEMA = SCHEMA_DIR / "samples.schema.yaml"
 #: Keys of the ``correct`` section that steer the workflow, not the correction itself.
 WORKFLOW_ONLY_CORRECT_KEYS = frozenset({"chunk_size", "gpu"})
 
+#: What a sample sheet looks like, for error messages.
+SHEET_LAYOUT = (
+    "a sample sheet is tab-separated text with a header line naming the columns sample and input (and "
+    "optionally image, genes, seed), one sample a row; see config/README.md"
+)
+
 #: Sample-sheet value of ``input`` for samples that the workflow simulates.
 SIMULATED_INPUT = "simulate"
 
@@ -56,16 +62,43 @@ def load_config(path: str | PathLike[str] | None = None) -> dict[str, Any]:
     """
     if path is None:
         return validate_config({})
+    return validate_config(read_config_file(path), source=path)
+
+
+def read_config_file(path: str | PathLike[str]) -> dict[str, Any]:
+    """The mapping of a config YAML as written (not validated, no defaults): the one reader of config files.
+
+    Raises
+    ------
+    InputError
+        The file is missing, not UTF-8 text, not valid YAML, or not a mapping; one line naming the file.
+    """
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, "config file not found")
+        raise InputError(
+            path, "config file not found" if not path.exists() else "is a folder, not a config file"
+        )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise InputError(path, f"is not UTF-8 text (byte {err.start}); a config is a YAML text file") from err
+    except OSError as err:
+        raise InputError(path, f"cannot be read: {err.strerror or err}") from err
     except yaml.YAMLError as err:
-        raise InputError(path, f"not valid YAML: {err}") from err
+        raise InputError(path, f"is not valid YAML: {_yaml_problem(err)}; fix the syntax") from err
     if not isinstance(data, dict):
-        raise InputError(path, f"a config must be a YAML mapping, not {type(data).__name__}")
-    return validate_config(data, source=path)
+        raise InputError(
+            path, f"a config must be a YAML mapping (key: value lines), not {type(data).__name__}"
+        )
+    return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what and where."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what}{where}"
 
 
 def validate_config(
@@ -102,8 +135,25 @@ def read_sample_sheet(path: str | PathLike[str]) -> pd.DataFrame:
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, "sample sheet not found")
-    frame = pd.read_csv(path, sep="\t", dtype=str, comment="#", skip_blank_lines=True)
+        raise InputError(
+            path, "sample sheet not found" if not path.exists() else "is a folder, not a sample sheet"
+        )
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype=str, comment="#", skip_blank_lines=True, encoding="utf-8")
+    except pd.errors.EmptyDataError as err:
+        raise InputError(path, f"is empty; {SHEET_LAYOUT}") from err
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
+        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(path, f"cannot be read as a sample sheet ({problem}); {SHEET_LAYOUT}") from err
+    frame.columns = [str(column).strip() for column in frame.columns]
+    required = ("sample", "input")
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise InputError(
+            path,
+            f"lacks the column(s) {', '.join(missing)} (header: {', '.join(frame.columns) or 'none'}); "
+            f"{SHEET_LAYOUT}",
+        )
     for position, record in enumerate(frame.to_dict("records")):
         row = {key: value for key, value in record.items() if isinstance(value, str) and value.strip()}
         try:

@@ -28,3 +28,7 @@ class InputError(UndiffuseError, ValueError):
 
 class ConfigError(UndiffuseError, ValueError):
     """A configuration value is invalid."""
+
+
+class UndiffuseWarning(UserWarning):
+    """Something in the input was repaired or looks doubtful; the message names the file and what was done."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -28,41 +28,63 @@ _LISTED = 10
 
 
 def read_gene_list(path: str | Path) -> list[str]:
-    """Genes of a text file, one per line; blank lines and ``#`` comments are ignored.
+    """Genes of a text file, one per line (names or ids); blank lines and ``#`` comments are ignored.
+
+    The one parser of gene lists: ``undiffuse prepare --genes``, ``undiffuse correct --genes-file`` and the
+    sample sheet's ``genes`` column all read their file with it.
 
     Raises
     ------
     InputError
-        When the file is missing, unreadable or names no gene.
+        When the file is missing, not UTF-8 text, names no gene, or names a gene twice.
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, "file does not exist")
+        raise InputError(
+            path, "file does not exist" if not path.exists() else "is a folder, not a gene list file"
+        )
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot be read as text: {err}") from err
-    genes = [line.split("#", 1)[0].strip() for line in lines]
-    genes = list(dict.fromkeys(gene for gene in genes if gene))
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputError(
+            path,
+            f"is not UTF-8 text (byte {err.start}): a gene list is a text file with one gene name or id per "
+            "line; save it as plain UTF-8 text",
+        ) from err
+    except OSError as err:
+        raise InputError(path, f"cannot be read: {err.strerror or err}") from err
+    genes = [line.split("#", 1)[0].strip().lstrip("\ufeff") for line in lines]
+    genes = [gene for gene in genes if gene]
     if not genes:
-        raise InputError(path, "names no gene (expected one gene per line)")
+        raise InputError(path, "names no gene (expected one gene name or id per line; '#' starts a comment)")
+    repeated = sorted({gene for gene in genes if genes.count(gene) > 1})
+    if repeated:
+        shown = ", ".join(repeated[:_LISTED]) + (" ..." if len(repeated) > _LISTED else "")
+        raise InputError(path, f"names {shown} more than once; list each gene once")
     return genes
 
 
-def _match_genes(adata: AnnData, genes: list[str], source: str | Path | None) -> np.ndarray:
-    """Boolean mask of ``var`` for ``genes``, matched on gene names or, failing that, on gene ids."""
-    import pandas as pd
+def resolve_genes(adata: AnnData, genes: list[str] | str | Path, *, option: str = "genes") -> list[str]:
+    """Gene names of ``adata`` for a gene list: a file (:func:`read_gene_list`) or a list of names or ids.
 
-    names = pd.Index(adata.var_names)
-    ids = pd.Index(adata.var["gene_ids"]) if "gene_ids" in adata.var else pd.Index([])
-    selected = names.isin(genes) | ids.isin(genes)
-    unknown = [gene for gene in genes if gene not in names and gene not in ids]
-    if unknown:
-        shown = ", ".join(unknown[:_LISTED]) + (
-            f" and {len(unknown) - _LISTED} more" if len(unknown) > _LISTED else ""
-        )
-        raise InputError(source, f"{len(unknown)} gene(s) are not in the matrix: {shown}")
-    return selected
+    Errors name the file, or ``option`` for a list given directly (e.g. ``--genes``).
+    """
+    from .validate import check_genes
+
+    if isinstance(genes, str | Path):
+        return check_genes(read_gene_list(genes), adata, genes, what="the gene list")
+    return check_genes(list(genes), adata, None, what=option)
+
+
+def check_selection_options(min_counts: int, n_top_genes: int) -> None:
+    """``min_counts`` >= 0 and ``n_top_genes`` >= 1, both integers; :class:`ConfigError` otherwise."""
+    problems = []
+    if isinstance(min_counts, bool) or not isinstance(min_counts, int | np.integer) or min_counts < 0:
+        problems.append(f"min_counts must be an integer >= 0, not {min_counts!r}")
+    if isinstance(n_top_genes, bool) or not isinstance(n_top_genes, int | np.integer) or n_top_genes < 1:
+        problems.append(f"n_top_genes must be an integer >= 1, not {n_top_genes!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def highly_variable(counts: AnnData, n_top_genes: int) -> np.ndarray:
@@ -129,17 +151,15 @@ def select_genes(
     totals = np.asarray(adata.X.sum(axis=0), dtype=np.float64).ravel()
     adata.var["total_counts"] = totals
     if genes is not None:
-        source = genes if isinstance(genes, str | Path) else None
-        names = read_gene_list(genes) if isinstance(genes, str | Path) else list(genes)
-        selected = _match_genes(adata, names, source)
+        selected = np.asarray(adata.var_names.isin(resolve_genes(adata, genes)))
     else:
-        if min_counts < 0 or n_top_genes < 1:
-            raise ValueError("min_counts must be >= 0 and n_top_genes >= 1")
+        check_selection_options(min_counts, n_top_genes)
         passing = totals >= min_counts
         if not passing.any():
             raise InputError(
                 adata.uns.get("undiffuse", {}).get("source"),
-                f"no gene has at least {min_counts} counts; lower min_counts",
+                f"no gene has at least {min_counts} counts (min_counts); the most expressed gene has "
+                f"{totals.max():.0f}: lower --min-counts (min_counts) to at most that, or give a gene list",
             )
         selected = np.zeros(adata.n_vars, dtype=bool)
         candidates = np.flatnonzero(passing)

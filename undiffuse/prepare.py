@@ -21,12 +21,19 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .atomic import atomic_path
+from .atomic import atomic_paths, check_output_path
 from .errors import InputError
-from .genes import DEFAULT_MIN_COUNTS, DEFAULT_N_TOP_GENES, select_genes
+from .genes import (
+    DEFAULT_MIN_COUNTS,
+    DEFAULT_N_TOP_GENES,
+    check_selection_options,
+    read_gene_list,
+    select_genes,
+)
 from .io import read_sample
 from .qc import QCReport, compute_qc, spot_totals
 from .tissue import TissueMask, tissue_mask
+from .validate import check_sample, check_tissue
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,7 @@ def prepare(
     n_top_genes: int = DEFAULT_N_TOP_GENES,
     refine_mask: bool = False,
     allow_filtered: bool = False,
+    allow_degenerate_tissue: bool = False,
 ) -> Preparation:
     """QC, tissue mask and gene selection of a canonical AnnData, in place.
 
@@ -81,15 +89,20 @@ def prepare(
     allow_filtered
         Accept a matrix without background spots (a filtered matrix); the correction then has no
         out-of-tissue evidence and the diffusion range falls back to defaults.
+    allow_degenerate_tissue
+        Accept a tissue mask with very few spots, or tissue spots that hold almost none of the UMIs
+        (:func:`undiffuse.validate.check_tissue`), with a warning.
 
     Raises
     ------
     InputError
-        For a matrix without background spots (unless ``allow_filtered``), an unknown gene in ``genes``,
-        or ``refine_mask`` without an image.
+        For counts that are not raw UMI counts, a matrix without background spots (unless
+        ``allow_filtered``), degenerate tissue (unless ``allow_degenerate_tissue``), an unknown gene in
+        ``genes``, or ``refine_mask`` without an image.
     """
     info = adata.uns["undiffuse"]
     source = info.get("source")
+    check_sample(adata, tissue=False)
     has_background = bool((~adata.obs["in_tissue"].to_numpy(dtype=bool)).any())
     if not has_background and not allow_filtered:
         raise InputError(
@@ -100,8 +113,7 @@ def prepare(
             "(allow_filtered=True) to correct without the out-of-tissue evidence",
         )
     mask = tissue_mask(adata, refine=refine_mask)
-    if not mask.tissue.any():
-        raise InputError(source, "the tissue mask selects no spot")
+    check_tissue(mask.tissue, adata.X, source, allow_degenerate=allow_degenerate_tissue)
     adata.obs["tissue"] = mask.tissue
     report = compute_qc(adata, tissue=mask.tissue)
     selected = select_genes(
@@ -124,6 +136,7 @@ def prepare(
             "n_top_genes": int(n_top_genes),
             "refine_mask": bool(refine_mask),
             "allow_filtered": bool(allow_filtered),
+            "allow_degenerate_tissue": bool(allow_degenerate_tissue),
         }
     )
     bad = [key for key, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]
@@ -176,6 +189,7 @@ def prepare_sample(
     n_top_genes: int = DEFAULT_N_TOP_GENES,
     refine_mask: bool = False,
     allow_filtered: bool = False,
+    allow_degenerate_tissue: bool = False,
     sample_id: str | None = None,
 ) -> AnnData:
     """Read a sample, prepare it (:func:`prepare`) and write ``OUTDIR/prepared.h5ad`` and ``OUTDIR/qc/``.
@@ -190,7 +204,7 @@ def prepare_sample(
         Output folder of the sample (``results/{sample}``).
     image
         Full-resolution H&E image (a sample sheet row's ``image``), optional.
-    genes, min_counts, n_top_genes, refine_mask, allow_filtered
+    genes, min_counts, n_top_genes, refine_mask, allow_filtered, allow_degenerate_tissue
         See :func:`prepare`; ``genes`` is a sample sheet row's gene list.
     sample_id
         Name of the sample (the sample sheet's), used as the key of ``uns['spatial']``.
@@ -198,8 +212,22 @@ def prepare_sample(
     Returns
     -------
     The prepared AnnData, as written.
+
+    Raises
+    ------
+    InputError
+        Before any work, for output paths that cannot be written and a bad gene list or option; then for
+        any bad input (:func:`prepare`).
     """
     outdir = Path(outdir)
+    # Fail before the work: outputs, options and the gene list are checked before the sample is read.
+    check_output_path(outdir, directory=True, what="output")
+    check_output_path(outdir / QC_DIR, directory=True, what="QC")
+    check_output_path(outdir / PREPARED_FILE, what="output")
+    if genes is None:
+        check_selection_options(min_counts, n_top_genes)
+    elif isinstance(genes, str | Path):
+        read_gene_list(genes)
     adata = read_sample(input, image=image, sample_id=sample_id)
     preparation = prepare(
         adata,
@@ -208,14 +236,15 @@ def prepare_sample(
         n_top_genes=n_top_genes,
         refine_mask=refine_mask,
         allow_filtered=allow_filtered,
+        allow_degenerate_tissue=allow_degenerate_tissue,
     )
     created = not outdir.exists()
     try:
-        # The h5ad is written inside the QC folder's transaction: a failure in either leaves neither.
-        with atomic_path(outdir / QC_DIR, directory=True) as qc_tmp:
+        # Both outputs are moved into place together, with SIGTERM/SIGINT held back: a failure or a signal
+        # leaves both (complete) or neither.
+        with atomic_paths([(outdir / QC_DIR, True), (outdir / PREPARED_FILE, False)]) as (qc_tmp, h5ad_tmp):
             write_qc(adata, preparation, qc_tmp)
-            with atomic_path(outdir / PREPARED_FILE) as h5ad_tmp:
-                adata.write_h5ad(h5ad_tmp, compression="gzip")
+            adata.write_h5ad(h5ad_tmp, compression="gzip")
     except BaseException:
         if created and outdir.is_dir() and not any(outdir.iterdir()):
             outdir.rmdir()

@@ -1,9 +1,16 @@
-"""``undiffuse correct``: correct one sample (all selected genes, or a list) into an h5ad file."""
+"""``undiffuse correct``: correct one sample (all selected genes, or a list) into an h5ad file.
+
+Everything the user gives is checked before the correction starts: the output path, the config (against the
+workflow's schema), the gene list, the quantile table and the input (a prepared ``.h5ad`` is checked like a
+raw one: :func:`undiffuse.io.h5ad.read_prepared`).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from . import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,73 +27,124 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("input", type=Path, metavar="INPUT")
     parser.add_argument("output", type=Path, metavar="OUT.h5ad")
     parser.add_argument("--mode", choices=["deconvolve", "balanced"], default=None)
-    parser.add_argument("--genes", nargs="+", default=None, metavar="GENE", help="genes to correct")
-    parser.add_argument("--genes-file", type=Path, default=None, help="file with one gene per line")
+    genes = parser.add_mutually_exclusive_group()
+    genes.add_argument(
+        "--genes", nargs="+", default=None, metavar="GENE", help="genes to correct (names or ids)"
+    )
+    genes.add_argument(
+        "--genes-file",
+        type=Path,
+        default=None,
+        help="file with one gene name or id per line ('#' starts a comment), as `prepare --genes`",
+    )
     parser.add_argument("--quantiles", type=Path, default=None, help="quantiles.tsv from `init-quantiles`")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--config", type=Path, default=None, help="YAML with a `correct:` section")
+    parser.add_argument("--epochs", type=positive_int, default=None)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="workflow config YAML (validated against its schema); its `correct:` section is used",
+    )
+    parser.add_argument(
+        "--allow-degenerate-tissue",
+        action="store_true",
+        help="accept very few tissue spots, or tissue spots holding almost none of the UMIs (a warning)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> None:
-    import tempfile
+def correction_config(args: argparse.Namespace):  # noqa: ANN201 (CorrectionConfig, imported lazily)
+    """The ``CorrectionConfig`` of the command.
 
-    import anndata as ad
-    import pandas as pd
-    import yaml
-
-    from ..atomic import atomic_path
-    from ..correct import CorrectionConfig, correct
-    from ..errors import InputError
+    The config file is validated whole against the workflow's schema (the same check as the workflow's);
+    the keys its ``correct:`` section sets, then the command-line options, override the library's defaults.
+    """
+    from ..config import correction_options, read_config_file, validate_config
+    from ..correct import CorrectionConfig
+    from ..errors import ConfigError, InputError
 
     settings = {}
     if args.config is not None:
-        if not args.config.is_file():
-            raise InputError(args.config, "config file not found")
-        settings = (yaml.safe_load(args.config.read_text()) or {}).get("correct", {})
+        raw = read_config_file(args.config)
+        given = set((raw.get("correct") or {}) if isinstance(raw.get("correct"), dict) else ())
+        options = correction_options(validate_config(raw, source=args.config))
+        if "gpu" in given:
+            given.add("device")
+        settings = {key: value for key, value in options.items() if key in given}
     for key in ("mode", "device", "epochs"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.quiet:
         settings["progress"] = False
-    config = CorrectionConfig.from_dict(settings)
+    try:
+        return CorrectionConfig.from_dict(settings)
+    except ConfigError as err:
+        raise InputError(args.config, f"{err}; fix the correct: section or the options") from err
 
-    genes = args.genes
+
+def run(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from ..atomic import atomic_path, check_output_path
+    from ..correct import correct
+    from ..errors import InputError
+    from ..genes import read_gene_list
+    from ..io.h5ad import is_prepared, read_prepared
+    from ..validate import check_genes, pass_through_failed_genes
+
+    # Fail before the work: the output, the config, the gene list and the quantile table first.
+    check_output_path(args.output)
+    config = correction_config(args)
+    genes, gene_source, gene_what = args.genes, None, "--genes"
     if args.genes_file is not None:
-        if not args.genes_file.is_file():
-            raise InputError(args.genes_file, "gene list not found")
-        genes = [line.strip() for line in args.genes_file.read_text().splitlines() if line.strip()]
-
+        genes, gene_source, gene_what = read_gene_list(args.genes_file), args.genes_file, "the gene list"
     q_init = None
     if args.quantiles is not None:
-        if not args.quantiles.is_file():
-            raise InputError(args.quantiles, "quantile table not found")
-        q_init = pd.read_csv(args.quantiles, sep="\t", index_col="gene")["q_init"]
+        from ..moran import read_quantile_table
+
+        q_init = read_quantile_table(args.quantiles)["q_init"]
 
     if not args.input.exists():
-        raise InputError(args.input, "input not found")
-    if args.input.suffix == ".h5ad" and _is_prepared(args.input):
-        adata = ad.read_h5ad(args.input)
+        raise InputError(args.input, "input not found; give a prepared .h5ad or a Space Ranger folder")
+    if is_prepared(args.input):
+        adata = read_prepared(args.input, allow_degenerate_tissue=args.allow_degenerate_tissue)
     else:
         from ..prepare import prepare_sample
 
         with tempfile.TemporaryDirectory(prefix="undiffuse-prepare-") as scratch:
-            adata = prepare_sample(args.input, Path(scratch))
+            adata = prepare_sample(
+                args.input, Path(scratch), allow_degenerate_tissue=args.allow_degenerate_tissue
+            )
+
+    if genes is not None:
+        genes = check_genes(genes, adata, gene_source, what=gene_what)
+    else:
+        genes = adata.var_names[adata.var["selected"].to_numpy(bool)].tolist()
+        if not genes:
+            raise InputError(
+                args.input, "selects no gene to correct (var['selected'] is false everywhere); give --genes"
+            )
+    if q_init is not None:
+        missing = [gene for gene in genes if gene not in q_init.index]
+        if missing:
+            raise InputError(
+                args.quantiles,
+                f"has no q_init for {len(missing)} gene(s) to correct (e.g. {', '.join(missing[:5])}); rerun "
+                "`undiffuse init-quantiles` on this sample or leave --quantiles out",
+            )
+        values = q_init.loc[genes].to_numpy(dtype=float)
+        if not ((values >= 0) & (values <= 1)).all():
+            raise InputError(args.quantiles, "q_init values must lie in [0, 1]")
 
     result = correct(adata, genes=genes, q_init=q_init, config=config)
+    raw = adata[:, genes].X
+    raw = raw.toarray() if hasattr(raw, "toarray") else raw
+    result.corrected, passed = pass_through_failed_genes(result.corrected, raw, genes)
+    output = result.to_anndata(adata)
+    if passed:
+        output.var["passed_through"] = output.var_names.isin(passed)
     with atomic_path(args.output) as tmp:
-        result.to_anndata(adata).write_h5ad(tmp)
+        output.write_h5ad(tmp)
     print(args.output)
-
-
-def _is_prepared(path: Path) -> bool:
-    """A prepared h5ad carries the QC of `undiffuse prepare` in uns['undiffuse']['qc']."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as handle:
-            return "uns/undiffuse/qc" in handle
-    except OSError:
-        return False

@@ -8,6 +8,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``prepare`` subcommand."""
     from ..genes import DEFAULT_MIN_COUNTS, DEFAULT_N_TOP_GENES
+    from . import non_negative_int, positive_int
 
     parser = subparsers.add_parser(
         "prepare",
@@ -21,17 +22,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("input", metavar="INPUT", help="sample folder, outs/, square_XXXum/, matrix or .h5ad")
     parser.add_argument("outdir", metavar="OUTDIR", help="output folder of the sample")
     parser.add_argument("--image", metavar="PATH", help="full-resolution H&E image of the slide")
-    parser.add_argument("--genes", metavar="FILE", help="genes to correct, one per line (overrides HVGs)")
+    parser.add_argument(
+        "--genes",
+        metavar="FILE",
+        help="genes to correct, one name or id per line, '#' comments (overrides HVGs)",
+    )
     parser.add_argument(
         "--min-counts",
-        type=int,
+        type=non_negative_int,
         default=DEFAULT_MIN_COUNTS,
         metavar="N",
         help=f"smallest total count of a corrected gene (default {DEFAULT_MIN_COUNTS})",
     )
     parser.add_argument(
         "--n-top-genes",
-        type=int,
+        type=positive_int,
         default=DEFAULT_N_TOP_GENES,
         metavar="N",
         help=f"number of highly variable genes to correct (default {DEFAULT_N_TOP_GENES})",
@@ -43,6 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow-filtered",
         action="store_true",
         help="accept a matrix without background spots; corrects without the out-of-tissue evidence",
+    )
+    parser.add_argument(
+        "--allow-degenerate-tissue",
+        action="store_true",
+        help="accept very few tissue spots, or tissue spots holding almost none of the UMIs (a warning, not an error)",
     )
     parser.add_argument("--sample-id", metavar="ID", help="sample name (default: the input folder's name)")
     parser.set_defaults(func=run)
@@ -60,6 +70,7 @@ def run(args: argparse.Namespace) -> None:
         n_top_genes=args.n_top_genes,
         refine_mask=args.refine_mask,
         allow_filtered=args.allow_filtered,
+        allow_degenerate_tissue=args.allow_degenerate_tissue,
         sample_id=args.sample_id,
     )
     info = adata.uns["undiffuse"]

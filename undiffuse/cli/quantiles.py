@@ -30,21 +30,13 @@ def init_quantiles(
     -------
     The table written: gene, q_init, moran_at_q_init, moran_raw.
     """
-    import anndata as ad
-
-    from ..errors import InputError
+    from ..atomic import check_output_path
+    from ..io.h5ad import read_prepared
     from ..moran import scan_quantiles, write_quantile_table
 
-    if not Path(prepared).is_file():
-        raise InputError(prepared, "prepared sample not found")
-    adata = ad.read_h5ad(prepared)
-    missing = [f"obs[{key!r}]" for key in ("tissue",) if key not in adata.obs]
-    missing += [f"var[{key!r}]" for key in ("selected",) if key not in adata.var]
-    missing += ["obsm['spatial']"] if "spatial" not in adata.obsm else []
-    if missing:
-        raise InputError(
-            prepared, f"not a prepared sample (run `undiffuse prepare` first): no {', '.join(missing)}"
-        )
+    check_output_path(output)
+    # Degenerate tissue was accepted (or refused) by prepare; the scan itself copes with it.
+    adata = read_prepared(prepared, allow_degenerate_tissue=True)
     table = scan_quantiles(adata, grid=grid, tissue_key="tissue")
     write_quantile_table(table, output)
     return table

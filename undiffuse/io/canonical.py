@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from ..errors import InputError
 from ..spatial import SPATIAL_KEY, spot_pitch
+from ..validate import unique_gene_names
 
 #: Spot diameter over spot pitch: 55 um spots on a 100 um lattice (Visium); bins tile the plane (HD).
 SPOT_DIAMETER_PER_PITCH = {"visium": 0.55, "visium_hd": 1.0}
@@ -129,12 +130,11 @@ def build_canonical(
             "gene_ids": np.asarray(gene_ids, dtype=str),
             "feature_types": np.asarray(feature_types, dtype=str),
         },
-        index=pd.Index(np.asarray(gene_names, dtype=str), name=None),
+        index=unique_gene_names(np.asarray(gene_names, dtype=str), source),
     )
     matrix = sp.csr_matrix(counts, dtype=np.float32)
     matrix.sort_indices()
     adata = AnnData(X=matrix, obs=obs, var=var)
-    adata.var_names_make_unique()
     adata.obsm[SPATIAL_KEY] = coords_xy
     adata.uns[SPATIAL_KEY] = {
         sample_id: {

@@ -11,25 +11,77 @@ from anndata import AnnData
 
 from ..errors import InputError
 from ..spatial import SPATIAL_KEY
+from ..validate import (
+    check_counts,
+    check_not_empty,
+    check_prepared,
+    check_registration,
+    check_unique_barcodes,
+)
 from .canonical import PLATFORMS, build_canonical, default_scalefactors, measure_pitch
 from .images import check_image_fits
 
 
 def _raw_counts(adata: AnnData, path: Path) -> sp.csr_matrix:
-    """``layers['counts']`` when present, else ``X``; must be non-negative integers."""
+    """``layers['counts']`` when present, else ``X``; must be finite, non-negative integers."""
     source = "layers['counts']" if "counts" in adata.layers else "X"
     counts = adata.layers["counts"] if source != "X" else adata.X
-    counts = sp.csr_matrix(counts)
-    values = counts.data
-    if values.size and (
-        not np.all(np.isfinite(values)) or values.min() < 0 or np.any(values != np.round(values))
-    ):
+    if counts is None:
         raise InputError(
-            path,
-            f"{source} does not hold raw counts (negative, non-integer or non-finite values); the correction "
-            "needs raw UMI counts in X or layers['counts']",
+            path, "holds no count matrix (X is empty); give raw UMI counts in X or layers['counts']"
         )
+    counts = sp.csr_matrix(counts)
+    check_counts(
+        counts,
+        path,
+        what=source,
+        barcodes=adata.obs_names,
+        genes=adata.var_names,
+    )
+    check_not_empty(counts, path, what=source, require_counts=False)
     return counts
+
+
+def _read(path: Path) -> AnnData:
+    if not path.is_file():
+        raise InputError(path, "file does not exist" if not path.exists() else "is not a file")
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as err:  # h5py and anndata raise many types for truncated or foreign files
+        raise InputError(
+            path, f"cannot be read as an AnnData .h5ad file (truncated or corrupt?): {err}"
+        ) from err
+
+
+def read_prepared(path: str | Path, *, allow_degenerate_tissue: bool = False) -> AnnData:
+    """Read and check a ``prepared.h5ad`` (the output of ``undiffuse prepare``).
+
+    A prepared file is checked like any input (:func:`undiffuse.validate.check_prepared`): raw counts that
+    are finite, non-negative integers, unique names, coordinates, tissue.
+
+    Raises
+    ------
+    InputError
+        Naming ``path`` and the problem.
+    """
+    path = Path(path)
+    adata = _read(path)
+    check_prepared(adata, path, allow_degenerate_tissue=allow_degenerate_tissue)
+    return adata
+
+
+def is_prepared(path: str | Path) -> bool:
+    """Whether ``path`` is an h5ad that ``undiffuse prepare`` wrote (it carries ``uns['undiffuse']['qc']``)."""
+    import h5py
+
+    path = Path(path)
+    if path.suffix != ".h5ad" or not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as handle:
+            return "uns/undiffuse/qc" in handle
+    except OSError:
+        return False
 
 
 def _choose_library(adata: AnnData, path: Path, sample_id: str | None) -> tuple[str, dict]:
@@ -69,12 +121,8 @@ def read_scanpy_h5ad(path: str | Path, *, sample_id: str | None = None) -> AnnDa
         its images do not fit the coordinates.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file does not exist")
-    try:
-        adata = anndata.read_h5ad(path)
-    except Exception as err:  # h5py and anndata raise many types for truncated or foreign files
-        raise InputError(path, f"cannot be read as an AnnData .h5ad file: {err}") from err
+    adata = _read(path)
+    check_unique_barcodes(adata.obs_names, path)
     if SPATIAL_KEY not in adata.obsm:
         raise InputError(path, "has no obsm['spatial'] with spot coordinates")
     coords_xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)
@@ -113,7 +161,7 @@ def read_scanpy_h5ad(path: str | Path, *, sample_id: str | None = None) -> AnnDa
             coords_xy, scalefactors[scale_key], image.shape, image_path=path, scale_source=scale_key
         )
     var = adata.var
-    return build_canonical(
+    canonical = build_canonical(
         counts=_raw_counts(adata, path),
         barcodes=adata.obs_names,
         gene_ids=var["gene_ids"].to_numpy() if "gene_ids" in var else var.index.to_numpy(),
@@ -135,3 +183,5 @@ def read_scanpy_h5ad(path: str | Path, *, sample_id: str | None = None) -> AnnDa
         source=path,
         extra={"matrix": previous.get("matrix", "unknown")},
     )
+    check_registration(canonical, image_files=dict.fromkeys(images, path))
+    return canonical

@@ -135,18 +135,29 @@ def check_image_fits(
     """
     height, width = image_shape[0], image_shape[1]
     scaled = np.asarray(coords_xy, dtype=np.float64) * scale
-    x_max, y_max = scaled.max(axis=0)
     x_min, y_min = scaled.min(axis=0)
-    too_far = (
+    x_max, y_max = scaled.max(axis=0)
+    if not _fits(scaled, width, height):
+        hint = "the image or its scale factors belong to another resolution or sample"
+        if _fits(scaled[:, ::-1], width, height):
+            hint = (
+                "the spots would fit with x and y exchanged: pxl_row_in_fullres and pxl_col_in_fullres look "
+                "swapped in the positions"
+            )
+        raise InputError(
+            image_path,
+            f"the scale factor ({scale_source} = {scale:g}) does not fit the spot coordinates: scaled "
+            f"spots span x {x_min:.0f}..{x_max:.0f}, y {y_min:.0f}..{y_max:.0f} pixels but the image is "
+            f"{width} x {height}; {hint}",
+        )
+
+
+def _fits(scaled: np.ndarray, width: int, height: int) -> bool:
+    x_min, y_min = scaled.min(axis=0)
+    x_max, y_max = scaled.max(axis=0)
+    return not (
         x_max > width * (1 + FIT_TOLERANCE)
         or y_max > height * (1 + FIT_TOLERANCE)
         or x_min < -width * FIT_TOLERANCE
         or y_min < -height * FIT_TOLERANCE
     )
-    if too_far:
-        raise InputError(
-            image_path,
-            f"the scale factor ({scale_source} = {scale:g}) does not fit the spot coordinates: scaled "
-            f"spots span x {x_min:.0f}..{x_max:.0f}, y {y_min:.0f}..{y_max:.0f} pixels but the image is "
-            f"{width} x {height}; the image or its scale factors belong to another resolution or sample",
-        )

@@ -17,6 +17,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from ..errors import InputError
+from ..validate import check_counts, check_not_empty, check_unique_barcodes
 
 #: The only feature type that the correction uses; antibody or CRISPR features are dropped on reading.
 GENE_EXPRESSION = "Gene Expression"
@@ -79,8 +80,6 @@ def _check_csc_parts(
         problems.append("data, indices and indptr disagree in length")
     if indices.size and (indices.min() < 0 or indices.max() >= n_genes):
         problems.append("gene indices fall outside the feature list")
-    if data.size and (not np.all(np.isfinite(data)) or data.min() < 0):
-        problems.append("counts are negative or not finite")
     if problems:
         raise InputError(path, "is not a valid 10x feature-barcode matrix: " + "; ".join(problems))
 
@@ -91,7 +90,8 @@ def read_10x_h5(path: str | Path) -> FeatureMatrix:
     Raises
     ------
     InputError
-        When the file is missing, truncated, not HDF5, or lacks the datasets of a 10x matrix.
+        When the file is missing, truncated, not HDF5, or lacks the datasets of a 10x matrix; when barcodes
+        repeat; when counts are not finite, non-negative integers.
     """
     path = Path(path)
     if not path.is_file():
@@ -138,8 +138,11 @@ def read_10x_h5(path: str | Path) -> FeatureMatrix:
             f"{gene_ids.shape[0]} features and {barcodes.shape[0]} barcodes",
         )
     _check_csc_parts(path, data, indices, indptr, n_genes, n_barcodes)
+    check_unique_barcodes(barcodes, path)
     # The genes x barcodes CSC arrays are, read as CSR, the barcodes x genes matrix.
-    counts = sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(n_barcodes, n_genes))
+    raw = sp.csr_matrix((data, indices, indptr), shape=(n_barcodes, n_genes))
+    check_counts(raw, path, what="the count matrix", barcodes=barcodes, genes=gene_names)
+    counts = raw.astype(np.float32)
     features = pd.DataFrame({"gene_ids": gene_ids, "gene_names": gene_names, "feature_types": feature_types})
     return FeatureMatrix(counts, pd.Index(barcodes, name="barcode"), features, path, metadata)
 
@@ -200,9 +203,8 @@ def read_10x_mtx(folder: str | Path) -> FeatureMatrix:
             f"matrix is {genes_by_barcodes.shape[0]} x {genes_by_barcodes.shape[1]} but {features_path.name} "
             f"lists {gene_ids.shape[0]} features and {barcodes_path.name} {barcodes.shape[0]} barcodes",
         )
-    data = genes_by_barcodes.data
-    if data.size and (not np.all(np.isfinite(data)) or data.min() < 0):
-        raise InputError(matrix_path, "counts are negative or not finite")
+    check_unique_barcodes(barcodes, barcodes_path)
+    check_counts(genes_by_barcodes.T, matrix_path, barcodes=barcodes, genes=gene_names)
     counts = genes_by_barcodes.T.tocsr().astype(np.float32)
     counts.sum_duplicates()
     features = pd.DataFrame({"gene_ids": gene_ids, "gene_names": gene_names, "feature_types": feature_types})
@@ -213,4 +215,6 @@ def read_matrix(path: str | Path) -> FeatureMatrix:
     """Read a 10x HDF5 file or a Matrix Market folder, keeping gene-expression features only."""
     path = Path(path)
     reader = read_10x_mtx if path.is_dir() else read_10x_h5
-    return reader(path).gene_expression_only()
+    matrix = reader(path).gene_expression_only()
+    check_not_empty(matrix.counts, path, require_counts=False)
+    return matrix

@@ -8,6 +8,7 @@ import numpy as np
 from anndata import AnnData
 
 from ..errors import InputError
+from ..validate import check_registration
 from .canonical import build_canonical, default_scalefactors, measure_pitch
 from .images import SCALEFACTORS_FILE, check_image_fits, read_image, read_scalefactors
 from .layout import SampleFiles
@@ -29,7 +30,7 @@ def read_spaceranger(
     ------
     InputError
         For any unreadable file, matrix barcodes without a position, positions without tissue spots, or
-        images whose scale factors do not fit the spot coordinates.
+        images, scale factors and positions that disagree (:func:`undiffuse.validate.check_registration`).
     """
     positions = read_positions(files.positions)
     if not positions["in_tissue"].any():
@@ -85,7 +86,7 @@ def read_spaceranger(
         )
         images[key] = image
 
-    return build_canonical(
+    adata = build_canonical(
         counts=matrix.counts,
         barcodes=matrix.barcodes,
         gene_ids=matrix.features["gene_ids"].to_numpy(),
@@ -103,3 +104,10 @@ def read_spaceranger(
         source=source if source is not None else files.matrix,
         extra={"matrix": files.matrix_kind},
     )
+    check_registration(
+        adata,
+        positions_file=files.positions,
+        scalefactors_file=files.scalefactors,
+        image_files=files.images,
+    )
+    return adata
