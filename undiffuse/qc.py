@@ -37,23 +37,33 @@ fit's :math:`s`, the Gaussian kernel that best explains the decay (the correctio
 parametrised by a Gaussian-like scale), clipped to ``[0.25, cutoff / 2]``. Without enough background
 spots (fewer than four bins of five spots) the estimate falls back to :data:`FALLBACK_CUTOFF` and
 :data:`FALLBACK_SCALE` and says so (``fitted = False``).
+
+Visium HD
+---------
+Square bins of 2-16 um hold a few UMIs each, so the median of a distance bin is mostly 0 or quantised: the
+decay is fitted to the **mean** instead (weights: its standard error). Distances to the tissue come from
+the bins' array indices by a Euclidean distance transform (exact on the lattice, linear in the number of
+bins). The fit is reported in microns as well (``*_um`` metrics, ``distance_um`` in the decay table), and
+the cutoff is clipped to :data:`CUTOFF_RANGE_UM` microns instead of a range of pitches, because diffusion
+lengths are physical and the bin size is not.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
+from scipy import ndimage
 from scipy.optimize import OptimizeWarning, curve_fit
 from scipy.special import erfc, erfcinv
 
-from .spatial import distance_to_mask, pitch_coordinates
+from .spatial import SPATIAL_KEY, distance_to_mask, pitch_coordinates
 
 #: Boundary between tissue and background, beyond the centre of the outermost tissue spot (pitches).
 EDGE_OFFSET = 0.5
@@ -76,6 +86,16 @@ MIN_SPOTS_PER_BIN = 5
 MIN_BINS = 4
 
 KERNEL_FAMILIES = ("gaussian", "heavy_tailed")
+
+#: Centre-to-centre distance of Visium spots, in microns.
+VISIUM_PITCH_UM = 100.0
+
+#: Sane range of the diffusion cutoff on Visium HD, in microns (from a few bins to well past the longest
+#: diffusion lengths reported for HD, about 30 um).
+CUTOFF_RANGE_UM = (10.0, 300.0)
+
+#: Statistic of a distance bin that the decay is fitted to.
+DECAY_STATISTICS = ("median", "mean")
 
 
 def half_plane_tail(u: np.ndarray, kind: str) -> np.ndarray:
@@ -121,7 +141,9 @@ def spot_totals(adata: AnnData) -> np.ndarray:
     return np.asarray(adata.X.sum(axis=1), dtype=np.float64).ravel()
 
 
-def background_decay(distance: np.ndarray, umis: np.ndarray, tissue: np.ndarray) -> pd.DataFrame:
+def background_decay(
+    distance: np.ndarray, umis: np.ndarray, tissue: np.ndarray, *, pitch_um: float | None = None
+) -> pd.DataFrame:
     """UMIs of background spots binned by distance to the nearest tissue spot.
 
     Parameters
@@ -132,30 +154,38 @@ def background_decay(distance: np.ndarray, umis: np.ndarray, tissue: np.ndarray)
         ``(N,)`` total UMIs per spot.
     tissue
         ``(N,)`` tissue mask; only the other spots are binned.
+    pitch_um
+        Spot pitch in microns; adds the column ``distance_um``.
 
     Returns
     -------
     One row per bin one pitch wide centred on an integer distance: ``bin`` (centre), ``distance`` (mean
-    distance of its spots), ``n_spots``, ``median_umis``, ``mean_umis``, ``q25_umis``, ``q75_umis``.
+    distance of its spots), ``n_spots``, ``median_umis``, ``mean_umis``, ``sem_umis`` (standard error of
+    the mean), ``q25_umis``, ``q75_umis`` and, with ``pitch_um``, ``distance_um``.
     """
     background = ~np.asarray(tissue, dtype=bool)
     frame = pd.DataFrame({"distance": distance[background], "umis": umis[background]})
-    columns = ["bin", "distance", "n_spots", "median_umis", "mean_umis", "q25_umis", "q75_umis"]
+    columns = ["bin", "distance", "n_spots", "median_umis", "mean_umis", "sem_umis", "q25_umis", "q75_umis"]
     if frame.empty:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=columns + (["distance_um"] if pitch_um else []))
     frame["bin"] = np.maximum(np.round(frame["distance"]), 1.0)
     grouped = frame.groupby("bin")
+    n_spots = grouped.size()
     table = pd.DataFrame(
         {
             "distance": grouped["distance"].mean(),
-            "n_spots": grouped.size(),
+            "n_spots": n_spots,
             "median_umis": grouped["umis"].median(),
             "mean_umis": grouped["umis"].mean(),
+            "sem_umis": grouped["umis"].std(ddof=1).fillna(0.0) / np.sqrt(n_spots),
             "q25_umis": grouped["umis"].quantile(0.25),
             "q75_umis": grouped["umis"].quantile(0.75),
         }
     )
-    return table.reset_index()[columns]
+    table = table.reset_index()[columns]
+    if pitch_um:
+        table["distance_um"] = table["distance"] * float(pitch_um)
+    return table
 
 
 @dataclass(frozen=True)
@@ -180,18 +210,27 @@ class DecayFit:
         return EDGE_OFFSET + self.scale * inverse_half_plane_tail(float(tail_fraction * at_one), self.kind)
 
 
-def fit_decay(decay: pd.DataFrame, kind: str) -> DecayFit | None:
-    """Weighted least-squares fit of one kernel family to a decay table; None when it cannot be fitted."""
+def fit_decay(decay: pd.DataFrame, kind: str, *, statistic: str = "median") -> DecayFit | None:
+    """Weighted least-squares fit of one kernel family to a decay table; None when it cannot be fitted.
+
+    ``statistic`` is the column fitted: ``median`` (Visium spots) or ``mean`` (Visium HD bins, whose
+    medians are quantised near zero).
+    """
+    if statistic not in DECAY_STATISTICS:
+        raise ValueError(f"unknown decay statistic {statistic!r}; expected one of {DECAY_STATISTICS}")
     usable = decay[decay["n_spots"] >= MIN_SPOTS_PER_BIN]
     if len(usable) < MIN_BINS:
         return None
     x = usable["distance"].to_numpy(dtype=np.float64)
-    y = usable["median_umis"].to_numpy(dtype=np.float64)
-    iqr = (usable["q75_umis"] - usable["q25_umis"]).to_numpy(dtype=np.float64)
-    # Standard error of a median; floored so that a bin of identical values does not get infinite weight.
-    sigma = (
-        1.2533 * np.maximum(iqr / 1.349, 0.05 * max(float(np.median(y)), 1.0)) / np.sqrt(usable["n_spots"])
-    )
+    y = usable[f"{statistic}_umis"].to_numpy(dtype=np.float64)
+    n = usable["n_spots"].to_numpy(dtype=np.float64)
+    # Floored so that a bin of identical values does not get infinite weight.
+    if statistic == "median":
+        iqr = (usable["q75_umis"] - usable["q25_umis"]).to_numpy(dtype=np.float64)
+        sigma = 1.2533 * np.maximum(iqr / 1.349, 0.05 * max(float(np.median(y)), 1.0)) / np.sqrt(n)
+    else:
+        sem = usable["sem_umis"].to_numpy(dtype=np.float64)
+        sigma = np.maximum(sem, 0.05 * max(float(np.median(y)), 1e-3) / np.sqrt(n))
     floor0 = float(np.min(y))
     scale0 = 1.5
     amp0 = max(float(y[0]) - floor0, 1e-6) / float(
@@ -243,6 +282,10 @@ class DiffusionEstimate:
         Family that fits the tail best (``gaussian`` or ``heavy_tailed``), or ``none``.
     floor, amplitude, kernel_scale, r_squared
         Parameters and goodness of fit of that family (0 when not fitted).
+    statistic
+        Column of the decay table that was fitted (``median`` or ``mean``).
+    pitch_um
+        Spot pitch in microns, to read the distances in microns (0 when unknown).
     """
 
     cutoff: float
@@ -253,6 +296,8 @@ class DiffusionEstimate:
     amplitude: float = 0.0
     kernel_scale: float = 0.0
     r_squared: float = 0.0
+    statistic: str = "median"
+    pitch_um: float = 0.0
 
 
 def estimate_diffusion(
@@ -260,16 +305,25 @@ def estimate_diffusion(
     *,
     tail_fraction: float = TAIL_FRACTION,
     cutoff_range: tuple[float, float] = CUTOFF_RANGE,
+    statistic: str = "median",
 ) -> tuple[DiffusionEstimate, dict[str, DecayFit]]:
     """Estimate the diffusion cutoff and Gaussian-equivalent scale from a background decay table.
 
-    See the module docstring for the model. Returns the estimate and the fits by family.
+    See the module docstring for the model; ``statistic`` as in :func:`fit_decay`. Returns the estimate and
+    the fits by family.
     """
-    fits = {kind: fit for kind in KERNEL_FAMILIES if (fit := fit_decay(decay, kind)) is not None}
+    fits = {
+        kind: fit
+        for kind in KERNEL_FAMILIES
+        if (fit := fit_decay(decay, kind, statistic=statistic)) is not None
+    }
     low, high = cutoff_range
     if "gaussian" not in fits or fits["gaussian"].amplitude <= 0:
         cutoff = float(np.clip(FALLBACK_CUTOFF, low, high))
-        return DiffusionEstimate(cutoff, min(FALLBACK_SCALE, cutoff / 2), fitted=False), fits
+        fallback = DiffusionEstimate(
+            cutoff, min(FALLBACK_SCALE, cutoff / 2), fitted=False, statistic=statistic
+        )
+        return fallback, fits
     best = min(fits.values(), key=lambda fit: fit.weighted_sse)
     cutoff = float(np.clip(best.cutoff(tail_fraction), low, high))
     scale = float(np.clip(fits["gaussian"].scale, MIN_SCALE, cutoff / 2))
@@ -282,6 +336,7 @@ def estimate_diffusion(
         amplitude=best.amplitude,
         kernel_scale=best.scale,
         r_squared=best.r_squared,
+        statistic=statistic,
     )
     return estimate, fits
 
@@ -333,10 +388,22 @@ def compute_qc(
     tissue = np.asarray(tissue, dtype=bool)
     add_qc_metrics(adata)
     umis = spot_totals(adata)
-    distance = distance_to_mask(pitch_coordinates(adata), tissue)
+    hd = is_visium_hd(adata)
+    pitch = spot_pitch_um(adata)
+    if hd:
+        distance = lattice_distance_to_mask(
+            adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy(), tissue
+        )
+        cutoff_range = (CUTOFF_RANGE_UM[0] / pitch, CUTOFF_RANGE_UM[1] / pitch)
+    else:
+        distance = distance_to_mask(pitch_coordinates(adata), tissue)
     adata.obs["distance_to_tissue"] = distance
-    decay = background_decay(distance, umis, tissue)
-    estimate, fits = estimate_diffusion(decay, tail_fraction=tail_fraction, cutoff_range=cutoff_range)
+    decay = background_decay(distance, umis, tissue, pitch_um=pitch)
+    statistic = "mean" if hd else "median"
+    estimate, fits = estimate_diffusion(
+        decay, tail_fraction=tail_fraction, cutoff_range=cutoff_range, statistic=statistic
+    )
+    estimate = replace(estimate, pitch_um=pitch)
 
     n_genes = np.asarray((adata.X > 0).sum(axis=1)).ravel() if sp.issparse(adata.X) else (adata.X > 0).sum(1)
     background = ~tissue
@@ -370,11 +437,60 @@ def compute_qc(
         "decay_amplitude": estimate.amplitude,
         "decay_kernel_scale": estimate.kernel_scale,
         "decay_r_squared": estimate.r_squared,
+        "decay_statistic": statistic,
+        "spot_pitch_um": pitch,
+        "diffusion_cutoff_um": estimate.cutoff * pitch,
+        "diffusion_scale_um": estimate.scale * pitch,
+        "decay_kernel_scale_um": estimate.kernel_scale * pitch,
     }
     for kind, fit in fits.items():
         metrics[f"decay_{kind}_scale"] = fit.scale
+        metrics[f"decay_{kind}_scale_um"] = fit.scale * pitch
         metrics[f"decay_{kind}_r_squared"] = fit.r_squared
     return QCReport(metrics=metrics, decay=_with_fits(decay, fits), estimate=estimate, fits=fits)
+
+
+def is_visium_hd(adata: AnnData) -> bool:
+    """Whether a canonical AnnData holds Visium HD square bins."""
+    return adata.uns.get("undiffuse", {}).get("platform") == "visium_hd"
+
+
+def spot_pitch_um(adata: AnnData) -> float:
+    """Centre-to-centre distance of adjacent spots or bins in microns.
+
+    Visium HD: the ``bin_size_um`` scale factor, else the pitch in pixels times ``microns_per_pixel``;
+    Visium: 100 um.
+    """
+    info = adata.uns.get("undiffuse", {})
+    if info.get("platform") != "visium_hd":
+        return VISIUM_PITCH_UM
+    library = adata.uns.get(SPATIAL_KEY, {}).get(info.get("sample_id"), {})
+    scalefactors = library.get("scalefactors", {})
+    if "bin_size_um" in scalefactors:
+        return float(scalefactors["bin_size_um"])
+    if "microns_per_pixel" in scalefactors and info.get("spot_pitch_px"):
+        return float(scalefactors["microns_per_pixel"]) * float(info["spot_pitch_px"])
+    raise ValueError(
+        "a Visium HD sample needs bin_size_um or microns_per_pixel among its scale factors to measure "
+        "diffusion in microns"
+    )
+
+
+def lattice_distance_to_mask(array_row: np.ndarray, array_col: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Distance of every bin of a square lattice to the nearest bin in ``mask`` (0 inside), in pitches.
+
+    A Euclidean distance transform on the raster of array indices: exact on the lattice, linear in the
+    number of bins and without a k-d tree of millions of points. Lattice sites without a bin are not in
+    ``mask``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise ValueError("the mask selects no spot")
+    rows = np.asarray(array_row, dtype=np.int64) - int(np.min(array_row))
+    cols = np.asarray(array_col, dtype=np.int64) - int(np.min(array_col))
+    outside = np.ones((int(rows.max()) + 1, int(cols.max()) + 1), dtype=bool)
+    outside[rows[mask], cols[mask]] = False
+    return ndimage.distance_transform_edt(outside)[rows, cols]
 
 
 def _with_fits(decay: pd.DataFrame, fits: dict[str, DecayFit]) -> pd.DataFrame:

@@ -4,6 +4,12 @@ The image mask is an Otsu threshold on the smoothed saturation of the H&E image 
 coloured; glass, and the dark but grey fiducial frame, are not), cleaned up morphologically (closing with a
 disk of one spot radius, small holes filled, small islands removed, both below four spot areas). A spot is
 tissue when at least half of its disk lies on the image mask.
+
+Visium HD bins (2-16 um) are far smaller than the structures that tell tissue from glass, so their clean-up
+scale is at least :data:`HD_CLEANUP_RADIUS_UM` (a couple of cells, which closes the gaps between cells)
+instead of one bin, and a bin is tissue when at least half of its square lies on the image mask. Sampling is
+one correlation of the mask with the spot's footprint, read at the spot centres, so memory grows with the
+image and the number of spots, never with their product.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from scipy import ndimage
 from skimage import filters, morphology, transform
 
 from .errors import InputError
+from .qc import is_visium_hd, spot_pitch_um
 from .spatial import SPATIAL_KEY
 
 #: Refinement is rejected (with a warning) when the image marks fewer or more than this share of spots.
@@ -24,6 +31,9 @@ DEGENERATE_SHARE = (0.01, 0.99)
 
 #: Smallest island of tissue, or hole in it, kept by the clean-up, in spot areas.
 MIN_REGION_SPOTS = 4.0
+
+#: Smallest clean-up radius of the image mask on Visium HD, in microns.
+HD_CLEANUP_RADIUS_UM = 16.0
 
 
 @dataclass(frozen=True)
@@ -126,21 +136,30 @@ def image_tissue_pixels(image: np.ndarray, *, spot_radius_px: float) -> np.ndarr
 
 
 def sample_mask_at_spots(
-    pixel_mask: np.ndarray, coords_px: np.ndarray, *, spot_radius_px: float
+    pixel_mask: np.ndarray, coords_px: np.ndarray, *, spot_radius_px: float, square: bool = False
 ) -> np.ndarray:
-    """Spots whose disk lies at least half on ``pixel_mask``; ``coords_px`` are ``(x, y)`` mask pixels.
+    """Spots whose footprint lies at least half on ``pixel_mask``; ``coords_px`` are ``(x, y)`` mask pixels.
 
-    Pixels outside the mask's extent count as background.
+    The footprint is a disk of ``spot_radius_px`` (Visium spots) or, with ``square``, the square of side
+    ``2 * spot_radius_px`` rounded to an odd number of pixels (Visium HD bins). Pixels outside the mask's
+    extent count as background, and so do spots centred outside it.
     """
-    radius = max(int(round(spot_radius_px)), 0)
-    dy, dx = np.nonzero(morphology.disk(radius))
-    rows = np.round(coords_px[:, 1]).astype(np.int64)[:, None] + (dy - radius)[None, :]
-    cols = np.round(coords_px[:, 0]).astype(np.int64)[:, None] + (dx - radius)[None, :]
+    if square:
+        side = max(1, 2 * int(round((2.0 * spot_radius_px - 1.0) / 2.0)) + 1)
+        footprint = np.ones((side, side), dtype=np.float64)
+    else:
+        footprint = morphology.disk(max(int(round(spot_radius_px)), 0)).astype(np.float64)
+    coverage = ndimage.correlate(
+        pixel_mask.astype(np.float64), footprint / footprint.sum(), mode="constant", cval=0.0
+    )
+    rows = np.round(coords_px[:, 1]).astype(np.int64)
+    cols = np.round(coords_px[:, 0]).astype(np.int64)
     height, width = pixel_mask.shape
     inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
-    covered = np.zeros(rows.shape, dtype=bool)
-    covered[inside] = pixel_mask[rows[inside], cols[inside]]
-    return covered.mean(axis=1) >= 0.5
+    covered = np.zeros(rows.shape[0], dtype=bool)
+    # The tolerance keeps a spot exactly half on the mask, as the pixel count it stands for does.
+    covered[inside] = coverage[rows[inside], cols[inside]] >= 0.5 - 1e-9
+    return covered
 
 
 def tissue_mask(adata: AnnData, *, refine: bool = False) -> TissueMask:
@@ -172,13 +191,22 @@ def tissue_mask(adata: AnnData, *, refine: bool = False) -> TissueMask:
     key, image, scale = picked
     library = adata.uns[SPATIAL_KEY][adata.uns["undiffuse"]["sample_id"]]
     spot_radius_px = 0.5 * float(library["scalefactors"]["spot_diameter_fullres"]) * scale
-    block = max(int(spot_radius_px // WORKING_SPOT_RADIUS_PX), 1)
+    hd = is_visium_hd(adata)
+    cleanup_radius_px = spot_radius_px
+    if hd:
+        um_per_px = spot_pitch_um(adata) / (float(adata.uns["undiffuse"]["spot_pitch_px"]) * scale)
+        cleanup_radius_px = max(spot_radius_px, HD_CLEANUP_RADIUS_UM / um_per_px)
+    block = max(int(cleanup_radius_px // WORKING_SPOT_RADIUS_PX), 1)
     if block > 1:
         image = transform.downscale_local_mean(image[..., :3], (block, block, 1))
-        scale, spot_radius_px = scale / block, spot_radius_px / block
-    pixel_mask = image_tissue_pixels(image, spot_radius_px=spot_radius_px)
+        scale, spot_radius_px, cleanup_radius_px = (
+            scale / block,
+            spot_radius_px / block,
+            cleanup_radius_px / block,
+        )
+    pixel_mask = image_tissue_pixels(image, spot_radius_px=cleanup_radius_px)
     coords_px = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64) * scale
-    image_spots = sample_mask_at_spots(pixel_mask, coords_px, spot_radius_px=spot_radius_px)
+    image_spots = sample_mask_at_spots(pixel_mask, coords_px, spot_radius_px=spot_radius_px, square=hd)
     tissue, source = in_tissue, "in_tissue"
     if refine:
         share = image_spots.mean()
