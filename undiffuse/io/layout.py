@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import InputError
 from .images import IMAGE_FILES, SCALEFACTORS_FILE
 from .positions import find_positions
+from .visium_hd import check_hd_folder
 
 #: Matrix names in an ``outs/`` folder, in order of preference: the raw matrix holds the background spots.
 MATRIX_CANDIDATES = (
@@ -126,6 +127,8 @@ def locate_sample(path: str | Path) -> SampleFiles:
     spatial_dir = folder / "spatial"
     if not spatial_dir.is_dir():
         raise InputError(folder, "has no spatial/ folder with the spot positions beside the matrix")
+    if _HD_BIN_FOLDER.match(folder.name):
+        check_hd_folder(folder)
     positions = find_positions(spatial_dir)
     scalefactors = spatial_dir / SCALEFACTORS_FILE
     images = {key: spatial_dir / name for key, name in IMAGE_FILES.items() if (spatial_dir / name).is_file()}

@@ -14,6 +14,7 @@ from .images import SCALEFACTORS_FILE, check_image_fits, read_image, read_scalef
 from .layout import SampleFiles
 from .matrix import read_matrix
 from .positions import read_positions
+from .visium_hd import check_hd_bins
 
 
 def read_spaceranger(
@@ -40,6 +41,8 @@ def read_spaceranger(
             "the positions belong to another slide; without tissue spots there is nothing to correct",
         )
     matrix = read_matrix(files.matrix)
+    if files.platform == "visium_hd":
+        check_hd_bins(files.matrix.parent, files.matrix, files.positions, matrix.barcodes, positions.index)
     absent = ~matrix.barcodes.isin(positions.index)
     if absent.any():
         raise InputError(
