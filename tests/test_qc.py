@@ -20,6 +20,7 @@ from undiffuse.qc import (
     estimate_diffusion,
     half_plane_tail,
     inverse_half_plane_tail,
+    lattice_distance_to_mask,
 )
 from undiffuse.spatial import distance_to_mask
 
@@ -121,3 +122,27 @@ def test_estimator_recovers_the_forward_model(kind, scale, tolerance):
     assert estimate.fitted and estimate.kernel == kind
     assert fits[kind].scale == pytest.approx(scale, rel=tolerance)
     assert CUTOFF_RANGE[0] <= estimate.cutoff <= CUTOFF_RANGE[1]
+
+
+def test_lattice_distance_equals_the_kd_tree_distance():
+    rng = np.random.default_rng(0)
+    rows, cols = np.divmod(np.arange(40 * 30), 30)
+    keep = rng.uniform(size=rows.size) > 0.1  # sites without a bin are not tissue
+    rows, cols = rows[keep], cols[keep]
+    tissue = np.hypot(rows - 20, cols - 12) < 8
+    coords = np.column_stack([cols, rows]).astype(np.float64)
+    assert np.allclose(lattice_distance_to_mask(rows, cols, tissue), distance_to_mask(coords, tissue))
+
+
+def test_mean_statistic_fit_recovers_a_noisy_sparse_decay():
+    """HD bins hold a few UMIs: Poisson draws around the model, fitted through the mean of each bin."""
+    rng = np.random.default_rng(1)
+    truth = DecayFit("heavy_tailed", 0.3, 6.0, 2.0, 0.0, 1.0)
+    distance = np.repeat(np.arange(1, 41, dtype=np.float64), 400) + rng.uniform(-0.4, 0.4, 16000)
+    umis = rng.poisson(truth.predict(distance)).astype(np.float64)
+    decay = background_decay(distance, umis, np.zeros(distance.size, dtype=bool), pitch_um=2.0)
+    assert decay["median_umis"].nunique() <= 4  # the medians are quantised: no curve to fit
+    assert np.allclose(decay["distance_um"], 2.0 * decay["distance"])
+    estimate, fits = estimate_diffusion(decay, statistic="mean")
+    assert estimate.fitted and estimate.kernel == "heavy_tailed" and estimate.statistic == "mean"
+    assert fits["heavy_tailed"].scale == pytest.approx(2.0, rel=0.2)

@@ -119,3 +119,23 @@ def test_mouse_brain_image_agrees_with_spaceranger(shared_data):
     assert mask.image_key == "lowres"
     assert mask.agreement()["mask_jaccard"] > 0.95
     assert mask.agreement()["mask_share_differing"] < 0.03
+
+
+def test_square_footprint_samples_bins_by_their_area():
+    """Visium HD bins: tissue when at least half of the bin's square is on the mask."""
+    from undiffuse.tissue import sample_mask_at_spots
+
+    mask = np.zeros((20, 20), dtype=bool)
+    mask[:, :10] = True
+    centres = np.array([[8.0, 10.0], [9.0, 10.0], [10.0, 10.0], [11.0, 10.0], [-3.0, 10.0]])
+    # A 3-pixel square centred on column 10 covers columns 9-11: one third on the mask.
+    covered = sample_mask_at_spots(mask, centres, spot_radius_px=1.5, square=True)
+    assert covered.tolist() == [True, True, False, False, False]
+    # A 1-pixel bin is the mask at its centre.
+    assert sample_mask_at_spots(mask, centres, spot_radius_px=0.5, square=True).tolist() == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]

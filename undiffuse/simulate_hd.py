@@ -621,10 +621,12 @@ class BinLevel:
 @dataclass
 class SimulatedHDSample:
     """A simulated Visium HD sample in memory: one :class:`BinLevel` per bin size, the cell map as an
-    AnnData (``cells``), scale factors by bin size and the images."""
+    AnnData (``cells``, as written) and as a :class:`CellMap` (``cell_map``, to render the same tissue on
+    other grids with :func:`render_truth`), scale factors by bin size and the images."""
 
     levels: dict[int, BinLevel]
     cells: AnnData
+    cell_map: CellMap
     scalefactors: dict[int, dict[str, float]]
     hires_image: np.ndarray
     lowres_image: np.ndarray
@@ -862,6 +864,7 @@ def simulate_hd(params: HDSimulationParams | None = None) -> SimulatedHDSample:
     return SimulatedHDSample(
         levels=levels_out,
         cells=cell_adata,
+        cell_map=cells,
         scalefactors={b: _scalefactors(params, hires_scalef, b) for b in BIN_SIZES_UM},
         hires_image=hires,
         lowres_image=lowres,
