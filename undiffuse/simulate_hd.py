@@ -463,17 +463,22 @@ class CellMap:
     def n_cells(self) -> int:
         return int(self.centres_um.shape[0])
 
-    def locate(self, points_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def locate(
+        self, points_um: np.ndarray, *, on_tissue: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Cell of each point (-1 outside every cell and off tissue) and whether it is in the nucleus.
 
         A point belongs to its nearest cell centre when it lies within that cell's radius and on tissue.
+        ``on_tissue`` (the outline at the points) saves evaluating it again.
         """
         points_um = np.asarray(points_um, dtype=np.float64)
         cell = np.full(points_um.shape[0], -1, dtype=np.int64)
         nucleus = np.zeros(points_um.shape[0], dtype=bool)
         if self.n_cells == 0 or points_um.shape[0] == 0:
             return cell, nucleus
-        on_tissue = np.flatnonzero(_anatomy_at(self.anatomy, points_um)[0])
+        if on_tissue is None:
+            on_tissue = _anatomy_at(self.anatomy, points_um)[0]
+        on_tissue = np.flatnonzero(on_tissue)
         distance, nearest = cKDTree(self.centres_um).query(
             points_um[on_tissue], distance_upper_bound=float(self.radius_um.max())
         )
@@ -576,32 +581,45 @@ def _type_profiles(
 # --------------------------------------------------------------------------------------------- truth
 
 
+def cell_weights(
+    cells: CellMap, grid: SquareGrid, *, supersample: int = 1, located: np.ndarray | None = None
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """``(n_bins, C)`` share of each cell's area in each bin of ``grid``, and each cell's sample points.
+
+    The cell's area is sampled at ``supersample x supersample`` points per bin; a bin receives the share of
+    its cell's points that fall in it. ``located`` (the cell of each sample point, as
+    :meth:`CellMap.locate` gives it, in the fine grid's order) saves locating them again.
+    """
+    fine = SquareGrid(
+        grid.bin_um / supersample, grid.n_rows * supersample, grid.n_cols * supersample, grid.origin_um
+    )
+    cell = cells.locate(fine.centres_um())[0] if located is None else np.asarray(located)
+    points = np.flatnonzero(cell >= 0)
+    n_points = np.bincount(cell[points], minlength=cells.n_cells)
+    rows, cols = np.divmod(points, fine.n_cols)
+    coarse = (rows // supersample) * grid.n_cols + cols // supersample
+    share = (1.0 / np.maximum(n_points[cell[points]], 1)).astype(np.float32)
+    weights = sp.csr_matrix((share, (coarse, cell[points])), shape=(grid.n_bins, cells.n_cells))
+    return weights, n_points
+
+
 def render_truth(
     cells: CellMap, grid: SquareGrid, *, supersample: int = 1
 ) -> tuple[sp.csr_matrix, np.ndarray]:
     """Expected molecules of every bin of ``grid``, each cell's molecules spread evenly over its area.
 
-    The cell's area is sampled at ``supersample x supersample`` points per bin; a bin receives the share of
-    its cell's points that fall in it. With 2 um bins and ``supersample=1`` a bin belongs wholly to the cell
-    under its centre; coarser grids (a 10 um grid for a Visium view of the same tissue) should sample at
-    about 2 um (``supersample = bin_um / 2``) so that every grid shares one rendering of the cells.
+    With 2 um bins and ``supersample=1`` a bin belongs wholly to the cell under its centre; coarser grids (a
+    10 or 20 um grid for a Visium view of the same tissue) should sample at 2 um
+    (``supersample = bin_um / 2``), so that every grid shares one rendering of the cells and a coarse bin
+    is the sum of the 2 um bins it covers (see :func:`cell_weights`).
 
     Returns
     -------
-    ``(n_bins, G)`` CSR float64 expected counts (zero outside cells) and ``(C,)`` the number of sample
+    ``(n_bins, G)`` CSR float32 expected counts (zero outside cells) and ``(C,)`` the number of sample
     points of each cell.
     """
-    fine = SquareGrid(
-        grid.bin_um / supersample, grid.n_rows * supersample, grid.n_cols * supersample, grid.origin_um
-    )
-    cell, _ = cells.locate(fine.centres_um())
-    points = np.flatnonzero(cell >= 0)
-    n_points = np.bincount(cell[points], minlength=cells.n_cells)
-    rows, cols = fine.indices()
-    coarse = (rows[points] // supersample) * grid.n_cols + cols[points] // supersample
-    share = 1.0 / np.maximum(n_points[cell[points]], 1)
-    weights = sp.csr_matrix((share, (coarse, cell[points])), shape=(grid.n_bins, cells.n_cells))
-    return (weights @ cells.expression).tocsr(), n_points
+    weights, n_points = cell_weights(cells, grid, supersample=supersample)
+    return (weights @ cells.expression.astype(np.float32)).tocsr(), n_points
 
 
 # --------------------------------------------------------------------------------------------- sample
@@ -647,7 +665,8 @@ def _scalefactors(params: HDSimulationParams, hires_scalef: float, bin_um: int) 
 
 
 def _diffuse_counts(
-    truth: sp.csr_matrix,
+    weights: sp.csr_matrix,
+    expression: np.ndarray,
     grid: SquareGrid,
     tissue: np.ndarray,
     scales: np.ndarray,
@@ -657,17 +676,17 @@ def _diffuse_counts(
 ) -> tuple[sp.csr_matrix, dict[int, np.ndarray], np.ndarray]:
     """Diffuse the 2 um truth gene batch by gene batch and draw Poisson counts.
 
-    Only one dense batch of 2 um bins exists at a time; the expected counts are kept dense only at the
-    coarser bin sizes (``aggregations``: bin size -> aggregation matrix).
+    The truth of a batch is rendered from the cells (``weights @ expression``), so that no second copy of
+    the 2 um truth is held. Only one dense batch of 2 um bins exists at a time; the expected counts are kept
+    dense only at the coarser bin sizes (``aggregations``: bin size -> aggregation matrix).
 
     Returns
     -------
     2 um counts (CSR int32), expected counts by coarse bin size (dense float32) and each gene's kernel
     cutoff in 2 um pitches.
     """
-    n_bins, n_genes = truth.shape
+    n_bins, n_genes = weights.shape[0], expression.shape[1]
     coords = np.column_stack(grid.indices()[::-1]).astype(np.float64)  # x = column, y = row, in pitches
-    by_gene = truth.tocsc()
     order = np.argsort(scales, kind="stable")
     batch = max(1, min(n_genes, BATCH_VALUES // max(n_bins, 1)))
     expected = {size: np.zeros((m.shape[0], n_genes), dtype=np.float32) for size, m in aggregations.items()}
@@ -676,7 +695,7 @@ def _diffuse_counts(
     batches = [order[start : start + batch] for start in range(0, n_genes, batch)]
     for genes in tqdm(batches, desc="diffusing genes", unit="batch", disable=None):
         cutoff[genes] = params.reach * scales[genes].max()
-        field = by_gene[:, genes].toarray()
+        field = np.asarray(weights @ expression[:, genes], dtype=np.float64)
         mu = diffuse(
             field,
             coords,
@@ -751,14 +770,16 @@ def simulate_hd(params: HDSimulationParams | None = None) -> SimulatedHDSample:
         params.domains,
         anatomy,
     )
+    # One pass over the 2 um bins: the outline, the domains and the cells they fall in.
+    fine_tissue, fine_domain, _ = _anatomy_at(anatomy, fine.centres_um())
+    cell_of_bin, in_nucleus = cells.locate(fine.centres_um(), on_tissue=fine_tissue)
+    weights, n_points = cell_weights(cells, fine, located=cell_of_bin)
     # Expression scales with the rendered area, so that molecules per square micron do not depend on size.
-    cell_of_bin, in_nucleus = cells.locate(fine.centres_um())
-    area = np.bincount(cell_of_bin[cell_of_bin >= 0], minlength=cells.n_cells) * float(fine_um) ** 2
+    area = n_points * float(fine_um) ** 2
     sd = params.cell_noise
     noise = np.exp(sd * noise_rng.standard_normal((cells.n_cells, params.n_genes)) - sd**2 / 2)
     expression = area[:, None] * levels[None, :] * profiles[cell_type] * noise
-    tissue = {b: None for b in BIN_SIZES_UM}
-    fine_tissue = _anatomy_at(anatomy, fine.centres_um())[0]
+    tissue: dict[int, np.ndarray] = {}
     aggregations = {b: fine.aggregation(b // fine_um) for b in BIN_SIZES_UM if b != fine_um}
     tissue[fine_um] = fine_tissue
     for b, matrix in aggregations.items():
@@ -767,11 +788,12 @@ def simulate_hd(params: HDSimulationParams | None = None) -> SimulatedHDSample:
     depth_factor = params.depth * max(int(tissue[8].sum()), 1) / max(float(expression.sum()), 1e-12)
     expression *= depth_factor
     cells = replace(cells, expression=sp.csr_matrix(expression))
-    truth_fine, _ = render_truth(cells, fine)
+    truth_fine = (weights @ cells.expression.astype(np.float32)).tocsr()
 
     counts_fine, expected, cutoff_fine = _diffuse_counts(
-        truth_fine, fine, fine_tissue, lengths / fine_um, params, aggregations, count_rng
+        weights, expression, fine, fine_tissue, lengths / fine_um, params, aggregations, count_rng
     )
+    del weights
     var = genes.assign(
         expressed_in=expressed_in,
         level=levels * depth_factor,
@@ -802,7 +824,7 @@ def simulate_hd(params: HDSimulationParams | None = None) -> SimulatedHDSample:
         counts = counts_fine if matrix is None else (matrix @ counts_fine).tocsr().astype(np.int32)
         truth = truth_fine if matrix is None else (matrix @ truth_fine).tocsr()
         positions = _positions(grid, barcodes, tissue[b], mpp)
-        _, domain, _ = _anatomy_at(anatomy, grid.centres_um())
+        domain = fine_domain if matrix is None else _anatomy_at(anatomy, grid.centres_um())[1]
         obs = pd.DataFrame(
             {
                 "in_tissue": tissue[b],
@@ -827,7 +849,7 @@ def simulate_hd(params: HDSimulationParams | None = None) -> SimulatedHDSample:
             kernel_scale=var["kernel_length_um"] / b, kernel_cutoff=var["kernel_cutoff_um"] / b
         )
         adata = AnnData(
-            X=truth.astype(np.float32),
+            X=truth.astype(np.float32, copy=False),
             obs=obs,
             var=level_var,
             obsm={
