@@ -26,8 +26,21 @@ Output (:func:`write_hd_sample`)::
     OUTDIR/outs/binned_outputs/square_{002,008,016}um/{raw,filtered}_feature_bc_matrix.h5
     OUTDIR/outs/binned_outputs/square_{002,008,016}um/spatial/{tissue_positions.parquet,
         scalefactors_json.json, tissue_hires_image.png, tissue_lowres_image.png}
-    OUTDIR/truth/square_{002,008,016}um.h5ad    truth per bin size (layout in docs/architecture.md)
+    OUTDIR/truth/square_{002,008,016}um.h5ad    truth per bin size (below)
     OUTDIR/truth/cells.h5ad                      the cell map: one row per cell, its expected molecules
+
+Truth of one bin size (``square_XXXum.h5ad``): the bins of the matrix, in its order; ``X`` the undiffused
+expected counts (CSR float32, zero outside cells); ``layers['expected']`` the diffused expected counts
+before the Poisson draw (dense float32; 8 and 16 um only, as the 2 um one would be bins x genes dense);
+``obs`` ``in_tissue``, ``array_row``, ``array_col``, ``domain`` and, at 2 um, ``cell`` (row of
+``cells.h5ad``, -1 outside cells) and ``compartment`` (``none``, ``nucleus``, ``cytoplasm``), at 8 and 16 um
+``cell_coverage`` (share of the bin's area in cells); ``obsm['spatial']`` full-resolution pixels;
+``var`` ``gene_ids``, ``gene_type`` (``marker``, ``shared``, ``housekeeping``), ``marker_of`` (cell type),
+``expressed_in``, ``level``, ``kernel_length_um`` and ``kernel_cutoff_um`` (microns), ``kernel_scale`` and
+``kernel_cutoff`` (pitches of this bin size); ``uns`` ``simulation`` (every parameter), ``summary`` and
+``bin_size_um``. The cell map (``cells.h5ad``): ``X`` the expected molecules of each gene in each cell,
+``obs`` ``x_um``, ``y_um`` (from the capture area's top-left corner), ``radius_um``, ``nucleus_radius_um``,
+``area_um2``, ``cell_type``, ``domain``; ``obsm['spatial']`` full-resolution pixels of the centres.
 """
 
 from __future__ import annotations
@@ -84,8 +97,9 @@ RIM_SHARE = 0.08
 #: Anatomy (outline, domains, density) is defined in units of the coarsest bin, so that its shapes do not
 #: depend on the bin size they are sampled at.
 ANATOMY_UNIT_UM = 16.0
-#: Upper bound on bins x genes of one dense batch handed to :func:`diffuse` (memory of a batch).
-BATCH_VALUES = 1 << 23
+#: Upper bound on bins x genes of one dense batch handed to :func:`diffuse` (512 MiB of float64). Larger
+#: batches mean fewer calls, and each call fits the lattice of all bins again (about 30 s at full size).
+BATCH_VALUES = 1 << 26
 #: Sizes of the two presets: small enough for CI, and the full 6.5 mm capture area for benchmarks.
 PRESETS: dict[str, dict[str, Any]] = {
     "ci": {"width_um": 1024.0, "height_um": 1024.0, "n_genes": 24},
@@ -738,7 +752,7 @@ def simulate_hd(params: HDSimulationParams | None = None) -> SimulatedHDSample:
 
     Returns
     -------
-    SimulatedHDSample; ``levels[b].truth`` is the truth at bin size ``b`` (``docs/architecture.md``) and
+    SimulatedHDSample; ``levels[b].truth`` is the truth at bin size ``b`` (module docstring) and
     ``summary`` holds the realised figures (cells, tissue share, background share of UMIs, ...).
     """
     params = params or HDSimulationParams()
