@@ -203,21 +203,28 @@ def count_spots(prepared):
 
 #: Neighbours per spot within a radius of R pitches on the hexagonal Visium lattice: (2 pi / sqrt 3) R^2.
 HEX_NEIGHBOURS_PER_SQUARED_PITCH = 3.63
+#: Memory of one (neighbour pair x gene) of the pair operator, relative to one (spot x gene) on the lattice.
+PAIR_GENE_SHARE = 0.1
 
 
 def correct_chunk_mem_mb(wildcards, input, attempt):
-    """Memory of a chunk job: a fixed part plus a part per neighbour pair x gene optimised at once, times the
-    attempt. The correction holds (pairs x genes) tensors for batch_genes genes at a time; the kernel radius
-    is the configured cutoff, else its upper bound max_cutoff (the derived one is not known before the job).
+    """Memory of a chunk job: a fixed part plus a part per spot x gene optimised at once, times the attempt.
+
+    The lattice operator holds FFT grids of a few times the spot count per gene, for batch_genes genes at a
+    time (32 when auto). With operator: pairs, each spot holds its neighbours within the radius (the configured
+    cutoff, else its upper bound max_cutoff: the derived one is not known before the job).
     """
     settings = RULE_RESOURCES["correct_chunk"]
     options = config["correct"]
-    genes_at_once = min(options["chunk_size"], options["batch_genes"])
-    radius = options["cutoff"] or options["max_cutoff"]
-    pairs = count_spots(input.prepared) * HEX_NEIGHBOURS_PER_SQUARED_PITCH * radius**2
-    pair_genes = pairs * genes_at_once
-    per_pair_gene = settings["mem_mb_per_million_pair_genes"]
-    return int(attempt * (settings["mem_mb"] + per_pair_gene * pair_genes / 1e6))
+    batch = options["batch_genes"] if options["batch_genes"] != "auto" else 32
+    genes_at_once = min(options["chunk_size"], batch)
+    per_spot = 1.0
+    if options["operator"] == "pairs":
+        radius = options["cutoff"] or options["max_cutoff"]
+        per_spot = PAIR_GENE_SHARE * HEX_NEIGHBOURS_PER_SQUARED_PITCH * radius**2
+    spot_genes = count_spots(input.prepared) * per_spot * genes_at_once
+    per_spot_gene = settings["mem_mb_per_million_spot_genes"]
+    return int(attempt * (settings["mem_mb"] + per_spot_gene * spot_genes / 1e6))
 
 
 def all_outputs():

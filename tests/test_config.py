@@ -30,14 +30,14 @@ def test_defaults_fill_every_section():
     assert config["correct"]["weights"]["poisson"] == 10.0
     assert config["init_quantiles"]["grid"] == {"start": 0.0, "stop": 0.95, "step": 0.05}
     assert config["resources"]["merge"] == {"threads": 1, "mem_mb": 4000, "runtime": 60}
-    assert config["resources"]["correct_chunk"]["mem_mb_per_million_pair_genes"] > 0
+    assert config["resources"]["correct_chunk"]["mem_mb_per_million_spot_genes"] > 0
 
 
 def test_partial_sections_keep_given_values_and_fill_the_rest():
     config = validate_config({"correct": {"epochs": 7, "weights": {"moran": 2.5}}})
     assert config["correct"]["epochs"] == 7
     assert config["correct"]["weights"] == {"image": 1.0, "out_of_tissue": 1.0, "moran": 2.5, "poisson": 10.0}
-    assert config["correct"]["mode"] == "deconvolve"
+    assert config["correct"]["operator"] == "auto"
 
 
 def test_validation_does_not_change_its_input():
@@ -50,7 +50,8 @@ def test_validation_does_not_change_its_input():
     ("config", "message"),
     [
         ({"correct": {"chunk_size": 0}}, r"correct\.chunk_size: 0 is less than the minimum of 1"),
-        ({"correct": {"mode": "sinkhorn"}}, r"correct\.mode: 'sinkhorn' is not one of"),
+        ({"correct": {"operator": "sinkhorn"}}, r"correct\.operator: 'sinkhorn' is not one of"),
+        ({"correct": {"mode": "balanced"}}, r"correct: Additional properties are not allowed \('mode'"),
         ({"correct": {"device": "tpu"}}, r"correct\.device"),
         ({"correct": {"weights": {"moran": -1}}}, r"correct\.weights\.moran"),
         ({"correct": {"r_init": 0}}, r"correct\.r_init"),

@@ -1,4 +1,5 @@
-"""The correction engine: gradients, conservation, robustness, chunk invariance, modes, direction of accuracy."""
+"""The correction engine: gradients, conservation, robustness, chunk invariance, the seed baseline, direction of
+accuracy."""
 
 from __future__ import annotations
 
@@ -8,11 +9,19 @@ import scipy.sparse as sp
 import torch
 from conftest import hex_sample, mean_pearson, tissue_rmse
 
-from undiffuse.correct import CorrectionConfig, _GeneBatch, _SampleProblem, correct, rediffuse
+from undiffuse.correct import CorrectionConfig, _geometry, correct, rediffuse
 from undiffuse.errors import ConfigError, InputError
 from undiffuse.merge import PARAMETER_COLUMNS
+from undiffuse.ot.baseline import balanced_ot_baseline
+from undiffuse.trainer import KernelTrainer
 
-FAST = dict(epochs=8, em_iterations=30, cutoff=5.0, progress=False)
+FAST = dict(epochs=8, em_iterations=30, progress=False)
+
+
+def trainer(adata, config):
+    geometry = _geometry(adata, config, image=None, device=torch.device("cpu"), dtype=torch.float32)
+    counts = torch.as_tensor(adata.X.toarray())
+    return KernelTrainer(geometry, counts, np.full(counts.shape[1], 0.4), config)
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +31,12 @@ def toy():
 
 def test_gradients_reach_q_r_and_phi(toy):
     adata, _ = toy
-    config = CorrectionConfig(**FAST)
-    problem = _SampleProblem.build(adata, config, image=None, device=torch.device("cpu"), dtype=torch.float32)
-    counts = torch.as_tensor(adata.X.toarray())
-    batch = _GeneBatch(problem, counts, np.full(counts.shape[1], 0.4), config)
-    batch.weights["image"] = 1.0
-    field, _ = batch.transport(batch.start(), None, 4, 2)
-    terms = batch.losses(field)
+    batch = trainer(adata, CorrectionConfig(**FAST))
+    model, soft = batch.model(), batch.soft()
+    field = model.deconvolve(batch.counts, batch.start(soft), n_iter=4, n_grad_iterations=2)
+    terms = batch.losses(field, soft, model)
     sum(batch.weights[k] * v for k, v in terms.items()).sum().backward()
-    for name in ("q_logit", "log_r", "phi"):
+    for name in ("q_logit", "log_r", "phi", "share_logits"):
         grad = getattr(batch, name).grad
         assert torch.isfinite(grad).all(), name
         assert grad.abs().sum() > 0, f"dL/d{name} is zero"
@@ -38,19 +44,17 @@ def test_gradients_reach_q_r_and_phi(toy):
 
 def test_image_loss_gradient_reaches_q(toy):
     adata, _ = toy
-    config = CorrectionConfig(**FAST)
-    problem = _SampleProblem.build(adata, config, image=None, device=torch.device("cpu"), dtype=torch.float32)
-    assert problem.raster is not None
-    counts = torch.as_tensor(adata.X.toarray())
-    batch = _GeneBatch(problem, counts, np.full(counts.shape[1], 0.4), config)
-    field, _ = batch.transport(batch.start(), None, 3, 1)
-    batch.losses(field)["image"].sum().backward()
+    batch = trainer(adata, CorrectionConfig(**FAST))
+    assert batch.geometry.raster is not None
+    model, soft = batch.model(), batch.soft()
+    field = model.deconvolve(batch.counts, batch.start(soft), n_iter=3, n_grad_iterations=1)
+    batch.losses(field, soft, model)["image"].sum().backward()
     assert torch.isfinite(batch.q_logit.grad).all() and batch.q_logit.grad.abs().sum() > 0
 
 
 def test_deconvolve_improves_on_raw_and_keeps_totals(toy):
     adata, truth = toy
-    result = correct(adata, epochs=30, cutoff=5.0, progress=False)
+    result = correct(adata, epochs=30, progress=False)
     counts = adata.X.toarray()
     tissue = adata.obs["in_tissue"].to_numpy()
     assert tissue_rmse(result.corrected, truth, tissue) < 0.8 * tissue_rmse(counts, truth, tissue)
@@ -86,19 +90,19 @@ def test_same_seed_same_result(toy):
     np.testing.assert_array_equal(first.corrected, second.corrected)
 
 
-def test_balanced_mode_returns_the_normalised_soft_threshold(toy):
-    """Balanced OT fixes the target marginal: the output is b_g rescaled to the gene's total."""
+def test_seed_balanced_ot_returns_the_normalised_soft_threshold(toy):
+    """Balanced OT fixes the target marginal: the seed's output is b_g rescaled to the gene's total, whether POT
+    solves the dense problem or the pair solver the sparse one."""
     adata, _ = toy
-    result = correct(adata, mode="balanced", epochs=3, cutoff=5.0, sinkhorn_iterations=300, progress=False)
-    config = CorrectionConfig(mode="balanced", cutoff=5.0, progress=False)
-    problem = _SampleProblem.build(adata, config, image=None, device=torch.device("cpu"), dtype=torch.float32)
-    counts = torch.as_tensor(adata.X.toarray())
-    batch = _GeneBatch(problem, counts, result.params["q"].to_numpy(), config)
-    with torch.no_grad():
-        batch.q_logit.copy_(torch.logit(torch.as_tensor(result.params["q"].to_numpy(), dtype=torch.float32)))
-        soft = batch.start()
-    expected = (soft / soft.sum(0) * counts.sum(0)).numpy()
-    np.testing.assert_allclose(result.corrected, expected, rtol=1e-3, atol=1e-2 * expected.max())
+    genes = list(adata.var_names[:3])
+    dense = balanced_ot_baseline(adata, genes=genes, q=0.4, reg=1.0)
+    sparse = balanced_ot_baseline(adata, genes=genes, q=0.4, reg=1.0, max_dense_spots=0)
+    counts = torch.as_tensor(adata[:, genes].X.toarray(), dtype=torch.float64)
+    soft = trainer(adata[:, genes].copy(), CorrectionConfig(**FAST)).soft_start
+    expected = soft.soft(torch.full((3,), 0.4, dtype=torch.float32)).double()
+    expected = (expected / expected.sum(0) * counts.sum(0)).numpy()
+    for result in (dense, sparse):
+        np.testing.assert_allclose(result, expected, rtol=1e-3, atol=1e-3 * expected.max())
 
 
 def test_robust_to_zero_genes_huge_counts_and_tiny_r():
@@ -132,8 +136,10 @@ def test_to_anndata_and_rediffuse(toy):
 
 def test_bad_options_and_inputs(toy):
     adata, _ = toy
-    with pytest.raises(ConfigError, match="mode"):
-        CorrectionConfig(mode="sideways")
+    with pytest.raises(ConfigError, match="operator"):
+        CorrectionConfig(operator="sideways")
+    with pytest.raises(ConfigError, match="unknown correction options"):
+        CorrectionConfig.from_dict({"mode": "balanced"})
     with pytest.raises(ConfigError, match="prior_strength"):
         CorrectionConfig(prior_strength=-1.0)
     with pytest.raises(ConfigError, match="prior_strength"):

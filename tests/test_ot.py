@@ -7,7 +7,8 @@ import ot
 import pytest
 import torch
 
-from undiffuse.diffusion import expected_counts, normalise_rows
+from undiffuse.diffusion import expected_counts
+from undiffuse.operators import PairKernel
 from undiffuse.ot.deconvolution import deconvolve_em, em_step
 from undiffuse.ot.quantile import dequantised_order_statistics, quantile, soft_threshold
 from undiffuse.ot.sinkhorn import sinkhorn_log
@@ -87,11 +88,11 @@ def test_em_step_is_pot_semi_relaxed_sinkhorn(dense_problem):
     counts = counts * 50
     field = field * counts.sum(0)
     reg = 1.3
-    kernel = normalise_rows(
-        -torch.as_tensor(cost.ravel())[:, None].expand(-1, N_GENES) / reg, pairs[0], N_SPOTS
+    kernel = PairKernel.from_log_weights(
+        -torch.as_tensor(cost.ravel())[:, None].expand(-1, N_GENES) / reg, pairs, N_SPOTS
     )
     ones = torch.ones(N_GENES, dtype=torch.float64)
-    updated = em_step(torch.as_tensor(field), torch.as_tensor(counts), kernel, pairs, ones, 0 * ones)
+    updated = em_step(torch.as_tensor(field), torch.as_tensor(counts), kernel, ones, 0 * ones)
     row_mass = np.exp(-cost / reg).sum(1)
     for g in range(N_GENES):
         plan = ot.unbalanced.sinkhorn_unbalanced(
@@ -110,15 +111,15 @@ def test_em_keeps_totals_and_confinement():
     inside = coords[:, 0] < 3
     keep = inside[source.ravel()]
     pairs = (torch.as_tensor(source.ravel()[keep]), torch.as_tensor(target.ravel()[keep]))
-    kernel = normalise_rows(-torch.as_tensor(cost.ravel()[keep])[:, None].repeat(1, 2), pairs[0], n)
+    kernel = PairKernel.from_log_weights(-torch.as_tensor(cost.ravel()[keep])[:, None].repeat(1, 2), pairs, n)
     counts = torch.as_tensor(rng.poisson(5, (n, 2)), dtype=torch.float64)
     start = counts * torch.as_tensor(inside)[:, None]
     start = start / start.sum(0) * counts.sum(0)
     shares = torch.tensor([0.4, 0.4], dtype=torch.float64)
-    field = deconvolve_em(counts, start, kernel, pairs, shares, 0.05 * shares, n_iter=50)
+    field = deconvolve_em(counts, start, kernel, shares, 0.05 * shares, n_iter=50)
     np.testing.assert_allclose(field.sum(0).numpy(), counts.sum(0).numpy(), rtol=1e-10)
     assert torch.all(field[~torch.as_tensor(inside)] == 0)
-    mu = expected_counts(field, kernel, pairs, shares, 0.05 * shares)
+    mu = expected_counts(field, kernel, shares, 0.05 * shares)
     np.testing.assert_allclose(mu.sum(0).numpy(), counts.sum(0).numpy(), rtol=1e-10)
 
 
@@ -129,12 +130,12 @@ def test_truncated_em_gradient_reaches_start_and_matches_value():
     cost = ((coords[:, None] - coords[None]) ** 2).sum(-1)
     source, target = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
     pairs = (torch.as_tensor(source.ravel()), torch.as_tensor(target.ravel()))
-    kernel = normalise_rows(-torch.as_tensor(cost.ravel())[:, None], pairs[0], n)
+    kernel = PairKernel.from_log_weights(-torch.as_tensor(cost.ravel())[:, None], pairs, n)
     counts = torch.as_tensor(rng.poisson(5, (n, 1)), dtype=torch.float64)
     start = (counts + 1).requires_grad_(True)
     shares = torch.tensor([0.5], dtype=torch.float64)
-    full = deconvolve_em(counts, start, kernel, pairs, shares, 0 * shares, n_iter=12)
-    tail = deconvolve_em(counts, start, kernel, pairs, shares, 0 * shares, n_iter=12, n_grad_iterations=2)
+    full = deconvolve_em(counts, start, kernel, shares, 0 * shares, n_iter=12)
+    tail = deconvolve_em(counts, start, kernel, shares, 0 * shares, n_iter=12, n_grad_iterations=2)
     np.testing.assert_allclose(tail.detach().numpy(), full.detach().numpy(), rtol=1e-12)
     (tail[:5].sum()).backward()
     assert torch.isfinite(start.grad).all() and start.grad.abs().sum() > 0

@@ -8,7 +8,8 @@ import torch
 from conftest import hex_lattice, hex_sample, mean_pearson, tissue_rmse
 
 from undiffuse.correct import CorrectionConfig, deconvolve_known_kernel
-from undiffuse.diffusion import expected_counts, normalise_rows
+from undiffuse.diffusion import expected_counts
+from undiffuse.operators import PairOperator
 from undiffuse.ot.deconvolution import deconvolve_em
 from undiffuse.ot.prior import (
     MAX_STRENGTH,
@@ -18,7 +19,6 @@ from undiffuse.ot.prior import (
     empirical_strength,
     local_excess_variation,
 )
-from undiffuse.spatial import neighbour_pairs
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +114,12 @@ def test_counts_without_variation_beyond_noise_get_a_strong_prior(lattice):
 
 def test_blur_attenuation_falls_with_bleeding(lattice):
     coords, tissue, neighbours = lattice
-    pairs = neighbour_pairs(coords, 4.0, sources=tissue)
-    pair_index = (torch.as_tensor(pairs.source), torch.as_tensor(pairs.target))
-    distance = torch.as_tensor(pairs.distance)
-    kernel = normalise_rows((-(distance**2) / 2.0)[:, None].repeat(1, 3), pair_index[0], len(tissue))
+    operator = PairOperator(coords, tissue, 4.0, dtype=torch.float64)
+    kernel = operator.bind(lambda d, c: (-(d**2) / 2.0)[:, None].repeat(1, 3))
     bleed = torch.tensor([0.0, 0.3, 0.6], dtype=torch.float64)
     distal = torch.zeros(3, dtype=torch.float64)
     attenuation = blur_attenuation(
-        lambda f: expected_counts(f, kernel, pair_index, bleed, distal),
+        lambda f: expected_counts(f, kernel, bleed, distal),
         neighbours,
         torch.zeros((len(tissue), 3), dtype=torch.float64),
     )
@@ -132,17 +130,15 @@ def test_blur_attenuation_falls_with_bleeding(lattice):
 
 def test_em_with_prior_keeps_totals_and_confinement(lattice):
     coords, tissue, neighbours = lattice
-    pairs = neighbour_pairs(coords, 3.0, sources=tissue)
-    pair_index = (torch.as_tensor(pairs.source), torch.as_tensor(pairs.target))
-    distance = torch.as_tensor(pairs.distance)
-    kernel = normalise_rows((-(distance**2))[:, None].repeat(1, 2), pair_index[0], len(tissue))
+    operator = PairOperator(coords, tissue, 3.0, dtype=torch.float64)
+    kernel = operator.bind(lambda d, c: (-(d**2))[:, None].repeat(1, 2))
     rng = np.random.default_rng(5)
     counts = torch.as_tensor(rng.poisson(8.0, (len(tissue), 2)), dtype=torch.float64)
     start = counts * torch.as_tensor(tissue)[:, None]
     start = start / start.sum(0) * counts.sum(0)
     shares = torch.tensor([0.3, 0.3], dtype=torch.float64)
     prior = GammaFieldPrior(neighbours, torch.tensor([5.0, 500.0], dtype=torch.float64))
-    field = deconvolve_em(counts, start, kernel, pair_index, shares, 0.05 * shares, n_iter=30, prior=prior)
+    field = deconvolve_em(counts, start, kernel, shares, 0.05 * shares, n_iter=30, prior=prior)
     np.testing.assert_allclose(field.sum(0).numpy(), counts.sum(0).numpy(), rtol=1e-10)
     assert torch.all(field[~torch.as_tensor(tissue)] == 0)
     assert torch.isfinite(field).all() and (field >= 0).all()
@@ -155,7 +151,7 @@ def test_prior_beats_maximum_likelihood_with_the_true_kernel():
     """Poisson data at modest depth: MAP EM is closer to the truth than ML EM, in RMSE and in correlation."""
     adata, truth = hex_sample(n_genes=4, depth=20.0, seed=2)
     tissue = adata.obs["in_tissue"].to_numpy()
-    common = dict(genes=list(adata.var_names), scale=1.8, bleed=0.3, distal=0.01, cutoff=5.0, q_init=0.0)
+    common = dict(genes=list(adata.var_names), scale=1.8, bleed=0.3, distal=0.01, q_init=0.0)
     ml = deconvolve_known_kernel(adata, **common, config=CorrectionConfig(progress=False, prior_strength=0))
     map_ = deconvolve_known_kernel(adata, **common, config=CorrectionConfig(progress=False))
 

@@ -4,41 +4,30 @@ For each gene :math:`g` with counts :math:`x_g` on all :math:`N` spots, the corr
 PyTorch,
 
 - the cost weights :math:`W = f_{\phi_g}(d, \text{tissue})` of :mod:`undiffuse.ot.cost` (initialised to 1),
-  giving the cost :math:`M = W \odot D^2` on neighbour pairs within the cutoff radius;
+  giving the transport cost :math:`M = W \odot D^2`;
 - the quantile level :math:`q_g` of the soft threshold
   :math:`b_g = \sigma(\beta (x_g - Q_g(q_g)) / \mathrm{range}(x_g)) \odot x_g` (initialised from the Moran's I
   scan; :mod:`undiffuse.ot.quantile` makes :math:`Q_g` differentiable in :math:`q_g`);
-- the entropic regularisation :math:`r_g > 0` (initialised to 1): the Gibbs kernel
-  :math:`P_g = \mathrm{normalise}(\exp(-M / r_g))` is a heat kernel whose variance is :math:`r_g / 2`;
-- in ``deconvolve`` mode, the shares of molecules that stay, bleed locally (:math:`b_g`) and spread uniformly
-  (:math:`d_g`), as SpotClean models bleeding.
+- the entropic regularisation :math:`r_g > 0`: the Gibbs kernel :math:`P_g = \mathrm{normalise}(\exp(-M /
+  r_g))` is a heat kernel whose variance is :math:`r_g / 2` (where :math:`W = 1`);
+- the shares of molecules that stay, bleed locally (:math:`b_g`) and spread uniformly (:math:`d_g`), as
+  SpotClean models bleeding.
 
-In ``deconvolve`` mode a spatial smoothness prior (:mod:`undiffuse.ot.prior`, a Gamma Markov random field whose
-strength is set per gene by empirical Bayes) turns the final EM into maximum a posteriori estimation, which
-keeps counting noise from being amplified. Training fits the kernel to the maximum-likelihood field: a prior
-that smooths the field would stand in for part of the blur and shrink the learned bleeding.
+:math:`P_g` is the forward diffusion model :math:`x_g \sim \mathrm{Poisson}(K_g^\top z_g)`
+(:mod:`undiffuse.diffusion`), applied by FFT on the spot lattice with no cutoff radius, or on neighbour pairs
+when the spots are not on a lattice (:mod:`undiffuse.operators`). The true field :math:`z_g` is recovered by EM
+(iterated semi-relaxed Sinkhorn, :mod:`undiffuse.ot.deconvolution`, accelerated by SQUAREM), started from
+:math:`b_g` restricted to tissue and rescaled to the gene's total; every update keeps the total and the
+confinement to tissue. A Poisson data-fidelity term identifies the kernel: background spots hold no true
+expression, so their counts must be explained by molecules that diffused out of the tissue. A spatial
+smoothness prior (:mod:`undiffuse.ot.prior`, a Gamma Markov random field whose strength is set per gene by
+empirical Bayes) makes the final EM maximum a posteriori, which keeps counting noise from being amplified.
 
-Two modes:
-
-``deconvolve`` (default)
-    :math:`P_g` is the forward diffusion model :math:`x_g \sim \mathrm{Poisson}(K_g^\top z_g)`
-    (:mod:`undiffuse.diffusion`). The true field :math:`z_g` is recovered by EM (iterated semi-relaxed
-    Sinkhorn, :mod:`undiffuse.ot.deconvolution`), started from :math:`b_g` restricted to tissue and rescaled to
-    the gene's total; every update keeps the total and the confinement to tissue. A Poisson data-fidelity term
-    identifies the kernel: background spots hold no true expression, so their counts must be explained by
-    molecules that diffused out of the tissue.
-``balanced``
-    The seed's formulation: per gene, balanced entropic OT between :math:`a = x_g / \sum x_g` and
-    :math:`b = b_g / \sum b_g` with cost :math:`M` (:func:`undiffuse.ot.sinkhorn.sinkhorn_log`, which matches
-    ``ot.bregman.sinkhorn_stabilized``), and the output :math:`(\sum x_g)\, \gamma^\top \mathbf 1`. Because the
-    target marginal is fixed, this output **equals the normalised soft-thresholded input** up to the solver's
-    tolerance, whatever :math:`W` and :math:`r`: only :math:`q` changes the result. The mode is kept because
-    it is faithful to the seed design; use ``deconvolve`` to correct diffusion.
-
-The loss is a sum of per-gene terms (:mod:`undiffuse.losses`), so each gene's result is independent of the
-other genes processed with it. Training differentiates a bounded tail of solver iterations per epoch (EM
-state is carried across epochs), so autograd memory does not grow with the number of iterations; the output
-is then computed afresh with the learned parameters.
+The parts: :class:`~undiffuse.geometry.SampleGeometry` (built once per sample),
+:class:`~undiffuse.model.DiffusionModel` (start field, kernel, forward model, deconvolution) and
+:class:`~undiffuse.trainer.KernelTrainer` (the per-gene parameters and their training). The seed's balanced-OT
+formulation, whose output equals the normalised soft threshold whatever the kernel, is a documented baseline in
+:mod:`undiffuse.ot.baseline`.
 """
 
 from __future__ import annotations
@@ -46,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -58,40 +48,23 @@ import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
-from .diffusion import expected_counts, normalise_rows
+from .diffusion import KernelKind, profile
 from .errors import ConfigError, InputError
-from .losses import image_loss, moran_loss, out_of_tissue_loss, poisson_loss
+from .geometry import SampleGeometry
 from .memory import heap_reuse
-from .moran import SpatialWeights, spatial_weights
-from .ot.cost import N_RADIAL_BASIS, cost_weights, gibbs_log_weights, pair_features
-from .ot.deconvolution import deconvolve_em, through_start
-from .ot.prior import (
-    GammaFieldPrior,
-    TissueNeighbours,
-    blur_attenuation,
-    empirical_strength,
-    local_excess_variation,
-)
-from .ot.quantile import dequantised_order_statistics, quantile, soft_threshold
-from .ot.sinkhorn import sinkhorn_log
-from .raster import Raster, build_raster, image_intensity, working_grid
-from .sparse_ops import column_sums
-from .spatial import neighbour_pairs, pitch_coordinates
-from .tissue import pick_image
+from .model import DiffusionModel, SoftStart, gibbs_log_weights
+from .operators import DEFAULT_TOLERANCE, OperatorKind
+from .ot.cost import N_RADIAL_BASIS
+from .trainer import LOSS_TERMS, KernelTrainer
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["deconvolve", "balanced"]
-LOSS_TERMS = ("image", "out_of_tissue", "moran", "poisson")
 #: The seed's weights (all 1) and the Poisson fidelity's.
 DEFAULT_WEIGHTS = {"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 10.0}
-
-#: Neighbour radius (spot pitches) when neither the config nor the QC gives one.
-DEFAULT_CUTOFF = 8.0
-#: A Gaussian kernel keeps 99% of its mass within this many scales (2-D: sqrt(2 ln 100)).
-SCALES_PER_CUTOFF = 3.0
-#: Genes optimised together; results do not depend on it, memory does.
-DEFAULT_BATCH = 16
+#: Genes optimised together on the CPU; results do not depend on it, memory does.
+DEFAULT_BATCH = 32
+#: Share of free GPU memory that ``batch_genes: auto`` plans to use.
+GPU_MEMORY_SHARE = 0.5
 
 
 @dataclass
@@ -100,42 +73,43 @@ class CorrectionConfig:
 
     Attributes
     ----------
-    mode
-        ``deconvolve`` (default) or ``balanced`` (the seed's formulation; does not move mass, see module doc).
     epochs
         Optimisation steps (Adam) of the per-gene parameters.
     lr
         Adam learning rate.
     em_iterations
-        EM updates of the final deconvolution.
+        EM updates of the final deconvolution (SQUAREM-accelerated).
     tail_iterations
-        Solver iterations differentiated per epoch.
-    sinkhorn_iterations
-        Iterations of the balanced Sinkhorn solver.
+        EM updates differentiated per epoch.
     beta
         Sharpness of the soft threshold.
     weights
         Loss weights ``image``, ``out_of_tissue``, ``moran`` (the seed's, all 1) and ``poisson``.
+    operator
+        How kernels are applied: ``auto`` (default: by FFT on the spot lattice, with no cutoff, when the spots
+        sit on one; else on neighbour pairs), ``lattice`` or ``pairs``.
     cutoff
-        Neighbour radius in spot pitches. ``None`` derives it from the QC's background decay
-        (``adata.uns['undiffuse']``): the larger of its ``diffusion_cutoff`` and 3 ``diffusion_scale`` (where a
-        Gaussian kernel holds 99% of its mass), at most ``max_cutoff``; 8 without QC.
+        Truncation radius of the kernel in spot pitches, and the range of f_phi's radial basis. ``None``
+        (default): no truncation on the lattice; the pair operator uses the QC's diffusion range (the larger of
+        its ``diffusion_cutoff`` and 3 ``diffusion_scale``), at most ``max_cutoff``; 8 without QC.
     max_cutoff
-        Upper bound of the derived cutoff: memory and time grow with its square.
+        Upper bound of the pair operator's derived radius: its memory and time grow with the square.
+    kernel_tolerance
+        Share of a kernel's mass the lattice operator may drop beyond the radius it keeps it to.
     r_init
         Initial entropic regularisation: ``"qc"`` (default) takes :math:`2 s^2` from the QC's diffusion scale
         :math:`s`, so that the initial heat kernel has the measured width, and falls back to the seed's 1
         without QC; or a positive number.
     bleed_init, distal_init
-        Initial local and uniform bleeding shares (``deconvolve``).
+        Initial local and uniform bleeding shares.
     prior_strength
-        Strength :math:`\alpha` of the smoothness prior of ``deconvolve`` (:mod:`undiffuse.ot.prior`):
-        ``"auto"`` (default) estimates it per gene by empirical Bayes; a number sets it for every gene; 0 is
-        maximum-likelihood EM without a prior.
+        Strength :math:`\alpha` of the smoothness prior (:mod:`undiffuse.ot.prior`): ``"auto"`` (default)
+        estimates it per gene by empirical Bayes; a number sets it for every gene; 0 is maximum-likelihood EM.
     image_size
         Longer side of the grid the image loss works on, in pixels.
     batch_genes
-        Genes optimised together (memory only; results do not depend on it).
+        Genes optimised together (memory only; results do not depend on it). ``"auto"``: sized from free GPU
+        memory on CUDA, 32 on the CPU.
     device
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     seed
@@ -144,22 +118,22 @@ class CorrectionConfig:
         Show a progress bar.
     """
 
-    mode: Mode = "deconvolve"
     epochs: int = 40
     lr: float = 0.05
     em_iterations: int = 60
     tail_iterations: int = 3
-    sinkhorn_iterations: int = 200
     beta: float = 50.0
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    operator: OperatorKind = "auto"
     cutoff: float | None = None
-    r_init: float | str = "qc"
     max_cutoff: float = 10.0
+    kernel_tolerance: float = DEFAULT_TOLERANCE
+    r_init: float | str = "qc"
     bleed_init: float = 0.3
     distal_init: float = 0.02
     prior_strength: float | str = "auto"
     image_size: int = 64
-    batch_genes: int = DEFAULT_BATCH
+    batch_genes: int | str = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     progress: bool = True
@@ -167,13 +141,15 @@ class CorrectionConfig:
     def __post_init__(self) -> None:
         self.weights = {**DEFAULT_WEIGHTS, **self.weights}
         problems = []
-        if self.mode not in ("deconvolve", "balanced"):
-            problems.append(f"mode must be 'deconvolve' or 'balanced', not {self.mode!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}")
-        for name in ("epochs", "em_iterations", "sinkhorn_iterations", "image_size", "batch_genes"):
+        if self.operator not in ("auto", "lattice", "pairs"):
+            problems.append(f"operator must be 'auto', 'lattice' or 'pairs', not {self.operator!r}")
+        for name in ("epochs", "em_iterations", "image_size"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1")
+        if not (self.batch_genes == "auto" or (isinstance(self.batch_genes, int) and self.batch_genes >= 1)):
+            problems.append("batch_genes must be 'auto' or at least 1")
         if self.tail_iterations < 1:
             problems.append("tail_iterations must be at least 1")
         if not (self.lr > 0 and self.beta > 0):
@@ -184,6 +160,8 @@ class CorrectionConfig:
             problems.append("max_cutoff must be positive (spot pitches)")
         if self.cutoff is not None and not self.cutoff > 0:
             problems.append("cutoff must be positive (spot pitches)")
+        if not 0 < self.kernel_tolerance < 1:
+            problems.append("kernel_tolerance must lie between 0 and 1")
         if not (self.r_init == "qc" or (isinstance(self.r_init, int | float) and self.r_init > 0)):
             problems.append("r_init must be a positive number or 'qc'")
         if not (
@@ -224,14 +202,14 @@ class CorrectionResult:
     params
         Per-gene learned parameters, indexed by gene: ``q_init``, ``q``, ``threshold`` (counts), ``r``,
         ``diffusion_length`` (per-axis RMS displacement of the local kernel, spot pitches), ``bleed``,
-        ``distal``, ``phi_0`` ... ``phi_K`` (cost-function coefficients).
+        ``distal``, ``prior_strength``, ``phi_0`` ... ``phi_K`` (cost-function coefficients).
     kernel_profile
         Unnormalised Gibbs weight :math:`\\exp(-W(d) d^2 / r)` against distance (pitches), inside tissue:
         median and quartiles over genes.
     loss_history
         Per epoch: the total and each term, averaged over genes.
     config
-        The resolved configuration, with the cutoff used.
+        The resolved configuration, with the operator and the diffusion range used.
     """
 
     corrected: np.ndarray
@@ -271,7 +249,6 @@ def correct(
     *,
     genes: Sequence[str] | None = None,
     image: np.ndarray | None = None,
-    mode: Mode | None = None,
     q_init: Mapping[str, float] | pd.Series | float | None = None,
     config: CorrectionConfig | None = None,
     **overrides: Any,
@@ -288,8 +265,6 @@ def correct(
     image
         ``(H, W[, 3])`` H&E image aligned with ``obsm['spatial']`` at full resolution; default: the hires, else
         the lowres image of ``uns['spatial']``. Without an image the image loss is left out.
-    mode
-        ``deconvolve`` (default) or ``balanced``; overrides ``config.mode``.
     q_init
         Initial quantile levels: a mapping gene -> level (from the Moran's I scan), or one level for all genes;
         default 0.5.
@@ -303,26 +278,26 @@ def correct(
     Notes
     -----
     Every gene is optimised on its own (the loss is a sum of per-gene terms and Adam acts element-wise), so
-    results do not depend on how genes are grouped into chunks or batches.
+    results do not depend on how genes are grouped into chunks or batches. A gene whose correction is not
+    finite (a bug, reported as a warning) keeps its raw counts and is marked ``corrected = False``.
     """
     config = replace(config or CorrectionConfig(), **overrides)
-    if mode is not None:
-        config = replace(config, mode=mode)
     genes = _resolve_genes(adata, genes)
     device = _resolve_device(config.device)
     torch.manual_seed(config.seed)
     dtype = torch.float32
 
-    problem = _SampleProblem.build(adata, config, image=image, device=device, dtype=dtype)
+    geometry = _geometry(adata, config, image=image, device=device, dtype=dtype)
     counts_all = _dense_counts(adata, genes)
     levels = _resolve_q_init(q_init, genes)
+    batch_genes = _batch_genes(config, geometry, device)
 
     corrected = np.zeros_like(counts_all)
     param_tables, histories, profiles = [], [], []
-    batches = [slice(i, i + config.batch_genes) for i in range(0, len(genes), config.batch_genes)]
+    batches = [slice(i, i + batch_genes) for i in range(0, len(genes), batch_genes)]
     bar = tqdm(
         total=len(batches) * config.epochs,
-        desc=f"correct [{config.mode}]",
+        desc=f"correct [{geometry.operator.kind}]",
         unit="epoch",
         disable=not config.progress or None,
         leave=False,
@@ -331,32 +306,43 @@ def correct(
     with _deterministic_algorithms(), heap_reuse():
         for batch in batches:
             counts = torch.as_tensor(counts_all[:, batch], dtype=dtype, device=device)
-            solver = _GeneBatch(problem, counts, levels[batch], config)
-            history = solver.fit(bar)
-            corrected[:, batch] = solver.final_field().cpu().numpy()
-            table = solver.parameter_table()
+            trainer = KernelTrainer(geometry, counts, levels[batch], config)
+            history = trainer.fit(bar)
+            field_, table, profile_samples = trainer.final()
+            corrected[:, batch] = field_.cpu().numpy()
             table.index = genes[batch]
             param_tables.append(table)
             histories.append(history * (counts.shape[1] / len(genes)))
-            profiles.append(solver.kernel_profile_samples())
+            profiles.append(profile_samples.cpu().numpy())
     bar.close()
     elapsed = time.perf_counter() - started
 
-    corrected = np.nan_to_num(corrected, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
     params = pd.concat(param_tables)
+    params["corrected"] = _keep_finite(corrected, counts_all, genes)
+    corrected = corrected.astype(np.float32)
     loss_history = sum(histories[1:], histories[0]).reset_index().rename(columns={"index": "epoch"})
     profile_samples = np.concatenate(profiles, axis=1)
     kernel_profile = pd.DataFrame(
         {
-            "distance": problem.profile_distance.cpu().numpy(),
+            "distance": geometry.profile_distance.cpu().numpy(),
             "weight": np.median(profile_samples, axis=1),
             "q25": np.quantile(profile_samples, 0.25, axis=1),
             "q75": np.quantile(profile_samples, 0.75, axis=1),
         }
     )
-    resolved = asdict(config) | {"cutoff": problem.cutoff, "n_basis": N_RADIAL_BASIS, "device": str(device)}
-    resolved["wall_time_s"] = elapsed
-    resolved["image_loss_used"] = problem.raster is not None
+    resolved = asdict(config) | {
+        "operator": geometry.operator.kind,
+        "cutoff": config.cutoff if config.cutoff is not None else "none",
+        "reach": geometry.reach,
+        "pair_cutoff": getattr(geometry.operator, "cutoff", None)
+        if geometry.operator.kind == "pairs"
+        else "none",
+        "batch_genes": batch_genes,
+        "n_basis": N_RADIAL_BASIS,
+        "device": str(device),
+        "wall_time_s": elapsed,
+        "image_loss_used": config.weights["image"] > 0 and geometry.raster is not None,
+    }
     logger.info("corrected %d genes in %.1f s on %s", len(genes), elapsed, device)
     return CorrectionResult(corrected, list(genes), params, kernel_profile, loss_history, resolved)
 
@@ -368,35 +354,40 @@ def rediffuse(corrected: AnnData, *, layer: str = "corrected") -> np.ndarray:
     ----------
     corrected
         Output of :meth:`CorrectionResult.to_anndata` (or the merged ``corrected.h5ad``, restricted to corrected
-        genes): needs ``var`` columns ``r``, ``bleed``, ``distal``, ``phi_*`` and ``uns['correction']['cutoff']``.
+        genes): needs ``var`` columns ``r``, ``bleed``, ``distal``, ``phi_*`` and ``uns['correction']``.
     layer
         Layer holding the corrected field.
 
     Returns
     -------
-    ``(N, G)`` float64 expected counts under the learned forward model; for ``balanced`` corrections, which
-    learn no forward model, the corrected field itself.
+    ``(N, G)`` float64 expected counts under the learned forward model.
     """
     settings = corrected.uns["correction"]
     stored = corrected.layers[layer]
-    field = np.asarray(stored.toarray() if sp.issparse(stored) else stored, dtype=np.float64)
-    if settings.get("mode") == "balanced":
-        return field
-    config = CorrectionConfig(cutoff=float(settings["cutoff"]), device="cpu", progress=False)
-    problem = _SampleProblem.build(
-        corrected, config, image=None, device=torch.device("cpu"), dtype=torch.float64
+    field_ = torch.as_tensor(
+        np.asarray(stored.toarray() if sp.issparse(stored) else stored, dtype=np.float64)
     )
+    cutoff = settings.get("cutoff", "none")
+    config = CorrectionConfig(
+        operator=settings.get("operator", "auto"),
+        cutoff=None if cutoff in ("none", None) else float(cutoff),
+        max_cutoff=float(settings.get("max_cutoff", 10.0)),
+        kernel_tolerance=float(settings.get("kernel_tolerance", DEFAULT_TOLERANCE)),
+        device="cpu",
+        progress=False,
+    )
+    geometry = _geometry(corrected, config, image=None, device=torch.device("cpu"), dtype=torch.float64)
     var = corrected.var
     phi = torch.as_tensor(var[[c for c in var.columns if c.startswith("phi_")]].to_numpy(np.float64))
-    kernel = problem.kernel(phi, torch.as_tensor(var["r"].to_numpy(np.float64)))
-    mu = expected_counts(
-        torch.as_tensor(field),
-        kernel,
-        problem.pairs,
+    reg = torch.as_tensor(var["r"].to_numpy(np.float64))
+    model = DiffusionModel(
+        geometry,
+        gibbs_log_weights(geometry, phi, reg),
         torch.as_tensor(var["bleed"].to_numpy(np.float64)),
         torch.as_tensor(var["distal"].to_numpy(np.float64)),
     )
-    return mu.numpy()
+    with torch.no_grad():
+        return model.forward(field_).numpy()
 
 
 def deconvolve_known_kernel(
@@ -406,8 +397,7 @@ def deconvolve_known_kernel(
     scale: np.ndarray,
     bleed: float | np.ndarray,
     distal: float | np.ndarray,
-    kind: str = "gaussian",
-    cutoff: float | np.ndarray,
+    kind: KernelKind = "gaussian",
     q_init: Mapping[str, float] | pd.Series | float | None = None,
     config: CorrectionConfig | None = None,
 ) -> np.ndarray:
@@ -416,7 +406,7 @@ def deconvolve_known_kernel(
     With the simulator's true kernel and ``config.prior_strength = 0`` this is maximum likelihood with the
     answer known: the reference the learned correction is measured against; with the default prior it is the
     maximum a posteriori estimate with the answer known. It uses the same start (soft threshold at ``q_init``),
-    the same confinement to tissue, the same prior and the same number of EM updates as :func:`correct`.
+    the same confinement to tissue, the same prior and the same EM updates as :func:`correct`.
 
     Parameters
     ----------
@@ -430,408 +420,86 @@ def deconvolve_known_kernel(
         Local and uniform bleeding shares, scalars or ``(G,)``.
     kind
         Radial profile (see :func:`undiffuse.diffusion.profile_log_weights`).
-    cutoff
-        Neighbour radius in pitches, scalar or ``(G,)`` (genes are then processed per distinct radius).
     q_init, config
-        As for :func:`correct` (only ``beta``, ``prior_strength`` and ``em_iterations`` matter).
+        As for :func:`correct` (``beta``, ``prior_strength``, ``em_iterations`` and the operator options
+        matter).
 
     Returns
     -------
     ``(N, G)`` float32 deconvolved counts.
     """
-    from .diffusion import profile_log_weights
-
     config = config or CorrectionConfig(progress=False)
     genes = _resolve_genes(adata, genes)
     n_genes = len(genes)
-    as_vector = lambda v: np.broadcast_to(np.asarray(v, dtype=np.float64), (n_genes,))  # noqa: E731
-    scale, bleed, distal, cutoff = (as_vector(v) for v in (scale, bleed, distal, cutoff))
-    counts_all = _dense_counts(adata, genes)
-    levels = _resolve_q_init(q_init, genes)
-    out = np.zeros_like(counts_all)
+    as_vector = lambda v: torch.as_tensor(np.broadcast_to(np.asarray(v, np.float32), (n_genes,)).copy())  # noqa: E731
+    scale, bleed, distal = (as_vector(v) for v in (scale, bleed, distal))
+    counts = torch.as_tensor(_dense_counts(adata, genes))
+    levels = torch.as_tensor(_resolve_q_init(q_init, genes), dtype=torch.float32)
+    geometry = _geometry(adata, config, image=None, device=torch.device("cpu"), dtype=torch.float32)
     with _deterministic_algorithms(), torch.no_grad():
-        for radius in np.unique(cutoff):
-            columns = np.flatnonzero(cutoff == radius)
-            run = replace(config, cutoff=float(radius), mode="deconvolve", device="cpu")
-            problem = _SampleProblem.build(
-                adata, run, image=None, device=torch.device("cpu"), dtype=torch.float32
-            )
-            counts = torch.as_tensor(counts_all[:, columns])
-            batch = _GeneBatch(problem, counts, levels[columns], run)
-            distance = torch.sqrt(problem.sq_distance)
-            log_w = profile_log_weights(distance, torch.as_tensor(scale[columns], dtype=distance.dtype), kind)
-            kernel = normalise_rows(log_w, problem.pairs[0], problem.n_spots)
-            bleed_g = torch.as_tensor(bleed[columns], dtype=counts.dtype)
-            distal_g = torch.as_tensor(distal[columns], dtype=counts.dtype)
-            field = deconvolve_em(
-                counts,
-                batch.start(),
-                kernel,
-                problem.pairs,
-                bleed_g,
-                distal_g,
-                n_iter=config.em_iterations,
-                prior=batch.prior(kernel, bleed_g, distal_g),
-            )
-            out[:, columns] = field.numpy()
-    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+        soft_start = SoftStart(counts, geometry.tissue, config.beta)
+        start = soft_start.start(soft_start.soft(levels))
+        model = DiffusionModel(geometry, profile(scale, kind), bleed, distal)
+        prior = model.smoothness_prior(counts, config.prior_strength)
+        field_ = model.deconvolve(counts, start, n_iter=config.em_iterations, prior=prior, accelerate=True)
+    return field_.numpy()
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Sample-level geometry shared by all genes
+# Input handling
 
 
-@dataclass
-class _SampleProblem:
-    """Everything about a sample that does not depend on the genes: pairs, features, raster, weights."""
-
-    n_spots: int
-    tissue: torch.Tensor
-    pairs: tuple[torch.Tensor, torch.Tensor]
-    sq_distance: torch.Tensor
-    features: torch.Tensor
-    cutoff: float
-    moran_weights: SpatialWeights
-    neighbours: TissueNeighbours
-    diffusion_scale: float | None
-    raster: Raster | None
-    intensity: torch.Tensor | None
-    profile_distance: torch.Tensor
-    profile_features: torch.Tensor
-    reference_distance: torch.Tensor
-    reference_features: torch.Tensor
-    mode: Mode
-
-    @classmethod
-    def build(
-        cls, adata: AnnData, config: CorrectionConfig, *, image, device: torch.device, dtype: torch.dtype
-    ) -> _SampleProblem:
-        coords = pitch_coordinates(adata)
-        tissue = _tissue_mask(adata)
-        info = adata.uns.get("undiffuse", {})
-        cutoff = float(config.cutoff or _qc_cutoff(info, config.max_cutoff))
-        sources = tissue if config.mode == "deconvolve" else None
-        pairs = neighbour_pairs(coords, cutoff, sources=sources)
-        source = torch.as_tensor(pairs.source, device=device)
-        target = torch.as_tensor(pairs.target, device=device)
-        distance = torch.as_tensor(pairs.distance, dtype=dtype, device=device)
-        tissue_t = torch.as_tensor(tissue, device=device)
-        crosses = tissue_t[source] != tissue_t[target]
-        features = pair_features(distance, crosses, cutoff)
-
-        moran_weights = spatial_weights(coords, dtype=dtype, device=device)
-        neighbours = TissueNeighbours.build(coords, tissue, dtype=dtype, device=device)
-
-        raster, intensity = _image_raster(adata, image, config.image_size, dtype, device)
-
-        profile_distance = torch.linspace(0.0, cutoff, 49, dtype=dtype, device=device)
-        profile_features = pair_features(
-            profile_distance, torch.zeros_like(profile_distance, dtype=torch.bool), cutoff
-        )
-        reference = _reference_neighbourhood(coords, cutoff)
-        reference_distance = torch.as_tensor(reference, dtype=dtype, device=device)
-        reference_features = pair_features(
-            reference_distance, torch.zeros_like(reference_distance, dtype=torch.bool), cutoff
-        )
-        return cls(
-            n_spots=coords.shape[0],
-            tissue=tissue_t,
-            pairs=(source, target),
-            sq_distance=distance**2,
-            features=features,
-            cutoff=cutoff,
-            moran_weights=moran_weights,
-            neighbours=neighbours,
-            diffusion_scale=info.get("diffusion_scale"),
-            raster=raster,
-            intensity=intensity,
-            profile_distance=profile_distance,
-            profile_features=profile_features,
-            reference_distance=reference_distance,
-            reference_features=reference_features,
-            mode=config.mode,
-        )
-
-    def kernel(self, phi: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
-        """``(E, G)`` row-normalised Gibbs kernel ``normalise(exp(-W D^2 / r))``."""
-        log_w = gibbs_log_weights(self.sq_distance, cost_weights(self.features, phi), reg)
-        return normalise_rows(log_w, self.pairs[0], self.n_spots)
-
-    def cost(self, phi: torch.Tensor) -> torch.Tensor:
-        """``(E, G)`` transport cost ``W D^2``."""
-        return cost_weights(self.features, phi) * self.sq_distance[:, None]
-
-
-def _reference_neighbourhood(coords: np.ndarray, cutoff: float) -> np.ndarray:
-    """Distances from the most central spot to its neighbours within ``cutoff``: a full lattice neighbourhood
-    on which diffusion lengths are measured independently of tissue edges."""
-    centre = np.argmin(((coords - coords.mean(axis=0)) ** 2).sum(axis=1))
-    distance = np.sqrt(((coords - coords[centre]) ** 2).sum(axis=1))
-    return distance[distance <= cutoff * (1 + 1e-9)]
-
-
-def _image_raster(
-    adata: AnnData, image: np.ndarray | None, max_side: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Raster | None, torch.Tensor | None]:
-    """The rasteriser and target intensity of the image loss, or ``(None, None)`` without an image."""
-    coords_full = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-    sample_id = adata.uns.get("undiffuse", {}).get("sample_id")
-    library = adata.uns.get("spatial", {}).get(sample_id, {})
-    scalefactors = library.get("scalefactors", {})
-    if image is not None:
-        scale = 1.0
-    else:
-        picked = pick_image(adata) if library else None
-        if picked is None:
-            return None, None
-        _, image, scale = picked
-    small, zoom = working_grid(image_intensity(image), max_side)
-    diameter = scalefactors.get("spot_diameter_fullres")
-    if diameter is None:
-        diameter = 0.55 * float(adata.uns.get("undiffuse", {}).get("spot_pitch_px") or 1.0)
-    raster = build_raster(
-        coords_full * scale * zoom, float(diameter) * scale * zoom, small.shape, dtype=dtype
+def _geometry(
+    adata: AnnData, config: CorrectionConfig, *, image, device: torch.device, dtype: torch.dtype
+) -> SampleGeometry:
+    return SampleGeometry.build(
+        adata,
+        operator=config.operator,
+        cutoff=config.cutoff,
+        max_cutoff=config.max_cutoff,
+        tolerance=config.kernel_tolerance,
+        image=image,
+        image_size=config.image_size,
+        device=device,
+        dtype=dtype,
     )
-    intensity = torch.as_tensor(small, dtype=dtype)[None, None]
-    return Raster(raster.matrix.to(device), raster.shape), intensity.to(device)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Per-gene optimisation
+def _batch_genes(config: CorrectionConfig, geometry: SampleGeometry, device: torch.device) -> int:
+    """Genes per batch: the configured number, or for ``auto`` what half the free GPU memory holds."""
+    if config.batch_genes != "auto":
+        return int(config.batch_genes)
+    if device.type != "cuda":
+        return DEFAULT_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(GPU_MEMORY_SHARE * free // _bytes_per_gene(geometry)))
 
 
-class _GeneBatch:
-    """The learnable parameters and the training loop of a batch of genes.
+def _bytes_per_gene(geometry: SampleGeometry) -> int:
+    """Rough peak training memory of one gene: the tensors autograd keeps for the differentiated EM updates,
+    about 64 arrays the size of the FFT grid (or of the pairs) and 64 the size of the spots, in float32."""
+    operator = geometry.operator
+    if operator.kind == "lattice":
+        n_i, n_j = operator.lattice.shape
+        cells = 4 * n_i * n_j  # the FFT grid is at most twice as wide and high as the lattice array
+    else:
+        cells = operator.n_pairs
+    return 4 * 64 * (cells + geometry.n_spots)
 
-    Parameters are unconstrained tensors mapped into range: ``q = sigmoid(q_logit)``,
-    ``r = R_MIN + exp(log_r)`` (a scale learns in relative steps), ``(stay, bleed, distal) = softmax(share_logits)``, ``W = exp(features @ phi)``.
-    """
 
-    R_MIN = 1e-3
-
-    def __init__(
-        self, problem: _SampleProblem, counts: torch.Tensor, q_init: np.ndarray, config: CorrectionConfig
-    ) -> None:
-        self.problem = problem
-        self.counts = counts
-        self.config = config
-        n_genes = counts.shape[1]
-        dtype, device = counts.dtype, counts.device
-        tissue_counts = counts[problem.tissue]
-        self.order_statistics = dequantised_order_statistics(tissue_counts)
-        self.value_range = counts.amax(dim=0) - counts.amin(dim=0)
-        self.totals = counts.sum(dim=0)
-        self.q_init = torch.as_tensor(q_init, dtype=dtype, device=device)
-
-        r0 = _initial_reg(config, problem)
-        shares0 = torch.tensor(
-            [1.0 - config.bleed_init - config.distal_init, config.bleed_init, config.distal_init], dtype=dtype
-        ).clamp_min(1e-4)
-        self.q_logit = torch.logit(self.q_init.clamp(0.01, 0.99)).clone().requires_grad_(True)
-        self.log_r = torch.full((n_genes,), math.log(max(r0 - self.R_MIN, 1e-12)), dtype=dtype, device=device)
-        self.log_r.requires_grad_(True)
-        self.phi = torch.zeros(
-            (n_genes, problem.features.shape[1]), dtype=dtype, device=device, requires_grad=True
+def _keep_finite(corrected: np.ndarray, counts: np.ndarray, genes: Sequence[str]) -> np.ndarray:
+    """Give every gene whose correction is not finite its raw counts back; returns the ``corrected`` flags."""
+    finite = np.isfinite(corrected).all(axis=0)
+    if not finite.all():
+        failed = [g for g, ok in zip(genes, finite, strict=True) if not ok]
+        warnings.warn(
+            f"{len(failed)} gene(s) could not be corrected (non-finite result) and keep their raw counts: "
+            + ", ".join(failed[:10]),
+            RuntimeWarning,
+            stacklevel=3,
         )
-        self.share_logits = torch.log(shares0).to(device).repeat(n_genes, 1).requires_grad_(True)
-        learnable = [self.q_logit, self.log_r, self.phi]
-        if config.mode == "deconvolve":
-            learnable.append(self.share_logits)
-        self.optimizer = torch.optim.Adam(learnable, lr=config.lr)
-        weights = dict(config.weights)
-        if problem.raster is None:
-            weights["image"] = 0.0
-        if config.mode == "balanced":
-            weights["poisson"] = 0.0  # balanced OT has no forward model to hold the data against
-        self.weights = weights
-        self.excess, self.energy = local_excess_variation(counts, problem.neighbours)
-
-    # parameters in range ---------------------------------------------------------------------------------
-    @property
-    def q(self) -> torch.Tensor:
-        return torch.sigmoid(self.q_logit)
-
-    @property
-    def reg(self) -> torch.Tensor:
-        return self.R_MIN + torch.exp(self.log_r.clamp(max=30.0))
-
-    @property
-    def shares(self) -> torch.Tensor:
-        return torch.softmax(self.share_logits, dim=1)
-
-    # model ----------------------------------------------------------------------------------------------------
-    def start(self) -> torch.Tensor:
-        """``(N, G)`` soft-thresholded counts, confined to tissue and rescaled to each gene's total."""
-        threshold = quantile(self.counts, self.q, order_statistics=self.order_statistics)
-        soft = soft_threshold(self.counts, threshold, beta=self.config.beta, value_range=self.value_range)
-        if self.config.mode == "balanced":
-            return soft
-        inside = soft * self.problem.tissue[:, None]
-        mass = inside.sum(dim=0)
-        # A gene with no counts in tissue starts uniform over the tissue.
-        uniform = self.problem.tissue[:, None].to(soft.dtype).expand_as(soft) / self.problem.tissue.sum()
-        shape = torch.where(mass > 0, inside / torch.where(mass > 0, mass, 1.0), uniform)
-        return shape * self.totals
-
-    def prior(
-        self, kernel: torch.Tensor, bleed: torch.Tensor, distal: torch.Tensor
-    ) -> GammaFieldPrior | None:
-        """The smoothness prior of ``deconvolve`` under the current forward model (``None`` without one)."""
-        setting = self.config.prior_strength
-        if self.config.mode != "deconvolve" or setting == 0:
-            return None
-        problem = self.problem
-        if setting != "auto":
-            return GammaFieldPrior(problem.neighbours, torch.full_like(self.excess, float(setting)))
-        with torch.no_grad():
-            kernel, bleed, distal = kernel.detach(), bleed.detach(), distal.detach()
-            attenuation = blur_attenuation(
-                lambda field: expected_counts(field, kernel, problem.pairs, bleed, distal),
-                problem.neighbours,
-                self.counts,
-            )
-            return GammaFieldPrior(
-                problem.neighbours, empirical_strength(self.excess, self.energy, attenuation)
-            )
-
-    def transport(
-        self, start: torch.Tensor, warm, n_iter: int, n_grad: int | None, kernel=None, *, prior: bool = False
-    ):
-        """Run the mode's solver; returns the field and the state to carry to the next epoch.
-
-        ``prior`` applies the smoothness prior (``deconvolve``): only to the output. Training fits the kernel to
-        the maximum-likelihood field, since a prior that smooths the field would otherwise stand in for part of
-        the blur and the learned bleeding would shrink."""
-        problem = self.problem
-        if self.config.mode == "balanced":
-            a = self.counts / torch.where(self.totals > 0, self.totals, 1.0)
-            mass = start.sum(dim=0)
-            b = start / torch.where(mass > 0, mass, 1.0)
-            plan, log = sinkhorn_log(
-                a,
-                b,
-                problem.pairs,
-                problem.cost(self.phi),
-                self.reg,
-                numItermax=n_iter,
-                n_grad_iterations=n_grad,
-                warmstart=warm,
-                log=True,
-            )
-            return self.totals * column_sums(plan, problem.pairs, problem.n_spots), (log["f"], log["g"])
-        shares = self.shares
-        kernel = problem.kernel(self.phi, self.reg) if kernel is None else kernel
-        initial = start if warm is None else through_start(start, warm)
-        field = deconvolve_em(
-            self.counts,
-            initial,
-            kernel,
-            problem.pairs,
-            shares[:, 1],
-            shares[:, 2],
-            n_iter=n_iter,
-            n_grad_iterations=n_grad,
-            prior=self.prior(kernel, shares[:, 1], shares[:, 2]) if prior else None,
-        )
-        return field, field.detach()
-
-    def losses(self, field: torch.Tensor, kernel=None) -> dict[str, torch.Tensor]:
-        problem = self.problem
-        terms: dict[str, torch.Tensor] = {}
-        zeros = torch.zeros(field.shape[1], dtype=field.dtype, device=field.device)
-        terms["image"] = (
-            image_loss(problem.raster.draw(field), problem.intensity) if self.weights["image"] > 0 else zeros
-        )
-        terms["out_of_tissue"] = out_of_tissue_loss(field, problem.tissue)
-        terms["moran"] = moran_loss(field, problem.moran_weights)
-        if self.weights["poisson"] > 0:
-            shares = self.shares
-            kernel = problem.kernel(self.phi, self.reg) if kernel is None else kernel
-            mu = expected_counts(field, kernel, problem.pairs, shares[:, 1], shares[:, 2])
-            terms["poisson"] = poisson_loss(self.counts, mu)
-        else:
-            terms["poisson"] = zeros
-        return terms
-
-    def fit(self, bar: tqdm) -> pd.DataFrame:
-        """Train for ``config.epochs`` epochs; returns the loss history (means over the batch's genes)."""
-        rows, warm = [], None
-        # Solver state is carried across epochs, so each epoch only needs the differentiated tail.
-        n_iter = self.config.tail_iterations
-        for _ in range(self.config.epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            kernel = self.problem.kernel(self.phi, self.reg) if self.config.mode == "deconvolve" else None
-            field, warm = self.transport(self.start(), warm, n_iter, self.config.tail_iterations, kernel)
-            terms = self.losses(field, kernel)
-            total = sum(self.weights[name] * value for name, value in terms.items())
-            total.sum().backward()
-            self._sanitise_gradients()
-            self.optimizer.step()
-            row = {name: float(value.detach().mean()) for name, value in terms.items()}
-            row["total"] = float(total.detach().mean())
-            rows.append(row)
-            bar.set_postfix(loss=f"{row['total']:.4g}")
-            bar.update()
-        return pd.DataFrame(rows, columns=["total", *LOSS_TERMS])
-
-    def _sanitise_gradients(self) -> None:
-        # A gene whose counts are all zero has undefined gradients; it must not stall the others.
-        for tensor in (self.q_logit, self.log_r, self.phi, self.share_logits):
-            if tensor.grad is not None:
-                torch.nan_to_num_(tensor.grad, nan=0.0, posinf=0.0, neginf=0.0)
-
-    @torch.no_grad()
-    def final_field(self) -> torch.Tensor:
-        n_iter = (
-            self.config.em_iterations if self.config.mode == "deconvolve" else self.config.sinkhorn_iterations
-        )
-        field, _ = self.transport(self.start(), None, n_iter, None, prior=True)
-        return torch.nan_to_num(field, nan=0.0, posinf=0.0, neginf=0.0)
-
-    @torch.no_grad()
-    def parameter_table(self) -> pd.DataFrame:
-        shares = self.shares if self.config.mode == "deconvolve" else torch.zeros((self.counts.shape[1], 3))
-        threshold = quantile(self.counts, self.q, order_statistics=self.order_statistics)
-        prior = (
-            self.prior(self.problem.kernel(self.phi, self.reg), shares[:, 1], shares[:, 2])
-            if self.config.mode == "deconvolve"
-            else None
-        )
-        strength = prior.strength if prior is not None else torch.zeros_like(self.excess)
-        table = pd.DataFrame(
-            {
-                "q_init": self.q_init.cpu().numpy(),
-                "q": self.q.cpu().numpy(),
-                "threshold": threshold.cpu().numpy(),
-                "r": self.reg.cpu().numpy(),
-                "diffusion_length": self.diffusion_length().cpu().numpy(),
-                "bleed": shares[:, 1].cpu().numpy(),
-                "distal": shares[:, 2].cpu().numpy(),
-                "prior_strength": strength.cpu().numpy(),
-            }
-        )
-        for k in range(self.phi.shape[1]):
-            table[f"phi_{k}"] = self.phi[:, k].cpu().numpy()
-        return table
-
-    @torch.no_grad()
-    def diffusion_length(self) -> torch.Tensor:
-        """Per-axis RMS displacement of the local kernel on a full lattice neighbourhood (pitches)."""
-        problem = self.problem
-        log_w = gibbs_log_weights(
-            problem.reference_distance**2, cost_weights(problem.reference_features, self.phi), self.reg
-        )
-        weights = torch.softmax(log_w, dim=0)
-        return torch.sqrt((weights * problem.reference_distance[:, None] ** 2).sum(dim=0) / 2.0)
-
-    @torch.no_grad()
-    def kernel_profile_samples(self) -> np.ndarray:
-        """``(n_distances, G)`` unnormalised Gibbs weights against distance."""
-        problem = self.problem
-        log_w = gibbs_log_weights(
-            problem.profile_distance**2, cost_weights(problem.profile_features, self.phi), self.reg
-        )
-        return torch.exp(log_w).cpu().numpy()
+        corrected[:, ~finite] = counts[:, ~finite]
+    return finite
 
 
 @contextmanager
@@ -844,10 +512,6 @@ def _deterministic_algorithms() -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Input handling
 
 
 def _resolve_genes(adata: AnnData, genes: Sequence[str] | None) -> list[str]:
@@ -891,39 +555,10 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _tissue_mask(adata: AnnData) -> np.ndarray:
-    key = "tissue" if "tissue" in adata.obs else "in_tissue"
-    if key not in adata.obs:
-        raise InputError(
-            adata.uns.get("undiffuse", {}).get("source"), "obs has neither 'tissue' nor 'in_tissue'"
-        )
-    mask = adata.obs[key].to_numpy().astype(bool)
-    if not mask.any():
-        raise InputError(adata.uns.get("undiffuse", {}).get("source"), "no spot is in tissue")
-    return mask
-
-
 def _dense_counts(adata: AnnData, genes: Sequence[str]) -> np.ndarray:
     matrix = adata[:, list(genes)].X
     dense = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
     return dense.astype(np.float32)
-
-
-def _qc_cutoff(info: Mapping[str, Any], max_cutoff: float) -> float:
-    """Neighbour radius from the QC's background decay (see :class:`CorrectionConfig`)."""
-    measured = [
-        float(info[k]) * f
-        for k, f in (("diffusion_cutoff", 1.0), ("diffusion_scale", SCALES_PER_CUTOFF))
-        if info.get(k)
-    ]
-    return min(max(measured), max_cutoff) if measured else DEFAULT_CUTOFF
-
-
-def _initial_reg(config: CorrectionConfig, problem: _SampleProblem) -> float:
-    if config.r_init == "qc":
-        # Without QC (e.g. an AnnData that did not go through `prepare`), the seed's initialisation.
-        return 2.0 * float(problem.diffusion_scale) ** 2 if problem.diffusion_scale else 1.0
-    return float(config.r_init)
 
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:

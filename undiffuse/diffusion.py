@@ -1,4 +1,4 @@
-r"""The forward model of lateral diffusion, batched over genes on sparse neighbour pairs.
+r"""The forward model of lateral diffusion, batched over genes.
 
 For gene :math:`g`, a true field :math:`z_g` on the tissue spots is observed on all :math:`N` spots as
 
@@ -8,18 +8,13 @@ For gene :math:`g`, a true field :math:`z_g` on the tissue spots is observed on 
     \qquad x_g \sim \mathrm{Poisson}(\mu_g),
 
 where :math:`b_g` is the share of molecules that bleed locally, :math:`d_g` the share spread uniformly over
-the slide (distal bleeding, as SpotClean models it), and :math:`P_g` is a row-stochastic kernel on the
-neighbour pairs within a cutoff radius:
+the slide (distal bleeding, as SpotClean models it), and :math:`P_g` is the row-stochastic kernel of a radial
+profile (:mod:`undiffuse.operators`: by FFT on the spot lattice, or on neighbour pairs when the spots are not
+on a lattice). For the Gibbs kernel of a transport cost the log weights are :math:`-M_{ij} / r_g`. Every row
+of the full operator sums to one, so diffusion keeps each gene's total. The simulator and the correction share
+this module, so the correction's model family contains the simulator's truth.
 
-.. math::
-
-    (P_g)_{ij} = \frac{\exp(\ell_{ij,g})}{\sum_{k:\,|r_i - r_k| \le R} \exp(\ell_{ik,g})}.
-
-For the Gibbs kernel of a transport cost, :math:`\ell_{ij,g} = -M_{ij} / r_g`. Every row of the full operator
-sums to one, so diffusion keeps each gene's total. The simulator and the correction share this module, so the
-correction's model family contains the simulator's truth.
-
-Shapes: ``E`` neighbour pairs, ``N`` spots, ``G`` genes.
+Shapes: ``M`` distances, ``N`` spots, ``G`` genes.
 """
 
 from __future__ import annotations
@@ -29,8 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .sparse_ops import push, segment_logsumexp
-from .spatial import NeighbourPairs, neighbour_pairs
+from .operators import Kernel, LogWeights, build_operator
 
 KernelKind = Literal["gaussian", "heavy_tailed"]
 
@@ -63,29 +57,13 @@ def profile_log_weights(distance: torch.Tensor, scale: torch.Tensor, kind: Kerne
     raise ValueError(f"unknown kernel kind {kind!r}; expected 'gaussian' or 'heavy_tailed'")
 
 
-def normalise_rows(log_weights: torch.Tensor, source: torch.Tensor, n_spots: int) -> torch.Tensor:
-    """Row-normalise log weights per source spot, in the log domain (no overflow for any scale).
-
-    Parameters
-    ----------
-    log_weights
-        ``(E, G)``.
-    source
-        ``(E,)`` int64 source index of each pair.
-
-    Returns
-    -------
-    ``(E, G)`` kernel values :math:`P_{ij}` whose rows sum to one.
-    """
-    return torch.exp(log_weights - segment_logsumexp(log_weights, source, n_spots)[source])
+def profile(scale: torch.Tensor, kind: KernelKind) -> LogWeights:
+    """The radial profile :func:`profile_log_weights` as kernel log weights (the same on and off tissue)."""
+    return lambda distance, crosses: profile_log_weights(distance, scale.to(distance.dtype), kind)
 
 
 def expected_counts(
-    field: torch.Tensor,
-    kernel: torch.Tensor,
-    pairs: tuple[torch.Tensor, torch.Tensor],
-    bleed: torch.Tensor,
-    distal: torch.Tensor,
+    field: torch.Tensor, kernel: Kernel, bleed: torch.Tensor, distal: torch.Tensor
 ) -> torch.Tensor:
     r"""The forward model :math:`\mu = (1 - b - d) z + b P^\top z + d \bar z`.
 
@@ -94,13 +72,13 @@ def expected_counts(
     field
         ``(N, G)`` true field :math:`z` (zero off tissue).
     kernel
-        ``(E, G)`` row-normalised kernel values on ``pairs``.
+        The row-normalised local kernel, bound to its parameters (:mod:`undiffuse.operators`).
     bleed, distal
         ``(G,)`` shares :math:`b` and :math:`d`, with :math:`b + d \le 1`.
     """
     n_spots = field.shape[0]
     uniform = field.sum(dim=0, keepdim=True) / n_spots
-    return (1.0 - bleed - distal) * field + bleed * push(kernel, pairs, field) + distal * uniform
+    return (1.0 - bleed - distal) * field + bleed * kernel.push(field) + distal * uniform
 
 
 def diffuse(
@@ -131,7 +109,8 @@ def diffuse(
     kind
         Radial profile of the local kernel.
     cutoff
-        Neighbour radius in pitches; by default wide enough to hold all but a negligible tail.
+        Truncation radius in pitches. By default none on a lattice (the kernel keeps all but 1e-6 of its
+        mass); spots off a lattice use neighbour pairs within 4 scales (Gaussian) or 8 (heavy-tailed).
 
     Returns
     -------
@@ -139,24 +118,10 @@ def diffuse(
     """
     field = np.asarray(field, dtype=np.float64)
     scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), (field.shape[1],))
-    if cutoff is None:
-        cutoff = float(scale.max()) * (4.0 if kind == "gaussian" else 8.0)
-    pairs = neighbour_pairs(coords, cutoff, sources=np.asarray(tissue, dtype=bool))
-    source, target = torch.from_numpy(pairs.source), torch.from_numpy(pairs.target)
-    log_w = profile_log_weights(torch.from_numpy(pairs.distance), torch.from_numpy(scale.copy()), kind)
-    kernel = normalise_rows(log_w, source, pairs.n_spots)
+    # Neighbour pairs need a radius; the lattice keeps the kernel wherever it holds mass.
+    pair_cutoff = float(scale.max()) * (4.0 if kind == "gaussian" else 8.0)
+    operator = build_operator(coords, tissue, cutoff=cutoff, fallback_cutoff=pair_cutoff, dtype=torch.float64)
+    kernel = operator.bind(profile(torch.from_numpy(scale.copy()), kind))
     as_gene_vector = lambda v: torch.as_tensor(np.broadcast_to(v, (field.shape[1],)).copy())  # noqa: E731
-    mu = expected_counts(
-        torch.from_numpy(field), kernel, (source, target), as_gene_vector(bleed), as_gene_vector(distal)
-    )
+    mu = expected_counts(torch.from_numpy(field), kernel, as_gene_vector(bleed), as_gene_vector(distal))
     return mu.numpy()
-
-
-def pair_tensors(
-    pairs: NeighbourPairs, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(source, target)`` index tensors of ``pairs`` on ``device``."""
-    return (
-        torch.as_tensor(pairs.source, device=device),
-        torch.as_tensor(pairs.target, device=device),
-    )

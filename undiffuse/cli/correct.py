@@ -26,7 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("input", type=Path, metavar="INPUT")
     parser.add_argument("output", type=Path, metavar="OUT.h5ad")
-    parser.add_argument("--mode", choices=["deconvolve", "balanced"], default=None)
+    parser.add_argument(
+        "--operator",
+        choices=["auto", "lattice", "pairs"],
+        default=None,
+        help="apply kernels by FFT on the spot lattice or on neighbour pairs (default auto: the lattice if any)",
+    )
     genes = parser.add_mutually_exclusive_group()
     genes.add_argument(
         "--genes", nargs="+", default=None, metavar="GENE", help="genes to correct (names or ids)"
@@ -73,7 +78,7 @@ def correction_config(args: argparse.Namespace):  # noqa: ANN201 (CorrectionConf
         if "gpu" in given:
             given.add("device")
         settings = {key: value for key, value in options.items() if key in given}
-    for key in ("mode", "device", "epochs"):
+    for key in ("operator", "device", "epochs"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.quiet:

@@ -17,7 +17,6 @@ is :math:`r_g / 2` pitches squared.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 #: Number of radial basis functions of f_phi.
 N_RADIAL_BASIS = 4
@@ -31,7 +30,7 @@ def radial_basis(distance: torch.Tensor, cutoff: float, n_basis: int = N_RADIAL_
 
 
 def cost_weights(features: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-    r"""Functional form of :class:`CostWeights`: :math:`W = \exp(F \phi^\top)`.
+    r""":math:`W = \exp(F \phi^\top)`.
 
     Parameters
     ----------
@@ -50,25 +49,6 @@ def cost_weights(features: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
 def gibbs_log_weights(sq_distance: torch.Tensor, weights: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
     """Log Gibbs kernel :math:`-W D^2 / r`: ``(E,), (E, G), (G,) -> (E, G)``."""
     return -weights * sq_distance[:, None] / reg[None, :]
-
-
-class CostWeights(nn.Module):
-    """Module form of :func:`cost_weights`, holding per-gene coefficients initialised to ``W = 1``.
-
-    Parameters
-    ----------
-    n_genes
-        ``G``.
-    n_basis
-        ``K`` radial basis functions.
-    """
-
-    def __init__(self, n_genes: int, n_basis: int = N_RADIAL_BASIS) -> None:
-        super().__init__()
-        self.phi = nn.Parameter(torch.zeros(n_genes, n_basis + 1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return cost_weights(features, self.phi)
 
 
 def pair_features(

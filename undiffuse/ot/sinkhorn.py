@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..sparse_ops import Pairs, column_sums, row_sums, segment_logsumexp
+from ..sparse_ops import Pairs, segment_logsumexp
 
 #: Mass below which a marginal entry counts as empty; keeps log(0) finite.
 TINY_MASS = 1e-30
@@ -51,8 +51,6 @@ def sinkhorn_log(
     reg_m: float = math.inf,
     numItermax: int = 1000,
     stopThr: float = 1e-9,
-    n_grad_iterations: int | None = None,
-    warmstart: tuple[torch.Tensor, torch.Tensor] | None = None,
     log: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
     r"""Entropic (un)balanced OT between the columns of ``a`` and ``b``, batched over genes.
@@ -73,11 +71,6 @@ def sinkhorn_log(
         Maximum number of iterations.
     stopThr
         Stop when the largest change of the scaled potentials :math:`f / \varepsilon` falls below it.
-    n_grad_iterations
-        Differentiate only the last this many iterations (earlier ones run without a graph), which bounds
-        autograd memory; ``None`` differentiates all of them.
-    warmstart
-        Initial potentials ``(f, g)``, each ``(N, G)`` (e.g. the ``f`` and ``g`` of an earlier log).
     log
         Also return a dict with the potentials ``f``, ``g``, the number of iterations ``n_iter`` and ``err``.
 
@@ -100,31 +93,16 @@ def sinkhorn_log(
         g_new = tau * (log_b - segment_logsumexp(f_new[source] - scaled_cost, target, n_spots))
         return f_new, g_new
 
-    if warmstart is None:
-        f_scaled, g_scaled = torch.zeros_like(a), torch.zeros_like(b)
-    else:
-        f_scaled, g_scaled = warmstart[0].detach() / reg_t, warmstart[1].detach() / reg_t
-    n_free = numItermax if n_grad_iterations is None else max(numItermax - n_grad_iterations, 0)
+    f_scaled, g_scaled = torch.zeros_like(a), torch.zeros_like(b)
     err, n_iter = math.inf, 0
-    with torch.set_grad_enabled(n_grad_iterations is None and torch.is_grad_enabled()):
-        for n_iter in range(1, n_free + 1):  # noqa: B007
-            f_prev = f_scaled
-            f_scaled, g_scaled = update(f_scaled, g_scaled)
-            if n_iter % 10 == 0 or n_iter == n_free:
-                err = float((f_scaled - f_prev).abs().max())
-                if err < stopThr:
-                    break
-    if n_grad_iterations is not None:
-        f_scaled, g_scaled = f_scaled.detach(), g_scaled.detach()
-        for _ in range(n_grad_iterations):
-            f_scaled, g_scaled = update(f_scaled, g_scaled)
-            n_iter += 1
+    for n_iter in range(1, numItermax + 1):  # noqa: B007
+        f_prev = f_scaled
+        f_scaled, g_scaled = update(f_scaled, g_scaled)
+        if n_iter % 10 == 0 or n_iter == numItermax:
+            err = float((f_scaled - f_prev).abs().max())
+            if err < stopThr:
+                break
     plan = torch.exp(f_scaled[source] + g_scaled[target] - scaled_cost)
     if log:
         return plan, {"f": f_scaled * reg_t, "g": g_scaled * reg_t, "n_iter": n_iter, "err": err}
     return plan
-
-
-def transported_mass(plan: torch.Tensor, pairs: Pairs, n_spots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""``(\gamma 1, \gamma^\top 1)``: the plan's source and target marginals, each ``(N, G)``."""
-    return row_sums(plan, pairs, n_spots), column_sums(plan, pairs, n_spots)

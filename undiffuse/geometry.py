@@ -1,0 +1,194 @@
+r"""A sample's geometry, built once and shared by every gene: spots, tissue, the diffusion operator, and the
+inputs of the losses and of the prior.
+
+What only a loss needs (the image raster, the Moran's I graph) is built on first use, so that applying a
+learned model (:func:`undiffuse.correct.rediffuse`) or deconvolving with a known kernel builds neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from anndata import AnnData
+
+from .errors import InputError
+from .moran import SpatialWeights, spatial_weights
+from .operators import DEFAULT_TOLERANCE, LatticeOperator, OperatorKind, PairOperator, build_operator
+from .ot.cost import pair_features
+from .ot.prior import TissueNeighbours
+from .raster import Raster, build_raster, image_intensity, working_grid
+from .spatial import pitch_coordinates
+from .tissue import pick_image
+
+#: Range (spot pitches) of f_phi's radial basis and of the pair operator when neither the config nor the QC
+#: gives one.
+DEFAULT_REACH = 8.0
+#: A Gaussian kernel keeps 99% of its mass within this many scales (2-D: sqrt(2 ln 100)).
+SCALES_PER_REACH = 3.0
+
+
+def correction_tissue_mask(adata: AnnData) -> np.ndarray:
+    """``(N,)`` the tissue mask the correction uses: ``obs['tissue']``, else ``obs['in_tissue']``."""
+    key = "tissue" if "tissue" in adata.obs else "in_tissue"
+    source = adata.uns.get("undiffuse", {}).get("source")
+    if key not in adata.obs:
+        raise InputError(source, "obs has neither 'tissue' nor 'in_tissue'; run `undiffuse prepare` first")
+    mask = adata.obs[key].to_numpy().astype(bool)
+    if not mask.any():
+        raise InputError(source, "no spot is in tissue; check the tissue mask (`undiffuse prepare`)")
+    return mask
+
+
+def qc_reach(info: Mapping[str, Any]) -> float:
+    """Diffusion range (pitches) measured by the QC's background decay: the larger of its cutoff and 3 scales
+    (where a Gaussian kernel holds 99% of its mass); :data:`DEFAULT_REACH` without QC."""
+    measured = [
+        float(info[k]) * f
+        for k, f in (("diffusion_cutoff", 1.0), ("diffusion_scale", SCALES_PER_REACH))
+        if info.get(k)
+    ]
+    return max(measured) if measured else DEFAULT_REACH
+
+
+@dataclass
+class SampleGeometry:
+    """Everything about a sample that does not depend on the genes.
+
+    Attributes
+    ----------
+    coords
+        ``(N, 2)`` spot centres in pitches.
+    tissue
+        ``(N,)`` boolean tissue mask (tensor on the working device).
+    operator
+        Applies kernels on the spots (:mod:`undiffuse.operators`): the lattice FFT operator, or pairs.
+    reach
+        Range (pitches) of f_phi's radial basis, and of the kernel profiles reported.
+    diffusion_scale
+        The QC's Gaussian-equivalent diffusion scale (pitches), or ``None`` without QC.
+    neighbours
+        First-ring tissue neighbours (the smoothness prior's graph).
+    """
+
+    adata: AnnData = field(repr=False)
+    coords: np.ndarray = field(repr=False)
+    tissue: torch.Tensor = field(repr=False)
+    operator: LatticeOperator | PairOperator
+    reach: float
+    diffusion_scale: float | None
+    neighbours: TissueNeighbours = field(repr=False)
+    image: np.ndarray | None = field(repr=False)
+    image_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def build(
+        cls,
+        adata: AnnData,
+        *,
+        operator: OperatorKind = "auto",
+        cutoff: float | None = None,
+        max_cutoff: float = 10.0,
+        tolerance: float = DEFAULT_TOLERANCE,
+        image: np.ndarray | None = None,
+        image_size: int = 64,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> SampleGeometry:
+        """Geometry of ``adata`` (see :class:`undiffuse.correct.CorrectionConfig` for the options).
+
+        ``cutoff`` truncates the kernel on either operator; without one the lattice operator keeps the whole
+        kernel and the pair operator uses the QC's diffusion range, at most ``max_cutoff``.
+        """
+        device = torch.device(device)
+        coords = pitch_coordinates(adata)
+        tissue = correction_tissue_mask(adata)
+        info = adata.uns.get("undiffuse", {})
+        reach = float(cutoff or qc_reach(info))
+        diffusion_operator = build_operator(
+            coords,
+            tissue,
+            kind=operator,
+            cutoff=cutoff,
+            fallback_cutoff=min(reach, max_cutoff),
+            tolerance=tolerance,
+            device=device,
+            dtype=dtype,
+        )
+        return cls(
+            adata=adata,
+            coords=coords,
+            tissue=torch.as_tensor(tissue, device=device),
+            operator=diffusion_operator,
+            reach=reach,
+            diffusion_scale=info.get("diffusion_scale"),
+            neighbours=TissueNeighbours.build(coords, tissue, dtype=dtype, device=device),
+            image=image,
+            image_size=image_size,
+            device=device,
+            dtype=dtype,
+        )
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.coords.shape[0])
+
+    def features(self, distance: torch.Tensor, crosses: torch.Tensor) -> torch.Tensor:
+        """``(M, K + 1)`` inputs of f_phi (:mod:`undiffuse.ot.cost`) at these distances."""
+        return pair_features(distance, crosses, self.reach)
+
+    @cached_property
+    def moran_weights(self) -> SpatialWeights:
+        """The first-ring spot graph of the Moran's I loss."""
+        return spatial_weights(self.coords, dtype=self.dtype, device=self.device)
+
+    @cached_property
+    def raster(self) -> tuple[Raster, torch.Tensor] | None:
+        """The rasteriser and target intensity of the image loss, or ``None`` without an image."""
+        return _image_raster(self.adata, self.image, self.image_size, self.dtype, self.device)
+
+    @cached_property
+    def reference_distance(self) -> torch.Tensor:
+        """Distances from the most central spot to every spot within ``reach``: a full lattice neighbourhood on
+        which diffusion lengths are measured, away from tissue edges."""
+        coords = self.coords
+        centre = np.argmin(((coords - coords.mean(axis=0)) ** 2).sum(axis=1))
+        distance = np.sqrt(((coords - coords[centre]) ** 2).sum(axis=1))
+        kept = distance[distance <= self.reach * (1 + 1e-9)]
+        return torch.as_tensor(kept, dtype=self.dtype, device=self.device)
+
+    @property
+    def profile_distance(self) -> torch.Tensor:
+        """Distances (pitches) at which the learned kernel profile is reported."""
+        return torch.linspace(0.0, self.reach, 49, dtype=self.dtype, device=self.device)
+
+
+def _image_raster(
+    adata: AnnData, image: np.ndarray | None, max_side: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Raster, torch.Tensor] | None:
+    coords_full = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    sample_id = adata.uns.get("undiffuse", {}).get("sample_id")
+    library = adata.uns.get("spatial", {}).get(sample_id, {})
+    scalefactors = library.get("scalefactors", {})
+    if image is not None:
+        scale = 1.0
+    else:
+        picked = pick_image(adata) if library else None
+        if picked is None:
+            return None
+        _, image, scale = picked
+    small, zoom = working_grid(image_intensity(image), max_side)
+    diameter = scalefactors.get("spot_diameter_fullres")
+    if diameter is None:
+        diameter = 0.55 * float(adata.uns.get("undiffuse", {}).get("spot_pitch_px") or 1.0)
+    raster = build_raster(
+        coords_full * scale * zoom, float(diameter) * scale * zoom, small.shape, dtype=dtype
+    )
+    intensity = torch.as_tensor(small, dtype=dtype)[None, None]
+    return Raster(raster.matrix.to(device), raster.shape), intensity.to(device)

@@ -1,0 +1,203 @@
+r"""Learning the per-gene diffusion model of a batch of genes end to end.
+
+Parameters are unconstrained tensors mapped into range: :math:`q = \sigma(\text{q\_logit})`,
+:math:`r = r_\min + \exp(\log r)` (a scale learns in relative steps), :math:`(1 - b - d, b, d) =
+\mathrm{softmax}(\text{share\_logits})`, :math:`W = \exp(F \phi)`. Each epoch runs a few differentiated EM
+updates from the soft-thresholded start (the EM state is carried across epochs as the start times a fixed
+factor, so gradients reach :math:`q` while autograd memory stays bounded) and takes one Adam step on
+
+.. math::
+
+    \mathcal L = \lambda_1 \mathcal L_\text{image}(z) + \lambda_2 \mathcal L_\text{out}(b)
+    + \lambda_3 \mathcal L_\text{Moran}(z) + \lambda_4 \mathcal L_\text{Poisson}(x, K^\top z),
+
+each a sum of per-gene terms (:mod:`undiffuse.losses`), so that a gene's result does not depend on the other
+genes of its batch. The out-of-tissue term is taken on the soft-thresholded counts :math:`b` before they are
+confined to tissue, where it can be non-zero: it is the share of a gene's thresholded mass that the threshold
+leaves on background spots. The kernel is trained against the maximum-likelihood field; the smoothness prior
+shapes only the output (a prior inside training would stand in for part of the blur).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .geometry import SampleGeometry
+from .losses import image_loss, moran_loss, out_of_tissue_loss, poisson_loss
+from .model import DiffusionModel, SoftStart, gibbs_log_weights
+from .ot.deconvolution import through_start
+
+if TYPE_CHECKING:
+    from .correct import CorrectionConfig
+
+LOSS_TERMS = ("image", "out_of_tissue", "moran", "poisson")
+
+
+class KernelTrainer:
+    """The learnable parameters of a batch of genes and their training loop.
+
+    Parameters
+    ----------
+    geometry
+        The sample.
+    counts
+        ``(N, G)`` observed counts on all spots.
+    q_init
+        ``(G,)`` initial quantile levels (from the Moran's I scan).
+    config
+        The correction's options.
+    """
+
+    R_MIN = 1e-3
+
+    def __init__(
+        self, geometry: SampleGeometry, counts: torch.Tensor, q_init, config: CorrectionConfig
+    ) -> None:
+        self.geometry = geometry
+        self.counts = counts
+        self.config = config
+        n_genes = counts.shape[1]
+        dtype, device = counts.dtype, counts.device
+        self.soft_start = SoftStart(counts, geometry.tissue, config.beta)
+        self.totals = self.soft_start.totals
+        self.q_init = torch.as_tensor(q_init, dtype=dtype, device=device)
+
+        r0 = initial_reg(config, geometry)
+        shares0 = torch.tensor(
+            [1.0 - config.bleed_init - config.distal_init, config.bleed_init, config.distal_init], dtype=dtype
+        ).clamp_min(1e-4)
+        self.q_logit = torch.logit(self.q_init.clamp(0.01, 0.99)).clone().requires_grad_(True)
+        self.log_r = torch.full((n_genes,), math.log(max(r0 - self.R_MIN, 1e-12)), dtype=dtype, device=device)
+        self.log_r.requires_grad_(True)
+        n_features = geometry.features(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=torch.bool)).shape[1]
+        self.phi = torch.zeros((n_genes, n_features), dtype=dtype, device=device, requires_grad=True)
+        self.share_logits = torch.log(shares0).to(device).repeat(n_genes, 1).requires_grad_(True)
+        self.optimizer = torch.optim.Adam(
+            [self.q_logit, self.log_r, self.phi, self.share_logits], lr=config.lr
+        )
+        self.weights = dict(config.weights)
+        if self.weights["image"] > 0 and geometry.raster is None:
+            self.weights["image"] = 0.0
+
+    # parameters in range ---------------------------------------------------------------------------------
+    @property
+    def q(self) -> torch.Tensor:
+        return torch.sigmoid(self.q_logit)
+
+    @property
+    def reg(self) -> torch.Tensor:
+        return self.R_MIN + torch.exp(self.log_r.clamp(max=30.0))
+
+    @property
+    def shares(self) -> torch.Tensor:
+        return torch.softmax(self.share_logits, dim=1)
+
+    # model ----------------------------------------------------------------------------------------------------
+    def model(self) -> DiffusionModel:
+        """The diffusion model at the current parameters."""
+        shares = self.shares
+        log_weights = gibbs_log_weights(self.geometry, self.phi, self.reg)
+        return DiffusionModel(self.geometry, log_weights, shares[:, 1], shares[:, 2])
+
+    def soft(self) -> torch.Tensor:
+        """``(N, G)`` the seed's soft threshold of the counts at the quantile level ``q``, on all spots."""
+        return self.soft_start.soft(self.q)
+
+    def start(self, soft: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, G)`` the EM start: the soft threshold confined to tissue, rescaled to each gene's total."""
+        return self.soft_start.start(self.soft() if soft is None else soft)
+
+    def losses(
+        self, field: torch.Tensor, soft: torch.Tensor, model: DiffusionModel
+    ) -> dict[str, torch.Tensor]:
+        """The ``(G,)`` loss terms of a deconvolved field."""
+        geometry = self.geometry
+        zeros = torch.zeros(field.shape[1], dtype=field.dtype, device=field.device)
+        terms = dict.fromkeys(LOSS_TERMS, zeros)
+        if self.weights["image"] > 0:
+            raster, intensity = geometry.raster
+            terms["image"] = image_loss(raster.draw(field), intensity)
+        if self.weights["out_of_tissue"] > 0:
+            terms["out_of_tissue"] = out_of_tissue_loss(soft, geometry.tissue)
+        if self.weights["moran"] > 0:
+            terms["moran"] = moran_loss(field, geometry.moran_weights)
+        if self.weights["poisson"] > 0:
+            terms["poisson"] = poisson_loss(self.counts, model.forward(field))
+        return terms
+
+    def fit(self, bar: tqdm) -> pd.DataFrame:
+        """Train for ``config.epochs`` epochs; returns the loss history (means over the batch's genes)."""
+        rows, carried = [], None
+        n_tail = self.config.tail_iterations
+        for _ in range(self.config.epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            model = self.model()
+            soft = self.soft()
+            start = self.start(soft)
+            initial = start if carried is None else through_start(start, carried)
+            field = model.deconvolve(self.counts, initial, n_iter=n_tail, n_grad_iterations=n_tail)
+            carried = field.detach()
+            terms = self.losses(field, soft, model)
+            total = sum(self.weights[name] * value for name, value in terms.items())
+            total.sum().backward()
+            self._sanitise_gradients()
+            self.optimizer.step()
+            row = {name: float(value.detach().mean()) for name, value in terms.items()}
+            row["total"] = float(total.detach().mean())
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['total']:.4g}")
+            bar.update()
+        return pd.DataFrame(rows, columns=["total", *LOSS_TERMS])
+
+    def _sanitise_gradients(self) -> None:
+        # A gene whose counts are all zero has undefined gradients; it must not stall the others.
+        for tensor in (self.q_logit, self.log_r, self.phi, self.share_logits):
+            if tensor.grad is not None:
+                torch.nan_to_num_(tensor.grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+    @torch.no_grad()
+    def final(self) -> tuple[torch.Tensor, pd.DataFrame, torch.Tensor]:
+        """The corrected field (maximum a posteriori EM from the start), the parameter table and the kernel
+        profile samples ``(distances, G)``."""
+        model = self.model()
+        prior = model.smoothness_prior(self.counts, self.config.prior_strength)
+        field = model.deconvolve(
+            self.counts, self.start(), n_iter=self.config.em_iterations, prior=prior, accelerate=True
+        )
+        # FFT round-off moves totals by ~1e-7; the model keeps them exactly.
+        mass = field.sum(dim=0)
+        field = field * torch.where(mass > 0, self.totals / torch.where(mass > 0, mass, 1.0), 0.0)
+        strength = prior.strength if prior is not None else torch.zeros_like(self.totals)
+        return field, self._parameter_table(model, strength), model.profile(self.geometry.profile_distance)
+
+    def _parameter_table(self, model: DiffusionModel, strength: torch.Tensor) -> pd.DataFrame:
+        shares = self.shares
+        threshold = self.soft_start.threshold(self.q)
+        table = pd.DataFrame(
+            {
+                "q_init": self.q_init.cpu().numpy(),
+                "q": self.q.cpu().numpy(),
+                "threshold": threshold.cpu().numpy(),
+                "r": self.reg.cpu().numpy(),
+                "diffusion_length": model.diffusion_length().cpu().numpy(),
+                "bleed": shares[:, 1].cpu().numpy(),
+                "distal": shares[:, 2].cpu().numpy(),
+                "prior_strength": strength.cpu().numpy(),
+            }
+        )
+        for k in range(self.phi.shape[1]):
+            table[f"phi_{k}"] = self.phi[:, k].cpu().numpy()
+        return table
+
+
+def initial_reg(config: CorrectionConfig, geometry: SampleGeometry) -> float:
+    """The initial :math:`r`: :math:`2 s^2` from the QC's diffusion scale :math:`s` (the seed's 1 without QC),
+    or the configured number."""
+    if config.r_init == "qc":
+        return 2.0 * float(geometry.diffusion_scale) ** 2 if geometry.diffusion_scale else 1.0
+    return float(config.r_init)
