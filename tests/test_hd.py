@@ -32,6 +32,7 @@ from undiffuse.simulate_hd import (
     SquareGrid,
     bin_folder,
     hd_barcodes,
+    marker_table_hd,
     render_truth,
     simulate_hd,
     simulate_hd_sample,
@@ -123,7 +124,9 @@ def test_truth_lives_in_cells_and_diffusion_keeps_gene_totals(hd_sample):
 def test_markers_are_expressed_in_their_cell_type_only(hd_sample):
     cells = anndata.read_h5ad(hd_sample / "truth" / "cells.h5ad")
     markers = cells.var.index[cells.var["gene_type"] == "marker"]
-    assert len(markers) > 0
+    table = marker_table_hd(HDSimulationParams(**SMALL_HD))
+    assert len(markers) > 0 and table["gene"].tolist() == markers.tolist()
+    assert table["cell_type"].tolist() == cells.var.loc[markers, "marker_of"].tolist()
     for gene in markers:
         own = (cells.obs["cell_type"] == cells.var.at[gene, "marker_of"]).to_numpy()
         values = cells[:, gene].X.toarray().ravel()

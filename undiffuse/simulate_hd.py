@@ -566,6 +566,13 @@ def gene_table_hd(params: HDSimulationParams) -> pd.DataFrame:
     )
 
 
+def marker_table_hd(params: HDSimulationParams | None = None) -> pd.DataFrame:
+    """Marker genes of the cell types as ``cell_type``, ``gene`` rows (as in ``resources/markers/*.tsv``)."""
+    genes = gene_table_hd(params or HDSimulationParams())
+    markers = genes.loc[genes["gene_type"] == "marker", "marker_of"]
+    return pd.DataFrame({"cell_type": markers.to_numpy(), "gene": markers.index.to_numpy()})
+
+
 def _type_profiles(
     params: HDSimulationParams, genes: pd.DataFrame, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
