@@ -28,6 +28,8 @@ from undiffuse.io.writers import write_10x_h5
 from undiffuse.prepare import prepare_sample
 from undiffuse.simulate_hd import (
     BIN_SIZES_UM,
+    FRAME_UM,
+    VISIUM_SPOT_UM,
     HDSimulationParams,
     SquareGrid,
     bin_folder,
@@ -361,3 +363,35 @@ def test_hdf5_barcodes_pass_through_as_bytes(tmp_path):
     )
     with h5py.File(path) as handle:
         assert handle["matrix/barcodes"][:].tolist() == barcodes.tolist()
+
+
+def test_visium_view_captures_the_2um_bins_under_each_spot(tmp_path):
+    """The Visium view: the same molecules, summed over the 2 um bins under each 55 um spot."""
+    sample = simulate_hd(
+        HDSimulationParams(width_um=512.0, height_um=512.0, n_genes=6, seed=4), visium_view=True
+    )
+    view, fine = sample.visium, sample.levels[2]
+    centres = (view.truth.obsm["spatial"] * HDSimulationParams().microns_per_pixel) - FRAME_UM
+    bins = (fine.truth.obsm["spatial"] * HDSimulationParams().microns_per_pixel) - FRAME_UM
+    for spot in range(0, view.truth.n_obs, 7):
+        under = np.hypot(*(bins - centres[spot]).T) <= VISIUM_SPOT_UM / 2
+        assert np.array_equal(
+            view.counts[spot].toarray().ravel(), np.asarray(fine.counts[under].sum(axis=0)).ravel()
+        )
+        assert np.allclose(view.truth.X[spot], np.asarray(fine.truth.X[under].sum(axis=0)).ravel(), rtol=1e-4)
+    # Spots cover about 27 % of the area (55 um disks on a 100 um hexagonal lattice).
+    share = view.truth.X.sum() / fine.truth.X.sum()
+    assert 0.15 < share < 0.4
+    expected = view.truth.layers["expected"].sum(axis=0, dtype=np.float64)
+    assert np.all(np.abs(np.asarray(view.counts.sum(axis=0)).ravel() - expected) <= 5 * np.sqrt(expected) + 1)
+    for size, grid in view.grids.items():
+        assert grid.n_obs == (512 // size) ** 2
+        assert grid.X.sum() == pytest.approx(fine.truth.X.sum(), rel=1e-4)  # tissue is clear of the crop
+    write = tmp_path / "hd"
+    from undiffuse.simulate_hd import write_hd_sample
+
+    write_hd_sample(write, sample)
+    spots = read_sample(write / "visium" / "outs")
+    assert spots.uns["undiffuse"]["platform"] == "visium" and spots.n_obs == view.truth.n_obs
+    assert list(spots.obs_names) == list(anndata.read_h5ad(write / "visium" / "truth.h5ad").obs_names)
+    assert (write / "visium" / "truth_grid_010um.h5ad").is_file()

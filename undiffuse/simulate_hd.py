@@ -46,8 +46,10 @@ before the Poisson draw (dense float32; 8 and 16 um only, as the 2 um one would 
 from __future__ import annotations
 
 import math
+import shutil
 import typing
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields, replace
 from os import PathLike
 from pathlib import Path
@@ -106,6 +108,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {"width_um": 6496.0, "height_um": 6496.0, "n_genes": 100},
 }
 BACKGROUND = "background"
+#: Visium view of the same tissue: 55 um spots on the 100 um hexagonal lattice, with the high-resolution
+#: truth on square grids of these sizes (microns).
+VISIUM_PITCH_UM = 100.0
+VISIUM_SPOT_UM = 55.0
+VIEW_GRIDS_UM = (10, 20)
 
 
 @dataclass(frozen=True)
@@ -358,18 +365,20 @@ class SquareGrid:
             [self.origin_um[0] + (cols + 0.5) * self.bin_um, self.origin_um[1] + (rows + 0.5) * self.bin_um]
         )
 
-    def aggregation(self, factor: int) -> sp.csr_matrix:
+    def aggregation(self, factor: int, *, crop: bool = False) -> sp.csr_matrix:
         """``(n_coarse, n_bins)`` 0/1 matrix summing ``factor x factor`` blocks into bins ``factor`` times
-        larger (Space Ranger's binning); the grid's sides must be multiples of ``factor``."""
-        if self.n_rows % factor or self.n_cols % factor:
+        larger (Space Ranger's binning). The grid's sides must be multiples of ``factor``, unless ``crop``
+        drops the partial blocks along the bottom and right edges."""
+        if not crop and (self.n_rows % factor or self.n_cols % factor):
             raise ValueError(
                 f"a {self.n_rows} x {self.n_cols} grid does not split into {factor} x {factor} blocks"
             )
         rows, cols = self.indices()
-        coarse = (rows // factor) * (self.n_cols // factor) + cols // factor
+        n_rows, n_cols = self.n_rows // factor, self.n_cols // factor
+        keep = np.flatnonzero((rows // factor < n_rows) & (cols // factor < n_cols))
+        coarse = (rows[keep] // factor) * n_cols + cols[keep] // factor
         return sp.csr_matrix(
-            (np.ones(self.n_bins, dtype=np.float32), (coarse, np.arange(self.n_bins))),
-            shape=(self.n_bins // factor**2, self.n_bins),
+            (np.ones(keep.size, dtype=np.float32), (coarse, keep)), shape=(n_rows * n_cols, self.n_bins)
         )
 
 
@@ -670,6 +679,74 @@ class SimulatedHDSample:
     hires_image: np.ndarray
     lowres_image: np.ndarray
     summary: dict[str, float | int]
+    visium: VisiumView | None = None
+
+
+@dataclass
+class VisiumView:
+    """The same tissue seen by Visium: 55 um spots capture the 2 um bins under them.
+
+    The spots' counts are the sums of the 2 um counts under each spot (the same molecules, so a Poisson
+    draw of the spots' expectation), their truth and expectation likewise; ``grids`` holds the truth on
+    square grids of :data:`VIEW_GRIDS_UM` microns (sums of the 2 um truth), the high-resolution answer that
+    a super-resolution method should find from the spots.
+
+    Attributes
+    ----------
+    counts
+        ``(S, G)`` CSR int32 counts, spots in barcode order (as in the matrix file).
+    truth
+        AnnData of the spots (layout of ``truth.h5ad`` of :mod:`undiffuse.simulate`, plus ``var``
+        ``kernel_length_um``).
+    positions
+        Space Ranger positions table (grid order).
+    scalefactors
+        Visium scale factors in the HD sample's full-resolution frame.
+    grids
+        Grid size (microns) -> AnnData of the truth on that grid (``X`` CSR float32, ``obs`` ``array_row``,
+        ``array_col``, ``in_tissue``; ``obsm['spatial']`` full-resolution pixels).
+    hires_image, lowres_image
+        Visium-sized resamplings of the HD image.
+    """
+
+    counts: sp.csr_matrix
+    truth: AnnData
+    positions: pd.DataFrame
+    scalefactors: dict[str, float]
+    grids: dict[int, AnnData]
+    hires_image: np.ndarray
+    lowres_image: np.ndarray
+
+
+def visium_spots(width_um: float, height_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Visium's hexagonal lattice over a capture area: ``array_row``, ``array_col`` and ``(S, 2)`` centres
+    ``(x, y)`` in microns, every spot wholly inside the area."""
+    margin, row_step = VISIUM_SPOT_UM / 2, VISIUM_PITCH_UM * math.sqrt(3) / 2
+    n_rows = int((height_um - 2 * margin) // row_step) + 1
+    n_per_row = int((width_um - 2 * margin - VISIUM_PITCH_UM / 2) // VISIUM_PITCH_UM) + 1
+    rows, ks = np.meshgrid(np.arange(n_rows), np.arange(n_per_row), indexing="ij")
+    array_row, array_col = rows.ravel().astype(np.int64), (2 * ks + rows % 2).ravel().astype(np.int64)
+    centres = np.column_stack([margin + array_col * VISIUM_PITCH_UM / 2, margin + array_row * row_step])
+    return array_row, array_col, centres
+
+
+def capture_matrix(centres_um: np.ndarray, grid: SquareGrid, radius_um: float) -> sp.csr_matrix:
+    """``(S, n_bins)`` 0/1 matrix of the bins whose centres lie within ``radius_um`` of each spot centre."""
+    reach = int(math.ceil(radius_um / grid.bin_um)) + 1
+    dy, dx = (offset.ravel() for offset in np.mgrid[-reach : reach + 1, -reach : reach + 1])
+    origin = np.asarray(grid.origin_um)
+    row0 = np.floor((centres_um[:, 1] - origin[1]) / grid.bin_um).astype(np.int64)
+    col0 = np.floor((centres_um[:, 0] - origin[0]) / grid.bin_um).astype(np.int64)
+    rows, cols = row0[:, None] + dy[None, :], col0[:, None] + dx[None, :]
+    x = origin[0] + (cols + 0.5) * grid.bin_um - centres_um[:, :1]
+    y = origin[1] + (rows + 0.5) * grid.bin_um - centres_um[:, 1:]
+    inside = (np.hypot(x, y) <= radius_um) & (rows >= 0) & (rows < grid.n_rows) & (cols >= 0)
+    inside &= cols < grid.n_cols
+    spot = np.broadcast_to(np.arange(centres_um.shape[0])[:, None], rows.shape)[inside]
+    return sp.csr_matrix(
+        (np.ones(spot.size, dtype=np.float32), (spot, rows[inside] * grid.n_cols + cols[inside])),
+        shape=(centres_um.shape[0], grid.n_bins),
+    )
 
 
 def _scalefactors(params: HDSimulationParams, hires_scalef: float, bin_um: int) -> dict[str, float]:
@@ -692,14 +769,15 @@ def _diffuse_counts(
     tissue: np.ndarray,
     scales: np.ndarray,
     params: HDSimulationParams,
-    aggregations: dict[int, sp.csr_matrix],
+    aggregations: dict[Any, sp.csr_matrix],
     rng: np.random.Generator,
-) -> tuple[sp.csr_matrix, dict[int, np.ndarray], np.ndarray]:
+) -> tuple[sp.csr_matrix, dict[Any, np.ndarray], np.ndarray]:
     """Diffuse the 2 um truth gene batch by gene batch and draw Poisson counts.
 
     The truth of a batch is rendered from the cells (``weights @ expression``), so that no second copy of
     the 2 um truth is held. Only one dense batch of 2 um bins exists at a time; the expected counts are kept
-    dense only at the coarser bin sizes (``aggregations``: bin size -> aggregation matrix).
+    dense only at the coarser bin sizes and other views (``aggregations``: bin size or view name ->
+    aggregation matrix of the 2 um bins).
 
     Returns
     -------
@@ -754,8 +832,16 @@ def _positions(grid: SquareGrid, barcodes: np.ndarray, in_tissue: np.ndarray, mp
     )
 
 
-def simulate_hd(params: HDSimulationParams | None = None) -> SimulatedHDSample:
+def simulate_hd(params: HDSimulationParams | None = None, *, visium_view: bool = False) -> SimulatedHDSample:
     """Simulate a Visium HD sample in memory; see the module docstring for the model.
+
+    Parameters
+    ----------
+    params
+        Parameters (default: :class:`HDSimulationParams` defaults).
+    visium_view
+        Also see the same tissue through Visium spots (:class:`VisiumView`), with the truth on 10 and 20 um
+        grids.
 
     Returns
     -------
@@ -811,8 +897,12 @@ def simulate_hd(params: HDSimulationParams | None = None) -> SimulatedHDSample:
     cells = replace(cells, expression=sp.csr_matrix(expression))
     truth_fine = (weights @ cells.expression.astype(np.float32)).tocsr()
 
+    captures = dict(aggregations)
+    if visium_view:
+        spot_rows, spot_cols, spot_centres = visium_spots(params.width_um, params.height_um)
+        captures["visium"] = capture_matrix(spot_centres, fine, VISIUM_SPOT_UM / 2)
     counts_fine, expected, cutoff_fine = _diffuse_counts(
-        weights, expression, fine, fine_tissue, lengths / fine_um, params, aggregations, count_rng
+        weights, expression, fine, fine_tissue, lengths / fine_um, params, captures, count_rng
     )
     del weights
     var = genes.assign(
@@ -904,6 +994,18 @@ def simulate_hd(params: HDSimulationParams | None = None) -> SimulatedHDSample:
         obsm={"spatial": (FRAME_UM + centres) / mpp},
         uns={"simulation": simulation, "summary": summary},
     )
+    view = None
+    if visium_view:
+        view = _visium_view(
+            params,
+            (spot_rows, spot_cols, spot_centres),
+            captures["visium"],
+            levels_out[fine_um],
+            expected["visium"],
+            fine,
+            hires,
+            full_shape,
+        )
     return SimulatedHDSample(
         levels=levels_out,
         cells=cell_adata,
@@ -912,6 +1014,109 @@ def simulate_hd(params: HDSimulationParams | None = None) -> SimulatedHDSample:
         hires_image=hires,
         lowres_image=lowres,
         summary=summary,
+        visium=view,
+    )
+
+
+def _visium_view(
+    params: HDSimulationParams,
+    spots: tuple[np.ndarray, np.ndarray, np.ndarray],
+    capture: sp.csr_matrix,
+    fine_level: BinLevel,
+    expected: np.ndarray,
+    fine: SquareGrid,
+    hd_hires: np.ndarray,
+    full_shape: tuple[int, int],
+) -> VisiumView:
+    """The Visium spots of the tissue: sums of the 2 um bins under each spot (see :class:`VisiumView`)."""
+    from . import simulate as visium
+
+    array_row, array_col, centres = spots
+    mpp = params.microns_per_pixel
+    fine_truth = fine_level.truth
+    barcodes = visium.visium_barcodes(array_row, array_col)
+    order = np.argsort(barcodes, kind="stable")
+    counts = (capture @ fine_level.counts).tocsr().astype(np.int32)
+    truth = np.asarray((capture @ fine_truth.X).todense(), dtype=np.float32)
+    # A spot is in tissue when most of the 2 um bins under it are (Space Ranger calls it from the image).
+    n_under = np.asarray(capture.sum(axis=1)).ravel()
+    in_tissue = (
+        np.asarray(capture @ fine_truth.obs["in_tissue"].to_numpy(dtype=np.float32)).ravel() >= 0.5 * n_under
+    )
+    domain_codes = fine_truth.obs["domain"].cat.codes.to_numpy()
+    centre_bins = np.floor(centres[:, 1] / fine.bin_um).astype(np.int64) * fine.n_cols + np.floor(
+        centres[:, 0] / fine.bin_um
+    ).astype(np.int64)
+    domain = pd.Categorical.from_codes(domain_codes[centre_bins], fine_truth.obs["domain"].cat.categories)
+    pxl = (FRAME_UM + centres) / mpp
+    positions = pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "in_tissue": in_tissue.astype(np.int64),
+            "array_row": array_row,
+            "array_col": array_col,
+            "pxl_row_in_fullres": pxl[:, 1],
+            "pxl_col_in_fullres": pxl[:, 0],
+        }
+    )
+    spot_px = VISIUM_SPOT_UM / mpp
+    scalefactors = {
+        "spot_diameter_fullres": spot_px,
+        "fiducial_diameter_fullres": spot_px * visium.FIDUCIAL_TO_SPOT_DIAMETER,
+        "tissue_hires_scalef": visium.HIRES_MAX_SIDE / max(full_shape),
+        "tissue_lowres_scalef": visium.LOWRES_MAX_SIDE / max(full_shape),
+    }
+    hires = _downsample(hd_hires, tuple(round(n * scalefactors["tissue_hires_scalef"]) for n in full_shape))
+    lowres = _downsample(hd_hires, tuple(round(n * scalefactors["tissue_lowres_scalef"]) for n in full_shape))
+    var = fine_truth.var.assign(
+        kernel_scale=fine_truth.var["kernel_length_um"] / VISIUM_PITCH_UM,
+        kernel_cutoff=fine_truth.var["kernel_cutoff_um"] / VISIUM_PITCH_UM,
+    )
+    obs = pd.DataFrame(
+        {"in_tissue": in_tissue, "array_row": array_row, "array_col": array_col, "domain": domain},
+        index=pd.Index(barcodes.astype(str)),
+    ).iloc[order]
+    spot_truth = AnnData(
+        X=truth[order],
+        obs=obs,
+        var=var,
+        layers={"expected": expected[order].astype(np.float32)},
+        obsm={"spatial": pxl[order]},
+        uns={
+            "simulation": fine_truth.uns["simulation"],
+            "view": "visium",
+            "spot_diameter_um": VISIUM_SPOT_UM,
+        },
+    )
+    grids = {}
+    for size in VIEW_GRIDS_UM:
+        factor = int(round(size / fine.bin_um))
+        aggregate = fine.aggregation(factor, crop=True)
+        grid = SquareGrid(float(size), fine.n_rows // factor, fine.n_cols // factor)
+        rows, cols = grid.indices()
+        in_grid_tissue = np.asarray(
+            aggregate @ fine_truth.obs["in_tissue"].to_numpy(dtype=np.float32)
+        ).ravel()
+        grids[size] = AnnData(
+            X=(aggregate @ fine_truth.X).tocsr().astype(np.float32),
+            obs=pd.DataFrame(
+                {"in_tissue": in_grid_tissue >= 0.5 * factor**2, "array_row": rows, "array_col": cols},
+                index=pd.Index([f"g_{size:03d}um_{r:05d}_{c:05d}" for r, c in zip(rows, cols, strict=True)]),
+            ),
+            var=var.assign(
+                kernel_scale=var["kernel_length_um"] / size, kernel_cutoff=var["kernel_cutoff_um"] / size
+            ),
+            obsm={"spatial": (FRAME_UM + grid.centres_um()) / mpp},
+            uns={"simulation": fine_truth.uns["simulation"], "grid_um": size},
+        )
+    return VisiumView(
+        counts=counts[order],
+        truth=spot_truth,
+        positions=positions,
+        scalefactors=scalefactors,
+        grids=grids,
+        hires_image=hires,
+        lowres_image=lowres,
     )
 
 
@@ -924,7 +1129,11 @@ def _summary(
     totals = np.asarray(level.counts.sum(axis=1)).ravel().astype(np.float64)
     expected = level.truth.layers["expected"]
     expected_totals = expected.sum(axis=1, dtype=np.float64)
-    diameters = 2 * np.sqrt(np.bincount(cell_of_bin[cell_of_bin >= 0], minlength=cells.n_cells) * 4.0 / np.pi)
+    diameters = 2 * np.sqrt(
+        np.bincount(cell_of_bin[cell_of_bin >= 0], minlength=cells.n_cells)
+        * float(min(BIN_SIZES_UM)) ** 2
+        / np.pi
+    )
     return {
         "n_cells": cells.n_cells,
         "mean_cell_diameter_um": float(diameters.mean()) if cells.n_cells else 0.0,
@@ -1023,9 +1232,11 @@ def bin_folder(bin_um: int) -> str:
 
 
 def write_hd_sample(outdir: str | PathLike[str], sample: SimulatedHDSample) -> Path:
-    """Write a simulated HD sample: ``outdir/outs/binned_outputs/`` and ``outdir/truth/``.
+    """Write a simulated HD sample: ``outdir/outs/binned_outputs/``, ``outdir/truth/`` and, with a Visium
+    view, ``outdir/visium/`` (``outs/`` in the Visium layout, ``truth.h5ad`` of the spots and
+    ``truth_grid_010um.h5ad``, ``truth_grid_020um.h5ad``).
 
-    Both appear only when complete: a failure leaves neither behind (nor changes older ones).
+    Each folder appears only when complete: a failure leaves none behind (nor changes older ones).
 
     Returns
     -------
@@ -1038,7 +1249,11 @@ def write_hd_sample(outdir: str | PathLike[str], sample: SimulatedHDSample) -> P
         raise InputError(outdir, "exists and is not a folder; give a folder for the simulated sample")
     outdir.mkdir(parents=True, exist_ok=True)
     library_id = sample.cells.uns["simulation"]["sample_id"]
-    with atomic_path(outdir / "truth", directory=True) as truth_tmp:
+    with ExitStack() as stack:
+        if sample.visium is not None:
+            visium_tmp = stack.enter_context(atomic_path(outdir / "visium", directory=True))
+            _write_visium_view(visium_tmp, sample.visium, library_id)
+        truth_tmp = stack.enter_context(atomic_path(outdir / "truth", directory=True))
         for b, level in sample.levels.items():
             level.truth.write_h5ad(truth_tmp / f"{bin_folder(b)}.h5ad", compression="gzip")
         sample.cells.write_h5ad(truth_tmp / "cells.h5ad", compression="gzip")
@@ -1056,7 +1271,31 @@ def write_hd_sample(outdir: str | PathLike[str], sample: SimulatedHDSample) -> P
                     lowres_image=sample.lowres_image,
                     library_id=library_id,
                 )
+    if sample.visium is None and (outdir / "visium").is_dir():
+        shutil.rmtree(outdir / "visium")  # the view of an earlier sample, not of this one
     return outdir / "outs" / "binned_outputs"
+
+
+def _write_visium_view(folder: Path, view: VisiumView, library_id: str) -> None:
+    """``folder/outs`` (Space Ranger Visium layout), ``folder/truth.h5ad`` and the grids' truth."""
+    from .io.writers import write_spaceranger_outs
+
+    truth = view.truth
+    truth.write_h5ad(folder / "truth.h5ad", compression="gzip")
+    for size, grid in view.grids.items():
+        grid.write_h5ad(folder / f"truth_grid_{size:03d}um.h5ad", compression="gzip")
+    write_spaceranger_outs(
+        folder / "outs",
+        view.counts,
+        truth.obs_names.tolist(),
+        truth.var["gene_ids"].tolist(),
+        truth.var_names.tolist(),
+        view.positions,
+        view.scalefactors,
+        hires_image=view.hires_image,
+        lowres_image=view.lowres_image,
+        library_id=f"{library_id}_visium",
+    )
 
 
 def simulate_hd_sample(
@@ -1065,6 +1304,7 @@ def simulate_hd_sample(
     /,
     *,
     preset: str | None = None,
+    visium_view: bool = False,
     **overrides: Any,
 ) -> Path:
     """Simulate a Visium HD sample and write it (:func:`write_hd_sample`).
@@ -1077,6 +1317,8 @@ def simulate_hd_sample(
         Base parameters (default: the :class:`HDSimulationParams` defaults, or ``preset``'s).
     preset
         ``ci`` (1 mm square, 24 genes) or ``full`` (the 6.5 mm capture area, 100 genes).
+    visium_view
+        Also write the Visium view of the same tissue (:class:`VisiumView`) into ``outdir/visium/``.
     **overrides
         Any field of :class:`HDSimulationParams`.
 
@@ -1090,4 +1332,4 @@ def simulate_hd_sample(
         On an unknown preset or an unknown or invalid parameter.
     """
     params = HDSimulationParams.from_dict(params.to_dict() if params else {}, preset=preset, **overrides)
-    return write_hd_sample(outdir, simulate_hd(params))
+    return write_hd_sample(outdir, simulate_hd(params, visium_view=visium_view))

@@ -59,6 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="visium_hd size: ci (1 mm square, 24 genes; the default) or full (6.5 mm square, 100 genes)",
     )
+    parser.add_argument(
+        "--visium-view",
+        action="store_true",
+        help="visium_hd: also write OUTDIR/visium/, the same tissue seen by Visium spots, with the truth on "
+        "10 and 20 um grids",
+    )
     for name, kind, text in _OPTIONS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=text)
     parser.add_argument(
@@ -110,6 +116,8 @@ def run(args: argparse.Namespace) -> None:
     ]
     if args.preset is not None and not hd:
         foreign.append("preset")
+    if args.visium_view and not hd:
+        foreign.append("visium_view")
     if foreign:
         options = ", ".join("--" + name.replace("_", "-") for name in foreign)
         raise ConfigError(f"{options} do(es) not apply to --platform {args.platform}")
@@ -153,7 +161,7 @@ def _run_hd(args: argparse.Namespace, values: dict[str, Any], overrides: dict[st
 
     _checked(HDSimulationParams, args.params, values, preset=args.preset)
     params = HDSimulationParams.from_dict(values, preset=args.preset or "ci", **overrides)
-    sample = simulate_hd(params)
+    sample = simulate_hd(params, visium_view=args.visium_view)
     binned = write_hd_sample(args.outdir, sample)
     summary = sample.summary
     print(binned)
