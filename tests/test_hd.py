@@ -395,3 +395,21 @@ def test_visium_view_captures_the_2um_bins_under_each_spot(tmp_path):
     assert spots.uns["undiffuse"]["platform"] == "visium" and spots.n_obs == view.truth.n_obs
     assert list(spots.obs_names) == list(anndata.read_h5ad(write / "visium" / "truth.h5ad").obs_names)
     assert (write / "visium" / "truth_grid_010um.h5ad").is_file()
+
+
+def test_cli_reads_the_hd_section_of_a_params_file(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "simulation:\n  n_rows: 20\nsimulation_hd:\n  width_um: 256\n  height_um: 256\n  n_genes: 7\n"
+    )
+    out = tmp_path / "hd"
+    assert (
+        main(["simulate", str(out), "--platform", "visium_hd", "--params", str(params), "--seed", "5"]) == 0
+    )
+    truth = anndata.read_h5ad(out / "truth" / "square_016um.h5ad")
+    assert truth.n_vars == 7 and truth.n_obs == 16 * 16 and truth.uns["simulation"]["seed"] == 5
+    params.write_text("simulation_hd:\n  width_um: 250\n")
+    assert main(["simulate", str(tmp_path / "bad"), "--platform", "visium_hd", "--params", str(params)]) == 2
+    message = capsys.readouterr().err
+    assert str(params) in message and "multiple of 16" in message
+    assert not (tmp_path / "bad").exists()
