@@ -100,19 +100,23 @@ def atomic_paths(outputs: Sequence[tuple[str | os.PathLike[str], bool]]) -> Iter
     tmps: list[Path] = []
     targets: list[Path] = []
     try:
-        for final, directory in finals:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_partials(final)
-            # Keep the real suffix last, so that writers that dispatch on it (anndata, matplotlib) still work.
-            tmp = Path(
-                tempfile.mkdtemp(
-                    prefix=f".{final.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=final.parent
+        # Signals wait while the temporary folders are made, so that none is made without being recorded.
+        with signals_deferred():
+            for final, directory in finals:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_partials(final)
+                # Keep the real suffix last, so that writers that dispatch on it (anndata, matplotlib) still
+                # work.
+                tmp = Path(
+                    tempfile.mkdtemp(
+                        prefix=f".{final.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=final.parent
+                    )
                 )
-            )
-            tmps.append(tmp)
-            targets.append(tmp if directory else tmp / final.name)
+                tmps.append(tmp)
+                targets.append(tmp if directory else tmp / final.name)
         yield targets
         with signals_deferred():
+            _raise_if_stopped()
             for (final, directory), tmp, target in zip(finals, tmps, targets, strict=True):
                 _permissions(tmp)
                 if directory:
@@ -147,23 +151,39 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Ite
         yield tmp
 
 
+#: The stop signal received under :func:`exit_on_signals`, if any.
+_stop_signal: int | None = None
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
+    global _stop_signal
+    _stop_signal = signum
     raise SystemExit(128 + signum)
+
+
+def _raise_if_stopped() -> None:
+    # A SystemExit raised inside a finaliser or weakref callback is printed and ignored by Python; the flag
+    # makes sure that such a stop request still prevents the outputs from being committed.
+    if _stop_signal is not None:
+        raise SystemExit(128 + _stop_signal)
 
 
 @contextmanager
 def exit_on_signals() -> Iterator[None]:
     """Turn SIGTERM and SIGHUP into ``SystemExit(128 + signum)`` (SIGINT already raises
     ``KeyboardInterrupt``), so that ``atomic_path`` cleans up when a command is stopped."""
+    global _stop_signal
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _stop_signal = None
     previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _stop_signal = None
 
 
 def check_output_path(path: str | os.PathLike[str], *, directory: bool = False, what: str = "output") -> Path:

@@ -79,10 +79,14 @@ def resolve_genes(adata: AnnData, genes: list[str] | str | Path, *, option: str 
 def check_selection_options(min_counts: int, n_top_genes: int) -> None:
     """``min_counts`` >= 0 and ``n_top_genes`` >= 1, both integers; :class:`ConfigError` otherwise."""
     problems = []
-    if isinstance(min_counts, bool) or not isinstance(min_counts, int | np.integer) or min_counts < 0:
-        problems.append(f"min_counts must be an integer >= 0, not {min_counts!r}")
-    if isinstance(n_top_genes, bool) or not isinstance(n_top_genes, int | np.integer) or n_top_genes < 1:
-        problems.append(f"n_top_genes must be an integer >= 1, not {n_top_genes!r}")
+    for name, value, minimum in (
+        ("min_counts (--min-counts)", min_counts, 0),
+        ("n_top_genes (--n-top-genes)", n_top_genes, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            problems.append(f"{name} must be an integer, got {value!r}")
+        elif value < minimum:
+            problems.append(f"{name} must be at least {minimum}, got {value}")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -338,6 +338,8 @@ def check_registration(
                 "belong to different samples or resolutions; use the files of one Space Ranger run",
             )
     tissue = adata.obs["in_tissue"].to_numpy(dtype=bool)
+    # The contrast of a handful of spots says nothing; degenerate tissue is reported by check_tissue.
+    contrast_usable = min(int(tissue.sum()), int((~tissue).sum())) >= MIN_TISSUE_SPOTS
     for key, image in content.get("images", {}).items():
         scale = scalefactors.get(f"tissue_{key}_scalef")
         image = np.asarray(image)
@@ -347,9 +349,9 @@ def check_registration(
         height, width = image.shape[:2]
         scaled = coords * float(scale)
         gray = image.mean(axis=2) if image.ndim == 3 else image
-        given = _tissue_contrast(gray, scaled, tissue)
-        swapped = _tissue_contrast(gray, scaled[:, ::-1], tissue)
-        if swapped >= SWAP_MIN_CONTRAST and swapped >= SWAP_CONTRAST_RATIO * given:
+        given = _tissue_contrast(gray, scaled, tissue) if contrast_usable else 0.0
+        swapped = _tissue_contrast(gray, scaled[:, ::-1], tissue) if contrast_usable else 0.0
+        if contrast_usable and swapped >= SWAP_MIN_CONTRAST and swapped >= SWAP_CONTRAST_RATIO * given:
             raise InputError(
                 positions_file or source,
                 f"the spot coordinates look swapped (x for y) against {where}: tissue spots stand out from "
