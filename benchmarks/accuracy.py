@@ -5,8 +5,12 @@ the Moran's I scan, and scores over tissue spots:
 
 - raw counts;
 - the trivial baseline that zeroes background spots and rescales each gene to keep its total;
-- ``deconvolve`` (the default mode, with its smoothness prior), ``deconvolve`` without the prior (maximum
-  likelihood, ``prior_strength=0``) and ``balanced`` (the seed's formulation);
+- ``deconvolve``, the correction with its defaults (the lattice FFT operator, no cutoff), the same with the
+  pair operator (``operator: pairs``, radius capped at ``max_cutoff``), without the prior (maximum likelihood,
+  ``prior_strength=0``), and, with ``--previous REV``, the engine of an earlier git revision run in the same
+  benchmark (``benchmarks/previous.py``);
+- with ``--seed-baseline``, the seed's balanced OT (:mod:`undiffuse.ot.baseline`; dense POT, so small samples
+  only);
 - EM with the simulator's true kernel: maximum likelihood (the reference of issue 4's criteria) and maximum a
   posteriori with the same prior as ``deconvolve`` (the answer known).
 
@@ -14,8 +18,9 @@ Writes ``benchmarks/results/accuracy[_SUFFIX].json`` and ``.md``.
 
 Usage::
 
-    .venv/bin/python benchmarks/accuracy.py                       # full size, ~minutes on 2 cores
-    .venv/bin/python benchmarks/accuracy.py --n-rows 30 --n-cols 26 --n-genes 40 --suffix small
+    .venv/bin/python benchmarks/accuracy.py --previous 82269b4     # full size, both engines
+    .venv/bin/python benchmarks/accuracy.py --n-rows 30 --n-cols 26 --n-genes 40 --seed-baseline --suffix small
+    .venv/bin/python benchmarks/accuracy.py --kernel heavy_tailed --kernel-scale 5 --suffix long
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
+from previous import run_previous
 
 from undiffuse.correct import CorrectionConfig, correct, deconvolve_known_kernel
 from undiffuse.metrics import marker_specificity, out_of_tissue_fraction, pearson, pooled_rmse
 from undiffuse.moran import scan_quantiles
+from undiffuse.ot.baseline import balanced_ot_baseline
 from undiffuse.prepare import prepare_sample
 from undiffuse.simulate import simulate_sample
 
@@ -64,8 +71,14 @@ def main() -> None:
     parser.add_argument("--n-cols", type=int, default=64)
     parser.add_argument("--n-genes", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernel", choices=["gaussian", "heavy_tailed"], default="gaussian")
+    parser.add_argument("--kernel-scale", type=float, default=2.5, help="true diffusion scale (pitches)")
+    parser.add_argument("--bleed", type=float, default=0.3)
+    parser.add_argument("--distal", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--skip-balanced", action="store_true")
+    parser.add_argument("--previous", metavar="REV", help="also run the engine of this git revision")
+    parser.add_argument("--seed-baseline", action="store_true", help="also run the seed's balanced OT")
+    parser.add_argument("--skip-pairs", action="store_true", help="skip deconvolve with the pair operator")
     parser.add_argument("--skip-no-prior", action="store_true", help="skip deconvolve without the prior")
     parser.add_argument("--suffix", default="")
     args = parser.parse_args()
@@ -73,13 +86,21 @@ def main() -> None:
     config = CorrectionConfig()
     if args.epochs is not None:
         config = replace(config, epochs=args.epochs)
-    with tempfile.TemporaryDirectory(prefix="undiffuse-accuracy-") as scratch:
-        root = Path(scratch)
-        outs = simulate_sample(
-            root / "sample", n_rows=args.n_rows, n_cols=args.n_cols, n_genes=args.n_genes, seed=args.seed
-        )
-        adata = prepare_sample(outs, root / "prepared")
-        truth = ad.read_h5ad(root / "sample" / "truth.h5ad")[adata.obs_names]
+    scratch = tempfile.TemporaryDirectory(prefix="undiffuse-accuracy-")
+    root = Path(scratch.name)
+    simulation_options = dict(
+        n_rows=args.n_rows,
+        n_cols=args.n_cols,
+        n_genes=args.n_genes,
+        seed=args.seed,
+        kernel=args.kernel,
+        kernel_scale=args.kernel_scale,
+        bleed=args.bleed,
+        distal=args.distal,
+    )
+    outs = simulate_sample(root / "sample", **simulation_options)
+    adata = prepare_sample(outs, root / "prepared")
+    truth = ad.read_h5ad(root / "sample" / "truth.h5ad")[adata.obs_names]
     genes = adata.var_names[adata.var["selected"].to_numpy(bool)].tolist()
     tissue = adata.obs["in_tissue"].to_numpy(bool)
     counts = np.asarray(adata[:, genes].X.toarray(), dtype=np.float64)
@@ -103,26 +124,37 @@ def main() -> None:
             bleed=float(simulation["bleed"]),
             distal=float(simulation["distal"]),
             kind=str(simulation["kernel"]),
-            cutoff=truth.var.loc[genes, "kernel_cutoff"].to_numpy(),
             q_init=q_init,
             config=replace(config, prior_strength=prior_strength),
         )
         timings[name] = time.perf_counter() - started
         figures[name] = score(oracle, truth, tissue, genes)
 
-    runs = {"deconvolve": {"mode": "deconvolve"}}
+    runs = {"deconvolve": {}}
+    if not args.skip_pairs:
+        runs["deconvolve_pairs"] = {"operator": "pairs"}
     if not args.skip_no_prior:
-        runs["deconvolve_no_prior"] = {"mode": "deconvolve", "prior_strength": 0.0}
-    if not args.skip_balanced:
-        runs["balanced"] = {"mode": "balanced"}
-    learned = None
+        runs["deconvolve_no_prior"] = {"prior_strength": 0.0}
+    learned = {}
     for name, options in runs.items():
         started = time.perf_counter()
         result = correct(adata, genes=genes, q_init=q_init, config=replace(config, **options))
         timings[name] = time.perf_counter() - started
         figures[name] = score(result.corrected.astype(np.float64), truth, tissue, genes)
-        if name == "deconvolve":
-            learned = result.params
+        learned[name] = result.params
+    if args.previous:
+        options = {} if args.epochs is None else {"epochs": args.epochs}
+        previous = run_previous(args.previous, root / "prepared" / "prepared.h5ad", genes, q_init, options)
+        name = f"previous_engine_{args.previous}"
+        timings[name] = previous["seconds"]
+        figures[name] = score(previous["corrected"].astype(np.float64), truth, tissue, genes)
+        learned[name] = previous["params"]
+    if args.seed_baseline:
+        started = time.perf_counter()
+        seed = balanced_ot_baseline(adata, genes=genes, q=q_init.loc[genes].to_numpy())
+        timings["seed_balanced_ot"] = time.perf_counter() - started
+        figures["seed_balanced_ot"] = score(seed, truth, tissue, genes)
+    scratch.cleanup()
 
     raw, ours, ml = figures["raw"], figures["deconvolve"], figures["em_true_kernel"]
     checks = {
@@ -134,6 +166,18 @@ def main() -> None:
         "background share <= 1%": ours["background_share"] <= 0.01,
     }
     true_scale = truth.var.loc[genes, "kernel_scale"].to_numpy()
+
+    def recovery(params) -> dict[str, float]:
+        return {
+            "diffusion_length_median": float(params["diffusion_length"].median()),
+            "diffusion_length_vs_true_pearson": float(
+                np.corrcoef(params["diffusion_length"], true_scale)[0, 1]
+            ),
+            "bleed_median": float(params["bleed"].median()),
+            "distal_median": float(params["distal"].median()),
+            "prior_strength_median": float(params["prior_strength"].median()),
+        }
+
     report = {
         "sample": {
             "n_rows": args.n_rows,
@@ -144,20 +188,12 @@ def main() -> None:
             "n_tissue_spots": int(tissue.sum()),
             "seed": args.seed,
             "simulation": {k: simulation[k] for k in ("bleed", "distal", "kernel", "kernel_scale")},
+            "true_kernel_scale_median": float(np.median(true_scale)),
         },
         "config": {k: v for k, v in vars(config).items() if k != "weights"} | {"weights": config.weights},
         "figures": figures,
         "checks": checks,
-        "kernel_recovery": {
-            "diffusion_length_median": float(learned["diffusion_length"].median()),
-            "true_kernel_scale_median": float(np.median(true_scale)),
-            "diffusion_length_vs_true_pearson": float(
-                np.corrcoef(learned["diffusion_length"], true_scale)[0, 1]
-            ),
-            "bleed_median": float(learned["bleed"].median()),
-            "distal_median": float(learned["distal"].median()),
-            "prior_strength_median": float(learned["prior_strength"].median()),
-        },
+        "kernel_recovery": {name: recovery(params) for name, params in learned.items()},
         "wall_time_s": timings,
         "machine": {
             "platform": platform.platform(),
@@ -171,7 +207,8 @@ def main() -> None:
     stem = "accuracy" + (f"_{args.suffix}" if args.suffix else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     lines = [
-        f"# Accuracy on the simulated sample ({args.n_rows} x {args.n_cols} spots, {len(genes)} genes corrected)",
+        f"# Accuracy on the simulated sample ({args.n_rows} x {args.n_cols} spots, {len(genes)} genes corrected; "
+        f"{args.kernel} diffusion, scale {args.kernel_scale} pitches, bleed {args.bleed}, distal {args.distal})",
         "",
         "| method | RMSE (tissue) | mean Pearson | marker specificity | background share |",
         "| --- | --- | --- | --- | --- |",
@@ -182,7 +219,24 @@ def main() -> None:
             f"{values['marker_specificity_mean']:.4f} | {values['background_share']:.4f} |"
         )
     lines += ["", "| check | passed |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in checks.items()]
-    lines += ["", f"Machine: {report['machine']}", f"Wall times (s): {timings}", ""]
+    lines += [
+        "",
+        "| engine | median diffusion length | corr. with true scale | median bleed | median distal |",
+    ]
+    lines += ["| --- | --- | --- | --- | --- |"]
+    for name, values in report["kernel_recovery"].items():
+        lines.append(
+            f"| {name} | {values['diffusion_length_median']:.2f} | {values['diffusion_length_vs_true_pearson']:.2f} "
+            f"| {values['bleed_median']:.3f} | {values['distal_median']:.3f} |"
+        )
+    lines += [
+        "",
+        f"True: median scale {np.median(true_scale):.2f} pitches, bleed {args.bleed}, distal {args.distal}.",
+        "",
+        f"Machine: {report['machine']}",
+        "Wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
+        "",
+    ]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -17,6 +17,7 @@ import torch
 from anndata import AnnData
 
 from .errors import InputError
+from .losses import ImageTarget
 from .moran import SpatialWeights, spatial_weights
 from .operators import DEFAULT_TOLERANCE, LatticeOperator, OperatorKind, PairOperator, build_operator
 from .ot.cost import pair_features
@@ -149,8 +150,8 @@ class SampleGeometry:
         return spatial_weights(self.coords, dtype=self.dtype, device=self.device)
 
     @cached_property
-    def raster(self) -> tuple[Raster, torch.Tensor] | None:
-        """The rasteriser and target intensity of the image loss, or ``None`` without an image."""
+    def raster(self) -> tuple[Raster, ImageTarget] | None:
+        """The rasteriser and the image side of the image loss, or ``None`` without an image."""
         return _image_raster(self.adata, self.image, self.image_size, self.dtype, self.device)
 
     @cached_property
@@ -171,7 +172,7 @@ class SampleGeometry:
 
 def _image_raster(
     adata: AnnData, image: np.ndarray | None, max_side: int, dtype: torch.dtype, device: torch.device
-) -> tuple[Raster, torch.Tensor] | None:
+) -> tuple[Raster, ImageTarget] | None:
     coords_full = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     sample_id = adata.uns.get("undiffuse", {}).get("sample_id")
     library = adata.uns.get("spatial", {}).get(sample_id, {})
@@ -191,4 +192,4 @@ def _image_raster(
         coords_full * scale * zoom, float(diameter) * scale * zoom, small.shape, dtype=dtype
     )
     intensity = torch.as_tensor(small, dtype=dtype)[None, None]
-    return Raster(raster.matrix.to(device), raster.shape), intensity.to(device)
+    return Raster(raster.matrix.to(device), raster.shape), ImageTarget.build(intensity.to(device))

@@ -13,13 +13,87 @@ Shapes: ``N`` spots, ``G`` genes, ``H x W`` image grid.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import kornia
 import torch
 
 from .moran import morans_i
 
 
-def image_loss(expression: torch.Tensor, intensity: torch.Tensor, *, window_size: int = 7) -> torch.Tensor:
+def _filter_matrix(size: int, taps: torch.Tensor, border: str) -> torch.Tensor:
+    """``(size, size)`` matrix ``M`` with ``v @ M`` the correlation of a vector with ``taps`` under the torch
+    padding mode ``border``: separable image filters become two small matrix products."""
+    half = taps.shape[-1] // 2
+    impulses = torch.eye(size, dtype=taps.dtype)[:, None, :]
+    padded = torch.nn.functional.pad(impulses, (half, half), mode=border)
+    return torch.nn.functional.conv1d(padded, taps.reshape(1, 1, -1)).reshape(size, size)
+
+
+@dataclass(frozen=True)
+class ImageTarget:
+    """The H&E intensity and everything of the image loss that depends on it alone, computed once per sample.
+
+    The filters are kornia's, written as separable matrices (``rows.T @ image @ cols``): the Gaussian window of
+    :func:`kornia.metrics.ssim` (sigma 1.5, reflected border) and the normalised Sobel kernels of
+    :func:`kornia.filters.spatial_gradient` (replicated border). The test suite checks the loss against kornia's
+    functions to float32 rounding.
+    """
+
+    intensity: torch.Tensor
+    blur: tuple[torch.Tensor, torch.Tensor]
+    smooth: tuple[torch.Tensor, torch.Tensor]
+    difference: tuple[torch.Tensor, torch.Tensor]
+    mean: torch.Tensor
+    variance: torch.Tensor
+    gradient: torch.Tensor
+    total_variation: torch.Tensor
+
+    @classmethod
+    def build(cls, intensity: torch.Tensor, *, window_size: int = 7) -> ImageTarget:
+        """From a ``(1, 1, H, W)`` intensity in :math:`[0, 1]`."""
+        height, width = intensity.shape[-2:]
+        gaussian = kornia.filters.get_gaussian_kernel1d(window_size, 1.5, dtype=intensity.dtype).reshape(-1)
+        smoothing = torch.tensor([0.25, 0.5, 0.25], dtype=intensity.dtype)
+        derivative = torch.tensor([-0.5, 0.0, 0.5], dtype=intensity.dtype)
+        pairs = [
+            tuple(_filter_matrix(n, taps, border).to(intensity.device) for n in (height, width))
+            for taps, border in ((gaussian, "reflect"), (smoothing, "replicate"), (derivative, "replicate"))
+        ]
+        blur, smooth, difference = pairs
+        mean = _separable(intensity, blur)
+        return cls(
+            intensity,
+            blur,
+            smooth,
+            difference,
+            mean=mean,
+            variance=_separable(intensity.square(), blur) - mean.square(),
+            gradient=_gradient(intensity, smooth, difference),
+            total_variation=_total_variation(intensity),
+        )
+
+
+def _separable(image: torch.Tensor, filters: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Filter ``(..., H, W)`` images along their height and width with :func:`_filter_matrix` matrices."""
+    rows, cols = filters
+    return rows.T @ image @ cols
+
+
+def _gradient(image: torch.Tensor, smooth, difference) -> torch.Tensor:
+    """``(..., 2, H, W)`` normalised Sobel derivatives along x (width) and y (height)."""
+    (smooth_rows, smooth_cols), (diff_rows, diff_cols) = smooth, difference
+    return torch.stack([smooth_rows.T @ image @ diff_cols, diff_rows.T @ image @ smooth_cols], dim=-3)
+
+
+def _total_variation(image: torch.Tensor) -> torch.Tensor:
+    """kornia's total variation (sum of absolute neighbour differences) per image, divided by the pixels."""
+    down = (image[..., 1:, :] - image[..., :-1, :]).abs().sum(dim=(-2, -1))
+    across = (image[..., :, 1:] - image[..., :, :-1]).abs().sum(dim=(-2, -1))
+    return (down + across).reshape(-1) / (image.shape[-1] * image.shape[-2])
+
+
+def image_loss(expression: torch.Tensor, target: ImageTarget) -> torch.Tensor:
     r"""The seed's image term (Eq. 4) per gene, between rasterised expression :math:`E` and image :math:`I`.
 
     .. math::
@@ -27,15 +101,15 @@ def image_loss(expression: torch.Tensor, intensity: torch.Tensor, *, window_size
         \mathcal L_\text{image} = (1 - \mathrm{SSIM}(E, I)) + \|\nabla E - \nabla I\|_1
         + |\mathrm{TV}(E) - \mathrm{TV}(I)|,
 
-    with :math:`E` scaled to :math:`[0, 1]` by its maximum, the gradient term averaged over pixels and the
-    total variations divided by the number of pixels, so that the three terms are of order one.
+    with :math:`E` scaled to :math:`[0, 1]` by its maximum, SSIM and the gradient term averaged over pixels and
+    the total variations divided by the number of pixels, so that the three terms are of order one.
 
     Parameters
     ----------
     expression
         ``(G, 1, H, W)`` rasterised expression.
-    intensity
-        ``(1, 1, H, W)`` image intensity in :math:`[0, 1]`.
+    target
+        The image's side of the loss (:class:`ImageTarget`).
 
     Returns
     -------
@@ -43,13 +117,18 @@ def image_loss(expression: torch.Tensor, intensity: torch.Tensor, *, window_size
     """
     peak = expression.amax(dim=(1, 2, 3), keepdim=True)
     scaled = expression / torch.where(peak > 0, peak, torch.ones_like(peak))
-    target = intensity.expand_as(scaled)
-    ssim = kornia.metrics.ssim(scaled, target, window_size).mean(dim=(1, 2, 3))
-    gradient = (kornia.filters.spatial_gradient(scaled) - kornia.filters.spatial_gradient(target)).abs()
-    n_pixels = scaled.shape[-1] * scaled.shape[-2]
-    tv = kornia.losses.total_variation(scaled).reshape(-1) / n_pixels
-    tv_target = kornia.losses.total_variation(intensity).reshape(-1) / n_pixels
-    return (1.0 - ssim) + gradient.mean(dim=(1, 2, 3, 4)) + (tv - tv_target).abs()
+    c1, c2 = 0.01**2, 0.03**2
+    mean = _separable(scaled, target.blur)
+    variance = _separable(scaled.square(), target.blur) - mean.square()
+    covariance = _separable(scaled * target.intensity, target.blur) - mean * target.mean
+    ssim = ((2 * mean * target.mean + c1) * (2 * covariance + c2)) / (
+        (mean.square() + target.mean.square() + c1) * (variance + target.variance + c2) + 1e-12
+    )
+    gradient = (
+        (_gradient(scaled, target.smooth, target.difference) - target.gradient).abs().mean(dim=(1, 2, 3, 4))
+    )
+    tv = (_total_variation(scaled) - target.total_variation).abs()
+    return (1.0 - ssim.mean(dim=(1, 2, 3))) + gradient + tv
 
 
 def out_of_tissue_loss(field: torch.Tensor, tissue: torch.Tensor) -> torch.Tensor:

@@ -120,8 +120,8 @@ class KernelTrainer:
         zeros = torch.zeros(field.shape[1], dtype=field.dtype, device=field.device)
         terms = dict.fromkeys(LOSS_TERMS, zeros)
         if self.weights["image"] > 0:
-            raster, intensity = geometry.raster
-            terms["image"] = image_loss(raster.draw(field), intensity)
+            raster, target = geometry.raster
+            terms["image"] = image_loss(raster.draw(field), target)
         if self.weights["out_of_tissue"] > 0:
             terms["out_of_tissue"] = out_of_tissue_loss(soft, geometry.tissue)
         if self.weights["moran"] > 0:

@@ -1,0 +1,79 @@
+"""Run an earlier version of undiffuse's ``correct`` on the same data, in the same benchmark run.
+
+The earlier version is checked out from this repository's history (``git worktree``) into a scratch folder and
+imported from there in a child process, so that both versions run on one machine under the same load and their
+times can be reported as a ratio. Nothing is copied into the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+
+_CHILD = """
+import json, resource, sys, time
+import anndata as ad, numpy as np, pandas as pd
+from undiffuse.correct import correct
+args = json.loads(sys.argv[1])
+adata = ad.read_h5ad(args["prepared"])
+q_init = pd.read_csv(args["q_init"], sep="\\t", index_col=0)["q_init"]
+started = time.perf_counter()
+result = correct(adata, genes=args["genes"], q_init=q_init, progress=False, **args["options"])
+seconds = time.perf_counter() - started
+np.save(args["out"], result.corrected)
+result.params.to_csv(args["params"], sep="\\t")
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+json.dump({"seconds": seconds, "peak_rss_mb": peak_mb}, open(args["timing"], "w"))
+"""
+
+
+def run_previous(
+    revision: str, prepared: Path, genes: list[str], q_init: pd.Series, options: dict | None = None
+) -> dict:
+    """Correct ``genes`` of ``prepared`` with undiffuse at git ``revision``.
+
+    Returns
+    -------
+    dict with ``corrected`` ``(N, G)``, ``params`` (DataFrame), ``seconds`` (time inside ``correct``) and
+    ``peak_rss_mb`` (the child process's peak resident memory).
+    """
+    with tempfile.TemporaryDirectory(prefix="undiffuse-previous-") as scratch:
+        root = Path(scratch)
+        checkout = root / "checkout"
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(checkout), revision],
+            check=True,
+        )
+        try:
+            q_init.rename("q_init").to_frame().to_csv(root / "q_init.tsv", sep="\t")
+            args = {
+                "prepared": str(prepared),
+                "q_init": str(root / "q_init.tsv"),
+                "genes": genes,
+                "options": options or {},
+                "out": str(root / "corrected.npy"),
+                "params": str(root / "params.tsv"),
+                "timing": str(root / "timing.json"),
+            }
+            env = dict(os.environ, PYTHONPATH=str(checkout))
+            subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], check=True, env=env, cwd=root)
+            timing = json.loads((root / "timing.json").read_text())
+            return {
+                "corrected": np.load(root / "corrected.npy"),
+                "params": pd.read_csv(root / "params.tsv", sep="\t", index_col=0),
+                "seconds": timing["seconds"],
+                "peak_rss_mb": timing["peak_rss_mb"],
+            }
+        finally:
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkout)], check=False
+            )
