@@ -245,3 +245,87 @@ def test_console_script_exit_status(tmp_path):
     )
     assert result.returncode == 2
     assert str(missing) in result.stderr and "does not exist" in result.stderr
+
+
+def test_degenerate_tissue_is_an_error_unless_allowed(outs, tmp_path, capsys):
+    def edit(table: pd.DataFrame) -> pd.DataFrame:
+        tissue = np.flatnonzero(table["in_tissue"].to_numpy() == "1")
+        table["in_tissue"] = "0"
+        table.loc[tissue[:10], "in_tissue"] = "1"
+        return table
+
+    _edit_positions(outs, edit)
+    outdir = tmp_path / "results"
+    assert main(["prepare", str(outs), str(outdir), "--min-counts", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "degenerate tissue: only 10 of 480 spots" in err and str(outs) in err and not outdir.exists()
+    argv = ["prepare", str(outs), str(outdir), "--min-counts", "1", "--allow-degenerate-tissue"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "undiffuse prepare: warning: " in err and "degenerate tissue" in err and "(overridden)" in err
+    assert (outdir / "prepared.h5ad").is_file()
+
+
+FAST_CORRECTION = "correct:\n  epochs: 1\n  em_iterations: 5\n  tail_iterations: 1\n  weights: {image: 0.0}\n"
+
+
+def test_correct_passes_a_failed_gene_through_and_removes_stale_leftovers(
+    outs, tmp_path, capsys, monkeypatch
+):
+    """A gene whose correction is not finite keeps its raw counts (never zeroed) and is reported."""
+    import anndata as ad
+
+    import undiffuse.correct as correct_module
+
+    prepared = prepare_sample(outs, tmp_path / "prepared", min_counts=1)
+    real_correct = correct_module.correct
+
+    def failing_first_gene(*args, **kwargs):
+        result = real_correct(*args, **kwargs)
+        result.corrected[:, 0] = np.nan
+        return result
+
+    monkeypatch.setattr(correct_module, "correct", failing_first_gene)
+    config = tmp_path / "config.yaml"
+    config.write_text(FAST_CORRECTION)
+    output = tmp_path / "corrected.h5ad"
+    stale = tmp_path / f".corrected.h5ad.{2**22 + 7}.abcd1234.partial"  # left by a killed run
+    stale.mkdir()
+    genes = prepared.var_names[prepared.var["selected"].to_numpy()][:2].tolist()
+    argv = ["correct", str(tmp_path / "prepared" / "prepared.h5ad"), str(output), "--quiet"]
+    assert main([*argv, "--config", str(config), "--genes", *genes]) == 0
+    err = capsys.readouterr().err
+    assert f"({genes[0]})" in err and "passed through uncorrected" in err
+    corrected = ad.read_h5ad(output)
+    raw = prepared[:, genes[0]].X.toarray().ravel()
+    np.testing.assert_array_equal(np.asarray(corrected[:, genes[0]].X).ravel(), raw)
+    assert raw.sum() > 0 and np.isfinite(np.asarray(corrected.X)).all()
+    assert corrected.var["passed_through"].tolist() == [True, False]
+    assert not stale.exists()
+
+
+def test_workflow_sample_sheet_errors_name_the_sheet(tmp_path):
+    """The workflow parses the sheet with undiffuse.config.read_sample_sheet: the error names the sheet."""
+    from conftest import REPO
+
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text("name\tinput\nbrain\tsimulate\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"samples: {sheet}\n")
+    result = subprocess.run(
+        [
+            str(REPO / ".venv" / "bin" / "snakemake"),
+            "-n",
+            "--configfile",
+            str(config),
+            "--directory",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"{sheet}: lacks the column(s) sample (header: name, input)" in output

@@ -68,17 +68,30 @@ def remove_stale_partials(path: str | os.PathLike[str]) -> list[Path]:
 def signals_deferred() -> Iterator[None]:
     """Hold SIGTERM, SIGINT and SIGHUP back for the duration of the block (main thread only).
 
-    A signal that arrives meanwhile is delivered when the block ends, so the work of the block is either
-    not started or complete.
+    A signal that arrives meanwhile is raised again when the block ends, so the work of the block is either
+    not started or complete. The handlers are swapped (rather than the signals masked) because a signal sent
+    to the process may be delivered to any of its threads (PyTorch's, OpenMP's).
     """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, COMMIT_SIGNALS)
+    received: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {}
+    for sig in COMMIT_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: installed outside Python, left alone
+            previous[sig] = signal.signal(sig, record)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)
 
 
 def _permissions(tmp: Path) -> None:
