@@ -27,10 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from ..atomic import check_output_path
     from ..config import load_config
     from ..merge import merge_sample
 
     parameters = args.parameters or args.output.with_name("parameters.tsv")
+    check_output_path(args.output)
+    check_output_path(parameters, what="parameter table")
     merged = merge_sample(
         args.prepared, args.chunks, args.quantiles, args.output, parameters, config=load_config(args.config)
     )

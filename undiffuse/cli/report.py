@@ -53,8 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> None:
+    from ..atomic import check_output_path
     from ..report import build_report
 
+    check_output_path(args.outdir, directory=True, what="report")
     outputs = build_report(
         args.corrected,
         args.outdir,
@@ -69,8 +71,12 @@ def _run_report(args: argparse.Namespace) -> None:
 
 
 def _run_summary(args: argparse.Namespace) -> None:
+    from ..atomic import check_output_path
     from ..report import build_summary
 
+    check_output_path(args.output, what="summary")
+    if args.notebook is not None:
+        check_output_path(args.notebook, what="notebook")
     names = args.names or [folder.resolve().parent.name for folder in args.metrics_dirs]
     if len(names) != len(args.metrics_dirs):
         raise InputError(
