@@ -113,7 +113,9 @@ def prepare(
             "(allow_filtered=True) to correct without the out-of-tissue evidence",
         )
     mask = tissue_mask(adata, refine=refine_mask)
-    check_tissue(mask.tissue, adata.X, source, allow_degenerate=allow_degenerate_tissue)
+    # The tissue calls come from the positions file (Space Ranger's in_tissue), else from the input itself.
+    calls = info.get("positions", source) if mask.source == "in_tissue" else source
+    check_tissue(mask.tissue, adata.X, calls, allow_degenerate=allow_degenerate_tissue)
     adata.obs["tissue"] = mask.tissue
     report = compute_qc(adata, tissue=mask.tissue)
     selected = select_genes(

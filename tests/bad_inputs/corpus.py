@@ -329,8 +329,8 @@ class Corpus:
             table.loc[tissue[:keep], "in_tissue"] = "1"
             return table
 
-        _edit_positions(outs, edit)
-        return self.prepare_case(name, "4", outs, results, outs, f"degenerate tissue: only {keep} of 4992")
+        path = _edit_positions(outs, edit)
+        return self.prepare_case(name, "4", outs, results, path, f"degenerate tissue: only {keep} of 4992")
 
     def one_tissue_spot(self) -> Case:
         return self._few_tissue_spots("one_tissue_spot", 1)

@@ -70,7 +70,8 @@ def read_sample(
     ``array_row``, ``array_col``, ``obsm['spatial']`` (full-resolution ``(x, y)`` pixels),
     ``uns['spatial'][sample_id]`` (scanpy's layout, so ``sc.pl.spatial`` works), ``var`` ``gene_ids``,
     ``feature_types`` with unique gene names, and ``uns['undiffuse']`` (``sample_id``, ``platform``,
-    ``spot_pitch_px``, ``source``, ``matrix``: ``raw``, ``filtered`` or ``unknown``).
+    ``spot_pitch_px``, ``source``, ``matrix``: ``raw``, ``filtered`` or ``unknown``, and for Space Ranger
+    inputs ``positions``: the positions file, named in errors about the tissue calls).
 
     Raises
     ------

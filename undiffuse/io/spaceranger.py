@@ -105,7 +105,7 @@ def read_spaceranger(
         sample_id=sample_id or files.sample_id,
         platform=platform,
         source=source if source is not None else files.matrix,
-        extra={"matrix": files.matrix_kind},
+        extra={"matrix": files.matrix_kind, "positions": str(files.positions)},
     )
     check_registration(
         adata,
