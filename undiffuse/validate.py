@@ -372,12 +372,6 @@ def check_registration(
             )
 
 
-def _counts_of(adata: AnnData) -> tuple[np.ndarray | sp.spmatrix, str]:
-    if "counts" in adata.layers:
-        return adata.layers["counts"], "layers['counts']"
-    return adata.X, "X"
-
-
 def check_sample(
     adata: AnnData,
     *,
@@ -386,7 +380,8 @@ def check_sample(
     allow_degenerate_tissue: bool = False,
     tissue: bool = True,
 ) -> TissueStats | None:
-    """Check a canonical AnnData in memory: counts, names, coordinates and (unless ``tissue`` is false) tissue.
+    """Check a canonical AnnData in memory: raw counts in ``X``, names, coordinates and (unless ``tissue`` is
+    false) tissue.
 
     Parameters
     ----------
@@ -405,7 +400,10 @@ def check_sample(
 
     if source is None:
         source = adata.uns.get("undiffuse", {}).get("source")
-    counts, where = _counts_of(adata)
+    # X is what prepare and correct work on: in a canonical AnnData it holds the raw counts.
+    counts, where = adata.X, "X"
+    if counts is None:
+        raise InputError(source, "holds no count matrix (X is empty); X must hold the raw UMI counts")
     check_counts(counts, source, what=where, barcodes=adata.obs_names, genes=adata.var_names)
     check_not_empty(counts, source, what=where)
     check_unique_barcodes(adata.obs_names, source)

@@ -68,7 +68,7 @@ def _plain_warnings(command: str) -> Iterator[None]:
     """Show undiffuse's warnings as one line each, like its errors."""
     previous = warnings.showwarning
 
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+    def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, UndiffuseWarning):
             print(f"undiffuse {command}: warning: {message}", file=file or sys.stderr)
         else:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import positive_int
+
+if TYPE_CHECKING:
+    from ..correct import CorrectionConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def correction_config(args: argparse.Namespace):  # noqa: ANN201 (CorrectionConfig, imported lazily)
+def correction_config(args: argparse.Namespace) -> CorrectionConfig:
     """The ``CorrectionConfig`` of the command.
 
     The config file is validated whole against the workflow's schema (the same check as the workflow's);
