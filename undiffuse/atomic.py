@@ -221,8 +221,11 @@ def check_output_path(path: str | os.PathLike[str], *, directory: bool = False, 
         probe = tempfile.NamedTemporaryFile(prefix=".undiffuse-write-test.", dir=ancestor)
         probe.close()
     except OSError as err:
-        reason = "read-only file system" if err.errno == errno.EROFS else (err.strerror or str(err))
+        reason = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}.get(
+            err.errno, err.strerror or str(err)
+        )
         raise InputError(
-            final, f"cannot be written: {ancestor} is not writable ({reason}); choose a writable {what} path"
+            final,
+            f"cannot be written: {ancestor} does not accept new files ({reason}); choose a writable {what} path",
         ) from err
     return final
