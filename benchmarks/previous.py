@@ -1,4 +1,4 @@
-"""Run an earlier version of undiffuse's ``correct`` on the same data, in the same benchmark run.
+"""Run ``correct`` of this checkout or of an earlier version on the same data, each in a process of its own.
 
 The earlier version is checked out from this repository's history (``git worktree``) into a scratch folder and
 imported from there in a child process, so that both versions run on one machine under the same load and their
@@ -32,27 +32,29 @@ seconds = time.perf_counter() - started
 np.save(args["out"], result.corrected)
 result.params.to_csv(args["params"], sep="\\t")
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-json.dump({"seconds": seconds, "peak_rss_mb": peak_mb}, open(args["timing"], "w"))
+json.dump({"seconds": seconds, "peak_rss_mb": peak_mb, "config": result.config}, open(args["timing"], "w"), default=str)
 """
 
 
 def run_previous(
-    revision: str, prepared: Path, genes: list[str], q_init: pd.Series, options: dict | None = None
+    revision: str | None, prepared: Path, genes: list[str], q_init: pd.Series, options: dict | None = None
 ) -> dict:
-    """Correct ``genes`` of ``prepared`` with undiffuse at git ``revision``.
+    """Correct ``genes`` of ``prepared`` with undiffuse at git ``revision`` (``None``: this checkout), in a
+    child process.
 
     Returns
     -------
-    dict with ``corrected`` ``(N, G)``, ``params`` (DataFrame), ``seconds`` (time inside ``correct``) and
-    ``peak_rss_mb`` (the child process's peak resident memory).
+    dict with ``corrected`` ``(N, G)``, ``params`` (DataFrame), ``seconds`` (time inside ``correct``),
+    ``peak_rss_mb`` (the child process's peak resident memory) and ``config`` (the resolved settings).
     """
     with tempfile.TemporaryDirectory(prefix="undiffuse-previous-") as scratch:
         root = Path(scratch)
-        checkout = root / "checkout"
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(checkout), revision],
-            check=True,
-        )
+        checkout = REPO if revision is None else root / "checkout"
+        if revision is not None:
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(checkout), revision],
+                check=True,
+            )
         try:
             q_init.rename("q_init").to_frame().to_csv(root / "q_init.tsv", sep="\t")
             args = {
@@ -72,8 +74,10 @@ def run_previous(
                 "params": pd.read_csv(root / "params.tsv", sep="\t", index_col=0),
                 "seconds": timing["seconds"],
                 "peak_rss_mb": timing["peak_rss_mb"],
+                "config": timing["config"],
             }
         finally:
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkout)], check=False
-            )
+            if revision is not None:
+                subprocess.run(
+                    ["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkout)], check=False
+                )

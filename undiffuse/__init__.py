@@ -31,5 +31,8 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        # Importing a submodule binds it on the package; `correct` must stay the function, not its module.
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'undiffuse' has no attribute {name!r}")

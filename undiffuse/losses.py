@@ -77,13 +77,18 @@ class ImageTarget:
 def _separable(image: torch.Tensor, filters: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Filter ``(..., H, W)`` images along their height and width with :func:`_filter_matrix` matrices."""
     rows, cols = filters
-    return rows.T @ image @ cols
+    height, width = image.shape[-2:]
+    # Two plain matrix products over the flattened batch (a broadcast matmul would copy the filter per image).
+    across = (image.reshape(-1, width) @ cols).reshape(image.shape)
+    down = across.transpose(-1, -2).reshape(-1, height) @ rows
+    return down.reshape(*image.shape[:-2], width, height).transpose(-1, -2)
 
 
 def _gradient(image: torch.Tensor, smooth, difference) -> torch.Tensor:
     """``(..., 2, H, W)`` normalised Sobel derivatives along x (width) and y (height)."""
-    (smooth_rows, smooth_cols), (diff_rows, diff_cols) = smooth, difference
-    return torch.stack([smooth_rows.T @ image @ diff_cols, diff_rows.T @ image @ smooth_cols], dim=-3)
+    along_x = _separable(image, (smooth[0], difference[1]))
+    along_y = _separable(image, (difference[0], smooth[1]))
+    return torch.stack([along_x, along_y], dim=-3)
 
 
 def _total_variation(image: torch.Tensor) -> torch.Tensor:
