@@ -83,6 +83,19 @@ def test_result_does_not_depend_on_batching(toy):
     np.testing.assert_allclose(alone.corrected[:, 0], together.corrected[:, 3], rtol=1e-4, atol=1e-3)
 
 
+def test_training_on_a_window_deconvolves_the_whole_slide(toy):
+    """A kernel learned on a window around the tissue boundary corrects every spot, keeps totals and
+    confinement, and improves on the raw counts."""
+    adata, truth = toy
+    result = correct(adata, **FAST, train_spots=150)
+    assert result.config["trained_on_spots"] < adata.n_obs
+    counts = adata.X.toarray()
+    tissue = adata.obs["in_tissue"].to_numpy()
+    np.testing.assert_allclose(result.corrected.sum(0), counts.sum(0), rtol=1e-4)
+    assert result.corrected[~tissue].sum() == 0
+    assert tissue_rmse(result.corrected, truth, tissue) < tissue_rmse(counts, truth, tissue)
+
+
 def test_same_seed_same_result(toy):
     adata, _ = toy
     first = correct(adata, **FAST)

@@ -110,6 +110,10 @@ class CorrectionConfig:
     batch_genes
         Genes optimised together (memory only; results do not depend on it). ``"auto"``: sized from free GPU
         memory on CUDA, 32 on the CPU.
+    train_spots
+        On samples with more spots (Visium HD), the kernel is learned on a square window of about this many
+        spots around the tissue boundary nearest the tissue's centre, where it is identified, and the learned
+        model then deconvolves the whole slide. ``None`` trains on every spot.
     device
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     seed
@@ -134,6 +138,7 @@ class CorrectionConfig:
     prior_strength: float | str = "auto"
     image_size: int = 64
     batch_genes: int | str = "auto"
+    train_spots: int | None = 50_000
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     progress: bool = True
@@ -150,6 +155,10 @@ class CorrectionConfig:
                 problems.append(f"{name} must be at least 1")
         if not (self.batch_genes == "auto" or (isinstance(self.batch_genes, int) and self.batch_genes >= 1)):
             problems.append("batch_genes must be 'auto' or at least 1")
+        if self.train_spots is not None and not (
+            isinstance(self.train_spots, int) and self.train_spots >= 100
+        ):
+            problems.append("train_spots must be at least 100, or none")
         if self.tail_iterations < 1:
             problems.append("tail_iterations must be at least 1")
         if not (self.lr > 0 and self.beta > 0):
@@ -291,6 +300,12 @@ def correct(
     counts_all = _dense_counts(adata, genes)
     levels = _resolve_q_init(q_init, genes)
     batch_genes = _batch_genes(config, geometry, device)
+    window = geometry.training_window(config.train_spots or geometry.n_spots)
+    trained_on = (
+        geometry
+        if window.all()
+        else _geometry(adata[window], config, image=image, device=device, dtype=dtype)
+    )
 
     corrected = np.zeros_like(counts_all)
     param_tables, histories, profiles = [], [], []
@@ -306,9 +321,11 @@ def correct(
     with _deterministic_algorithms(), heap_reuse():
         for batch in batches:
             counts = torch.as_tensor(counts_all[:, batch], dtype=dtype, device=device)
-            trainer = KernelTrainer(geometry, counts, levels[batch], config)
+            trainer = KernelTrainer(
+                trained_on, counts[torch.as_tensor(window, device=device)], levels[batch], config
+            )
             history = trainer.fit(bar)
-            field_, table, profile_samples = trainer.final()
+            field_, table, profile_samples = trainer.final(geometry, counts)
             corrected[:, batch] = field_.cpu().numpy()
             table.index = genes[batch]
             param_tables.append(table)
@@ -338,6 +355,7 @@ def correct(
         if geometry.operator.kind == "pairs"
         else "none",
         "batch_genes": batch_genes,
+        "trained_on_spots": int(window.sum()),
         "n_basis": N_RADIAL_BASIS,
         "device": str(device),
         "wall_time_s": elapsed,

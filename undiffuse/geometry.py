@@ -23,7 +23,7 @@ from .operators import DEFAULT_TOLERANCE, LatticeOperator, OperatorKind, PairOpe
 from .ot.cost import pair_features
 from .ot.prior import TissueNeighbours
 from .raster import Raster, build_raster, image_intensity, working_grid
-from .spatial import pitch_coordinates
+from .spatial import distance_to_mask, pitch_coordinates
 from .tissue import pick_image
 
 #: Range (spot pitches) of f_phi's radial basis and of the pair operator when neither the config nor the QC
@@ -139,6 +139,20 @@ class SampleGeometry:
     @property
     def n_spots(self) -> int:
         return int(self.coords.shape[0])
+
+    def training_window(self, n_spots: int) -> np.ndarray:
+        """``(N,)`` boolean mask of a square window of about ``n_spots`` spots around the tissue boundary
+        nearest the tissue's centre: where tissue, background and the diffusion between them are all seen."""
+        tissue = self.tissue.cpu().numpy()
+        coords = self.coords
+        if n_spots >= len(coords):
+            return np.ones(len(coords), dtype=bool)
+        edge = tissue & (distance_to_mask(coords, ~tissue) < 1.5) if (~tissue).any() else tissue
+        centroid = coords[tissue].mean(axis=0)
+        centre = coords[edge][np.argmin(((coords[edge] - centroid) ** 2).sum(axis=1))]
+        spacing = np.sqrt(np.prod(np.ptp(coords, axis=0)) / len(coords))
+        half = 0.5 * spacing * np.sqrt(n_spots)
+        return (np.abs(coords - centre) <= half).all(axis=1)
 
     def features(self, distance: torch.Tensor, crosses: torch.Tensor) -> torch.Tensor:
         """``(M, K + 1)`` inputs of f_phi (:mod:`undiffuse.ot.cost`) at these distances."""

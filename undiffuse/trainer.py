@@ -98,11 +98,12 @@ class KernelTrainer:
         return torch.softmax(self.share_logits, dim=1)
 
     # model ----------------------------------------------------------------------------------------------------
-    def model(self) -> DiffusionModel:
-        """The diffusion model at the current parameters."""
+    def model(self, geometry: SampleGeometry | None = None) -> DiffusionModel:
+        """The diffusion model at the current parameters, on the training geometry or on ``geometry``."""
+        geometry = self.geometry if geometry is None else geometry
         shares = self.shares
-        log_weights = gibbs_log_weights(self.geometry, self.phi, self.reg)
-        return DiffusionModel(self.geometry, log_weights, shares[:, 1], shares[:, 2])
+        log_weights = gibbs_log_weights(geometry, self.phi, self.reg)
+        return DiffusionModel(geometry, log_weights, shares[:, 1], shares[:, 2])
 
     def soft(self) -> torch.Tensor:
         """``(N, G)`` the seed's soft threshold of the counts at the quantile level ``q``, on all spots."""
@@ -161,23 +162,33 @@ class KernelTrainer:
                 torch.nan_to_num_(tensor.grad, nan=0.0, posinf=0.0, neginf=0.0)
 
     @torch.no_grad()
-    def final(self) -> tuple[torch.Tensor, pd.DataFrame, torch.Tensor]:
+    def final(
+        self, geometry: SampleGeometry | None = None, counts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, pd.DataFrame, torch.Tensor]:
         """The corrected field (maximum a posteriori EM from the start), the parameter table and the kernel
-        profile samples ``(distances, G)``."""
-        model = self.model()
-        prior = model.smoothness_prior(self.counts, self.config.prior_strength)
+        profile samples ``(distances, G)``; on the whole sample (``geometry``, ``counts``) when training saw a
+        window of it."""
+        geometry = self.geometry if geometry is None else geometry
+        soft_start = (
+            self.soft_start if counts is None else SoftStart(counts, geometry.tissue, self.config.beta)
+        )
+        model = self.model(geometry)
+        prior = model.smoothness_prior(soft_start.counts, self.config.prior_strength)
+        start = soft_start.start(soft_start.soft(self.q))
         field = model.deconvolve(
-            self.counts, self.start(), n_iter=self.config.em_iterations, prior=prior, accelerate=True
+            soft_start.counts, start, n_iter=self.config.em_iterations, prior=prior, accelerate=True
         )
         # FFT round-off moves totals by ~1e-7; the model keeps them exactly.
-        mass = field.sum(dim=0)
-        field = field * torch.where(mass > 0, self.totals / torch.where(mass > 0, mass, 1.0), 0.0)
-        strength = prior.strength if prior is not None else torch.zeros_like(self.totals)
-        return field, self._parameter_table(model, strength), model.profile(self.geometry.profile_distance)
+        totals, mass = soft_start.totals, field.sum(dim=0)
+        field = field * torch.where(mass > 0, totals / torch.where(mass > 0, mass, 1.0), 0.0)
+        strength = prior.strength if prior is not None else torch.zeros_like(totals)
+        table = self._parameter_table(model, strength, soft_start.threshold(self.q))
+        return field, table, model.profile(geometry.profile_distance)
 
-    def _parameter_table(self, model: DiffusionModel, strength: torch.Tensor) -> pd.DataFrame:
+    def _parameter_table(
+        self, model: DiffusionModel, strength: torch.Tensor, threshold: torch.Tensor
+    ) -> pd.DataFrame:
         shares = self.shares
-        threshold = self.soft_start.threshold(self.q)
         table = pd.DataFrame(
             {
                 "q_init": self.q_init.cpu().numpy(),
