@@ -94,17 +94,21 @@ def run_chunk(
     -------
     The genes of the chunk.
     """
-    import anndata as ad
-
     from .atomic import atomic_path
     from .correct import CorrectionConfig, correct
+    from .io.h5ad import read_prepared
     from .moran import read_quantile_table
 
     table = read_quantile_table(quantiles)
     genes = chunk_genes(list(table.index), chunk_size, index)
-    adata = ad.read_h5ad(prepared)
+    # prepare has judged the tissue (and its override); the counts are checked again by correct().
+    adata = read_prepared(prepared, allow_degenerate_tissue=True)
     result = correct(
-        adata, genes=genes, q_init=table.loc[genes, "q_init"], config=CorrectionConfig(**(options or {}))
+        adata,
+        genes=genes,
+        q_init=table.loc[genes, "q_init"],
+        config=CorrectionConfig(**(options or {})),
+        allow_degenerate_tissue=True,
     )
     chunk = result.to_anndata(adata)
     # The merge takes the images from prepared.h5ad; a copy in every chunk would only cost disk and I/O.

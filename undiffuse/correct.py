@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -56,6 +55,7 @@ from .model import DiffusionModel, SoftStart, gibbs_log_weights
 from .operators import DEFAULT_TOLERANCE, OperatorKind
 from .ot.cost import N_RADIAL_BASIS
 from .trainer import LOSS_TERMS, KernelTrainer
+from .validate import check_correct_input, pass_through_failed_genes
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +260,7 @@ def correct(
     image: np.ndarray | None = None,
     q_init: Mapping[str, float] | pd.Series | float | None = None,
     config: CorrectionConfig | None = None,
+    allow_degenerate_tissue: bool = False,
     **overrides: Any,
 ) -> CorrectionResult:
     r"""Correct lateral diffusion of the selected genes of a sample.
@@ -279,19 +280,31 @@ def correct(
         default 0.5.
     config
         Options; keyword ``overrides`` replace its fields (e.g. ``epochs=20``).
+    allow_degenerate_tissue
+        Correct even when the tissue holds very few spots or UMIs (:mod:`undiffuse.validate`), which is
+        otherwise an error.
 
     Returns
     -------
     CorrectionResult
 
+    Raises
+    ------
+    InputError
+        When the counts are not raw counts (NaN, Inf, negative or non-integer values), the tissue is degenerate,
+        or a gene is unknown: the checks of :func:`undiffuse.validate.check_correct_input`, before any work.
+
     Notes
     -----
     Every gene is optimised on its own (the loss is a sum of per-gene terms and Adam acts element-wise), so
-    results do not depend on how genes are grouped into chunks or batches. A gene whose correction is not
-    finite (a bug, reported as a warning) keeps its raw counts and is marked ``corrected = False``.
+    results do not depend on how genes are grouped into chunks or batches. A gene whose correction failed (not
+    finite, negative, or zero while the gene has counts: a bug, reported as a warning) keeps its raw counts and
+    is marked ``corrected = False``; nothing is silently zeroed.
     """
     config = replace(config or CorrectionConfig(), **overrides)
-    genes = _resolve_genes(adata, genes)
+    genes = _resolve_genes(
+        adata, check_correct_input(adata, genes, allow_degenerate_tissue=allow_degenerate_tissue)
+    )
     device = _resolve_device(config.device)
     torch.manual_seed(config.seed)
     dtype = torch.float32
@@ -335,8 +348,8 @@ def correct(
     elapsed = time.perf_counter() - started
 
     params = pd.concat(param_tables)
-    params["corrected"] = _keep_finite(corrected, counts_all, genes)
-    corrected = corrected.astype(np.float32)
+    corrected, passed_through = pass_through_failed_genes(corrected, counts_all, genes)
+    params["corrected"] = ~params.index.isin(passed_through)
     loss_history = sum(histories[1:], histories[0]).reset_index().rename(columns={"index": "epoch"})
     profile_samples = np.concatenate(profiles, axis=1)
     kernel_profile = pd.DataFrame(
@@ -503,21 +516,6 @@ def _bytes_per_gene(geometry: SampleGeometry) -> int:
     else:
         cells = operator.n_pairs
     return 4 * 64 * (cells + geometry.n_spots)
-
-
-def _keep_finite(corrected: np.ndarray, counts: np.ndarray, genes: Sequence[str]) -> np.ndarray:
-    """Give every gene whose correction is not finite its raw counts back; returns the ``corrected`` flags."""
-    finite = np.isfinite(corrected).all(axis=0)
-    if not finite.all():
-        failed = [g for g, ok in zip(genes, finite, strict=True) if not ok]
-        warnings.warn(
-            f"{len(failed)} gene(s) could not be corrected (non-finite result) and keep their raw counts: "
-            + ", ".join(failed[:10]),
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        corrected[:, ~finite] = counts[:, ~finite]
-    return finite
 
 
 @contextmanager

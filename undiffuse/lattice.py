@@ -52,11 +52,6 @@ class Lattice:
         return int(self.index.shape[0])
 
     @property
-    def flat_index(self) -> np.ndarray:
-        """``(N,)`` position of each spot in the row-major flattened ``I x J`` array."""
-        return self.index[:, 0] * self.shape[1] + self.index[:, 1]
-
-    @property
     def line_spacing(self) -> tuple[float, float]:
         """Distance between adjacent lines of constant ``i`` and of constant ``j`` (pitches)."""
         area = abs(float(np.linalg.det(self.basis)))

@@ -153,15 +153,17 @@ class LatticeKernel:
             fft_shape,
         )
 
+    def _forward(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft2(self.operator.scatter(values, self.fft_shape))
+
     def _inverse(self, spectrum: torch.Tensor) -> torch.Tensor:
-        shape = self.operator.lattice.shape
-        grid = torch.fft.irfft2(spectrum, s=self.fft_shape)[:, : shape[0], : shape[1]]
+        grid = torch.fft.irfft2(spectrum, s=self.fft_shape)
         # Round-off of the FFT leaves values of order 1e-7 of the largest where the exact result is ~0.
         return self.operator.gather(grid).clamp_min(0.0)
 
     def push(self, field: torch.Tensor) -> torch.Tensor:
         op = self.operator
-        spectrum = torch.fft.rfft2(op.scatter(field / self.normaliser), s=self.fft_shape)
+        spectrum = self._forward(field / self.normaliser)
         inside, outside = self.spectra
         into_tissue = self._inverse(inside * spectrum)
         if outside is None:
@@ -173,11 +175,11 @@ class LatticeKernel:
         inside, outside = self.spectra
         tissue = op.tissue[:, None]
         if outside is None:
-            spectrum = inside * torch.fft.rfft2(op.scatter(values), s=self.fft_shape)
+            spectrum = inside * self._forward(values)
         else:
             zero = torch.zeros((), dtype=values.dtype, device=values.device)
-            from_tissue = torch.fft.rfft2(op.scatter(torch.where(tissue, values, zero)), s=self.fft_shape)
-            from_background = torch.fft.rfft2(op.scatter(torch.where(tissue, zero, values)), s=self.fft_shape)
+            from_tissue = self._forward(torch.where(tissue, values, zero))
+            from_background = self._forward(torch.where(tissue, zero, values))
             spectrum = inside * from_tissue + outside * from_background
         gathered = self._inverse(spectrum) / self.normaliser
         return torch.where(tissue, gathered, torch.zeros_like(gathered))
@@ -218,20 +220,27 @@ class LatticeOperator:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.tissue = torch.as_tensor(np.asarray(tissue, dtype=bool), device=self.device)
-        self.flat = torch.as_tensor(lattice.flat_index, device=self.device)
+        self._flat_index: dict[tuple[int, int], torch.Tensor] = {}
         self._mask_spectra: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_radius: float | None = None
 
-    # spots <-> lattice array
-    def scatter(self, values: torch.Tensor) -> torch.Tensor:
-        """``(N, G)`` -> ``(G, I, J)``, zero in empty cells."""
-        n_i, n_j = self.lattice.shape
-        grid = torch.zeros((values.shape[1], n_i * n_j), dtype=values.dtype, device=values.device)
-        return grid.index_copy(1, self.flat, values.T).reshape(values.shape[1], n_i, n_j)
+    # spots <-> FFT grid (the lattice array at the grid's origin, zero padding after it)
+    def _flat(self, fft_shape: tuple[int, int]) -> torch.Tensor:
+        if fft_shape not in self._flat_index:
+            index = torch.as_tensor(self.lattice.index, device=self.device)
+            self._flat_index[fft_shape] = index[:, 0] * fft_shape[1] + index[:, 1]
+        return self._flat_index[fft_shape]
+
+    def scatter(self, values: torch.Tensor, fft_shape: tuple[int, int]) -> torch.Tensor:
+        """``(N, G)`` -> ``(G, Fi, Fj)``, zero in empty cells and in the padding."""
+        grid = torch.zeros(
+            (values.shape[1], fft_shape[0] * fft_shape[1]), dtype=values.dtype, device=values.device
+        )
+        return grid.index_copy(1, self._flat(fft_shape), values.T).reshape(values.shape[1], *fft_shape)
 
     def gather(self, grid: torch.Tensor) -> torch.Tensor:
-        """``(G, I, J)`` -> ``(N, G)``."""
-        return grid.reshape(grid.shape[0], -1).index_select(1, self.flat).T
+        """``(G, Fi, Fj)`` -> ``(N, G)``."""
+        return grid.reshape(grid.shape[0], -1).index_select(1, self._flat(tuple(grid.shape[1:]))).T
 
     def kept_radius(self, log_weights: LogWeights) -> torch.Tensor:
         """``(G,)`` radius (pitches) each gene's kernel is kept to: ``cutoff``, or where its tail mass falls
@@ -283,8 +292,7 @@ class LatticeOperator:
         )
         if spectra[1] is not None:
             total = total + spectra[1] * background_spectrum
-        grid = torch.fft.irfft2(total, s=fft_shape)[:, :n_i, :n_j]
-        normaliser = self.gather(grid)
+        normaliser = self.gather(torch.fft.irfft2(total, s=fft_shape))
         tiny = torch.finfo(normaliser.dtype).tiny
         # Off tissue no mass leaves, so the normaliser there is never used; 1 keeps divisions finite.
         normaliser = torch.where(
@@ -295,8 +303,7 @@ class LatticeOperator:
     def _masks(self, fft_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         if fft_shape not in self._mask_spectra:
             tissue = self.tissue.to(self.dtype)[:, None]
-            grids = self.scatter(torch.cat([tissue, 1.0 - tissue], dim=1))
-            spectra = torch.fft.rfft2(grids, s=fft_shape)
+            spectra = torch.fft.rfft2(self.scatter(torch.cat([tissue, 1.0 - tissue], dim=1), fft_shape))
             self._mask_spectra[fft_shape] = (spectra[0:1], spectra[1:2])
         return self._mask_spectra[fft_shape]
 
