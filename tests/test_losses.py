@@ -24,7 +24,9 @@ def kornia_image_loss(expression: torch.Tensor, intensity: torch.Tensor) -> torc
 def test_image_loss_matches_kornia_and_has_its_gradient():
     generator = torch.Generator().manual_seed(0)
     intensity = torch.rand((1, 1, 23, 31), generator=generator, dtype=torch.float64)
-    expression = (torch.rand((4, 1, 23, 31), generator=generator, dtype=torch.float64) * 50).requires_grad_(True)
+    expression = (torch.rand((4, 1, 23, 31), generator=generator, dtype=torch.float64) * 50).requires_grad_(
+        True
+    )
     ours = image_loss(expression, ImageTarget.build(intensity))
     reference = kornia_image_loss(expression, intensity)
     torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
