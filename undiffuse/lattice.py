@@ -17,6 +17,7 @@ Shapes: ``N`` spots, ``G`` genes, ``I x J`` lattice array, ``Fi x Fj`` FFT grid.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,12 @@ class Lattice:
         return np.linalg.norm(self.basis @ steps, axis=0).reshape(di.shape)
 
 
+#: Lattices of the last coordinate arrays fitted: callers such as the simulator diffuse many gene batches on the
+#: same spots, and a fit of a whole Visium HD slide at 2 um takes tens of seconds.
+_FITTED: dict[tuple, Lattice | None] = {}
+_FITTED_KEPT = 2
+
+
 def fit_lattice(coords: np.ndarray, *, tolerance: float = LATTICE_TOLERANCE) -> Lattice | None:
     """The lattice the spots sit on, or ``None`` when they do not sit on one.
 
@@ -99,7 +106,16 @@ def fit_lattice(coords: np.ndarray, *, tolerance: float = LATTICE_TOLERANCE) -> 
     are given, no two non-parallel unit steps exist, a spot is farther than ``tolerance`` from its lattice
     position, or two spots share a cell.
     """
-    coords = np.asarray(coords, dtype=np.float64)
+    coords = np.ascontiguousarray(coords, dtype=np.float64)
+    key = (coords.shape, hashlib.sha1(coords.view(np.uint8)).hexdigest(), tolerance)
+    if key not in _FITTED:
+        while len(_FITTED) >= _FITTED_KEPT:
+            _FITTED.pop(next(iter(_FITTED)))
+        _FITTED[key] = _fit(coords, tolerance)
+    return _FITTED[key]
+
+
+def _fit(coords: np.ndarray, tolerance: float) -> Lattice | None:
     if coords.ndim != 2 or coords.shape[0] < 3 or not np.isfinite(coords).all():
         return None
     basis = _unit_steps(coords)
@@ -117,17 +133,30 @@ def fit_lattice(coords: np.ndarray, *, tolerance: float = LATTICE_TOLERANCE) -> 
     index -= index.min(axis=0)
     shape = (int(index[:, 0].max()) + 1, int(index[:, 1].max()) + 1)
     flat = index[:, 0] * shape[1] + index[:, 1]
-    if np.unique(flat).size != flat.size:
+    if np.bincount(flat, minlength=shape[0] * shape[1]).max() > 1:
         return None
     return Lattice(index, shape, basis)
 
 
 def _unit_steps(coords: np.ndarray) -> np.ndarray | None:
     """``(2, 2)`` two shortest non-parallel spot-to-spot steps (columns), from a sample of spots."""
+    local = coords
+    if len(coords) > 4 * BASIS_SAMPLE:
+        # A square patch of about 4 * BASIS_SAMPLE spots around the median spot: its inner spots have all their
+        # neighbours inside it, and no tree over a whole HD slide is needed.
+        spacing = np.sqrt(np.prod(np.ptp(coords, axis=0)) / len(coords))
+        centre = np.median(coords, axis=0)
+        half = spacing * np.sqrt(BASIS_SAMPLE)
+        local = coords[(np.abs(coords - centre) <= half).all(axis=1)]
+        inner = local[(np.abs(local - centre) <= 0.5 * half).all(axis=1)]
+    else:
+        inner = local
     rng = np.random.default_rng(0)
-    sample = coords if len(coords) <= BASIS_SAMPLE else coords[rng.choice(len(coords), BASIS_SAMPLE, False)]
-    distance, neighbour = cKDTree(coords).query(sample, k=min(7, len(coords)))
-    steps = coords[neighbour[:, 1:]] - sample[:, None, :]
+    sample = inner if len(inner) <= BASIS_SAMPLE else inner[rng.choice(len(inner), BASIS_SAMPLE, False)]
+    if len(local) < 3:
+        return None
+    distance, neighbour = cKDTree(local).query(sample, k=min(7, len(local)))
+    steps = local[neighbour[:, 1:]] - sample[:, None, :]
     lengths = distance[:, 1:]
     unit = np.median(lengths[:, 0])
     keep = np.abs(lengths - unit) < 0.2 * unit
