@@ -1,0 +1,921 @@
+r"""Histology-guided super-resolution of corrected spot maps (issue 14; C3-Diff supplementary, iStar).
+
+From the corrected spot values :math:`y_{sg}` of a sample and its H&E image, :func:`superresolve` restores each
+gene's map on a square pixel grid ``factor`` times finer than the spot pitch (5x and 10x: 20 um and 10 um
+pixels on Visium's 100 um lattice). Values are expected molecules per pixel, the unit of the spots.
+
+**Aggregation operator.** Spot :math:`s` (centre :math:`c_s`, footprint radius :math:`\rho`, half the spot
+diameter) sees the pixels under its disc. With each pixel :math:`p` sampled at ``k x k`` evenly spaced points
+:math:`u_{p,1..k^2}` (``supersample``, default 5),
+
+.. math::
+
+    A_{sp} = \frac{1}{k^2} \sum_{j=1}^{k^2} \mathbf 1\left[\lVert u_{pj} - c_s \rVert \le \rho\right]
+    \, \mathbf 1[p \in \mathcal T],
+    \qquad (A x_g)_s = \sum_p A_{sp}\, x_{pg},
+
+the share of the pixel's area inside the spot, over tissue pixels :math:`\mathcal T` only. Every output
+satisfies :math:`A x_g = y_g` on every spot whose footprint holds a tissue pixel (exactly, up to float32
+rounding), and :math:`x_{pg} = 0` for :math:`p \notin \mathcal T`.
+
+**Tissue pixels** :math:`\mathcal T`: pixels whose nearest spot is a tissue spot within one pitch (the spots'
+Voronoi cells), intersected with the H&E tissue mask (:func:`undiffuse.tissue.image_tissue_pixels`) when the
+image has one, plus the whole footprint of every tissue spot (its corrected value counts the molecules under
+all of it).
+
+**Model** (justified in ``docs/superres.md``): per sample, a small convolutional network :math:`f_\theta` maps
+image features :math:`F` (stain densities and their texture, :func:`image_features`) to a per-pixel embedding
+:math:`h_p \in \mathbb R^D`; gene :math:`g` has a log-linear head,
+:math:`\hat x_{pg} = \exp(w_g^\top h_p + b_g)` on tissue pixels. It is trained with
+
+.. math::
+
+    \mathcal L = \lambda_{\text{agg}} \operatorname{mean}_{s,g}
+    \left(\log\left(1 + \tfrac{(A\hat x_g)_s}{m_g}\right) - \log\left(1 + \tfrac{y_{sg}}{m_g}\right)\right)^2
+    + \lambda_{\text{modal}} \mathcal L_{\text{modal}},
+
+:math:`m_g` the gene's mean over tissue spots, and :math:`\mathcal L_{\text{modal}}` C3-Diff's cross-modal
+contrastive term: symmetric InfoNCE (temperature :math:`\tau`) between the image embedding of a spot's patch,
+:math:`u_s = \mathrm{norm}(P \sum_p A_{sp} h_p / \sum_p A_{sp})`, and its expression embedding
+:math:`v_s = \mathrm{norm}(E(\log(1 + y_s / m)))`; the two embeddings of the same spot are the positive pair,
+the other spots the negatives. Default weights are the seed's (:math:`\lambda_{\text{mse}} = 2`,
+:math:`\lambda_{\text{modal}} = 1`).
+
+**Projection onto the data.** The network's maps are then made to aggregate to the spots: a smooth gain field,
+the Gaussian-weighted (:math:`\sigma` = half a pitch) interpolation of the log ratios
+:math:`\log((y_{sg} + \epsilon_g) / ((A\hat x_g)_s + \epsilon_g))`, multiplies every pixel, and a final
+multiplicative projection (iterative proportional fitting, one step when footprints do not overlap, as on
+Visium) makes :math:`A x_g = y_g` exact. A footprint whose prediction is zero receives :math:`y_{sg}` spread
+evenly over its area.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from .errors import InputError
+
+#: Super-resolution factors the workflow and the benchmark report by default (pixels per spot pitch).
+DEFAULT_FACTORS = (5, 10)
+#: Scales (spot pitches) of the Gaussian context filters of :func:`image_features`.
+CONTEXT_PITCHES = (0.1, 0.25, 0.5)
+
+
+# --------------------------------------------------------------------------------------------- grid
+
+
+@dataclass(frozen=True)
+class PixelGrid:
+    """A square pixel grid in the full-resolution image frame.
+
+    Attributes
+    ----------
+    origin_px
+        ``(x, y)`` of the grid's top-left corner (full-resolution pixels).
+    pixel_px
+        Side of a grid pixel in full-resolution pixels.
+    n_rows, n_cols
+        Pixels down and across.
+    """
+
+    origin_px: tuple[float, float]
+    pixel_px: float
+    n_rows: int
+    n_cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_rows, self.n_cols
+
+    @property
+    def n_pixels(self) -> int:
+        return self.n_rows * self.n_cols
+
+    def indices(self, pixels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``row``, ``col`` of the given flat pixel indices (default: all, row-major)."""
+        flat = np.arange(self.n_pixels) if pixels is None else np.asarray(pixels)
+        return np.divmod(flat.astype(np.int64), self.n_cols)
+
+    def centres_px(self, pixels: np.ndarray | None = None) -> np.ndarray:
+        """``(P, 2)`` pixel centres ``(x, y)`` in full-resolution pixels."""
+        rows, cols = self.indices(pixels)
+        return np.column_stack(
+            [
+                self.origin_px[0] + (cols + 0.5) * self.pixel_px,
+                self.origin_px[1] + (rows + 0.5) * self.pixel_px,
+            ]
+        )
+
+
+def pixel_grid(
+    coords_px: np.ndarray, pitch_px: float, factor: int, *, origin_px: tuple[float, float] | None = None
+) -> PixelGrid:
+    """The grid of pixels ``pitch_px / factor`` wide that covers every spot with a margin of one pitch.
+
+    ``origin_px`` anchors the grid (a pixel corner lies on it, e.g. to match a truth grid); the grid then
+    extends by whole pixels to cover the spots.
+    """
+    if factor < 1:
+        raise ValueError(f"the super-resolution factor must be at least 1, got {factor}")
+    size = pitch_px / factor
+    low = coords_px.min(axis=0) - pitch_px
+    high = coords_px.max(axis=0) + pitch_px
+    if origin_px is None:
+        start = low
+    else:
+        anchor = np.asarray(origin_px, dtype=np.float64)
+        start = anchor + np.floor((low - anchor) / size) * size
+    n_cols, n_rows = (int(math.ceil((high[k] - start[k]) / size)) for k in range(2))
+    return PixelGrid((float(start[0]), float(start[1])), float(size), n_rows, n_cols)
+
+
+def aggregation_matrix(
+    grid: PixelGrid,
+    coords_px: np.ndarray,
+    radius_px: float,
+    pixels: np.ndarray,
+    *,
+    supersample: int = 5,
+) -> sp.csr_matrix:
+    r"""``(S, P)`` aggregation operator :math:`A`: share of pixel ``pixels[p]``'s area inside spot ``s``.
+
+    Each pixel is sampled at ``supersample x supersample`` evenly spaced points; :math:`A_{sp}` is the share of
+    them within ``radius_px`` of the spot centre (module docstring). Columns follow ``pixels`` (flat grid
+    indices of the tissue pixels), so :math:`A` sums tissue pixels only.
+    """
+    pixels = np.asarray(pixels, dtype=np.int64)
+    column_of = np.full(grid.n_pixels, -1, dtype=np.int64)
+    column_of[pixels] = np.arange(pixels.size)
+    offsets = (np.arange(supersample) + 0.5) / supersample
+    rows_list, cols_list, vals_list = [], [], []
+    reach = int(math.ceil(radius_px / grid.pixel_px)) + 1
+    dr, dc = (d.ravel() for d in np.mgrid[-reach : reach + 1, -reach : reach + 1])
+    ox, oy = np.meshgrid(offsets, offsets)
+    ox, oy = ox.ravel(), oy.ravel()
+    for start in range(0, coords_px.shape[0], 4096):
+        centres = coords_px[start : start + 4096]
+        row0 = np.floor((centres[:, 1] - grid.origin_px[1]) / grid.pixel_px).astype(np.int64)
+        col0 = np.floor((centres[:, 0] - grid.origin_px[0]) / grid.pixel_px).astype(np.int64)
+        rows, cols = row0[:, None] + dr[None, :], col0[:, None] + dc[None, :]
+        # (spots, pixels, points) distances from the spot centre
+        x = grid.origin_px[0] + (cols[..., None] + ox) * grid.pixel_px - centres[:, None, None, 0]
+        y = grid.origin_px[1] + (rows[..., None] + oy) * grid.pixel_px - centres[:, None, None, 1]
+        share = np.mean(x * x + y * y <= radius_px * radius_px, axis=2)
+        valid = (share > 0) & (rows >= 0) & (rows < grid.n_rows) & (cols >= 0) & (cols < grid.n_cols)
+        flat = np.where(valid, rows * grid.n_cols + cols, 0)
+        column = np.where(valid, column_of[flat], -1)
+        keep = column >= 0
+        spot = np.broadcast_to(np.arange(start, start + centres.shape[0])[:, None], keep.shape)
+        rows_list.append(spot[keep])
+        cols_list.append(column[keep])
+        vals_list.append(share[keep])
+    return sp.csr_matrix(
+        (np.concatenate(vals_list), (np.concatenate(rows_list), np.concatenate(cols_list))),
+        shape=(coords_px.shape[0], pixels.size),
+        dtype=np.float64,
+    )
+
+
+def tissue_pixels(
+    grid: PixelGrid,
+    coords_px: np.ndarray,
+    tissue: np.ndarray,
+    pitch_px: float,
+    radius_px: float,
+    *,
+    image_mask: np.ndarray | None = None,
+    image_scalef: float = 1.0,
+) -> np.ndarray:
+    """Flat indices of the tissue pixels :math:`\\mathcal T` (module docstring), sorted.
+
+    Parameters
+    ----------
+    image_mask
+        Boolean H&E tissue mask in the image's pixels (``image_scalef`` image pixels per full-resolution
+        pixel); ignored when it covers no tissue spot.
+    """
+    centres = grid.centres_px()
+    distance, nearest = cKDTree(coords_px).query(centres, k=1)
+    mask = tissue[nearest] & (distance <= pitch_px)
+    if image_mask is not None and image_mask.any():
+        rows = np.clip(
+            np.round(centres[:, 1] * image_scalef - 0.5).astype(np.int64), 0, image_mask.shape[0] - 1
+        )
+        cols = np.clip(
+            np.round(centres[:, 0] * image_scalef - 0.5).astype(np.int64), 0, image_mask.shape[1] - 1
+        )
+        on_image = image_mask[rows, cols]
+        if (on_image & mask).any():
+            mask &= on_image
+    # The footprint of a tissue spot is tissue: its corrected value counts molecules under all of it.
+    tissue_idx = np.flatnonzero(tissue)
+    if tissue_idx.size:
+        footprint = aggregation_matrix(grid, coords_px[tissue_idx], radius_px, np.arange(grid.n_pixels))
+        mask[np.unique(footprint.indices)] = True
+    return np.flatnonzero(mask)
+
+
+# --------------------------------------------------------------------------------------------- image
+
+
+def image_features(
+    image: np.ndarray,
+    scalef: float,
+    grid: PixelGrid,
+    *,
+    pitch_px: float | None = None,
+    context: Sequence[float] = CONTEXT_PITCHES,
+) -> np.ndarray:
+    r"""``(F, H, W)`` float32 histology features of each grid pixel, standardised per channel.
+
+    The image (RGB in ``[0, 1]``, ``scalef`` image pixels per full-resolution pixel) is sampled bilinearly
+    at ``k x k`` points per grid pixel (``k`` the image pixels per grid pixel, between 2 and 8). Per stain
+    channel (haematoxylin, eosin and DAB optical densities of :func:`skimage.color.rgb2hed`, and the grey
+    intensity): the pixel's mean and standard deviation (texture: nuclei), and the mean blurred by Gaussians
+    of ``context`` spot pitches (tissue context), with the standard deviation blurred at the middle scale;
+    ``4 (3 + len(context))`` channels. The blurs are the fixed first layer of the model's network
+    (:class:`SuperResConfig`): a scale-space filter bank, the same physical scales at every factor.
+    """
+    from skimage.color import rgb2hed
+
+    pitch_px = grid.pixel_px if pitch_px is None else pitch_px
+    rgb = np.clip(np.asarray(image, dtype=np.float64)[..., :3], 1e-3, 1.0)
+    stains = np.concatenate([rgb2hed(rgb), (1.0 - rgb.mean(axis=2))[..., None]], axis=2)
+    samples = int(np.clip(math.ceil(grid.pixel_px * scalef), 2, 8))
+    offsets = (np.arange(samples) + 0.5) / samples
+    rr = (np.arange(grid.n_rows)[:, None] + offsets[None, :]).ravel()
+    cc = (np.arange(grid.n_cols)[:, None] + offsets[None, :]).ravel()
+    y = (grid.origin_px[1] + rr * grid.pixel_px) * scalef - 0.5
+    x = (grid.origin_px[0] + cc * grid.pixel_px) * scalef - 0.5
+    yy, xx = np.meshgrid(y, x, indexing="ij")
+    means, stds = [], []
+    for k in range(stains.shape[2]):
+        sampled = ndimage.map_coordinates(stains[..., k], [yy, xx], order=1, mode="nearest")
+        blocks = sampled.reshape(grid.n_rows, samples, grid.n_cols, samples)
+        means.append(blocks.mean(axis=(1, 3)))
+        stds.append(blocks.std(axis=(1, 3)))
+    stack = means + stds
+    sigmas = [c * pitch_px / grid.pixel_px for c in context]
+    for sigma in sigmas:
+        stack += [ndimage.gaussian_filter(mean, sigma, mode="nearest") for mean in means]
+    middle = sigmas[len(sigmas) // 2]
+    stack += [ndimage.gaussian_filter(std, middle, mode="nearest") for std in stds]
+    features = np.stack(stack).astype(np.float64)
+    centre = features.mean(axis=(1, 2), keepdims=True)
+    spread = features.std(axis=(1, 2), keepdims=True)
+    return ((features - centre) / np.where(spread > 1e-12, spread, 1.0)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class SuperResConfig:
+    """Settings of :func:`superresolve`.
+
+    Attributes
+    ----------
+    epochs, learning_rate, weight_decay
+        AdamW training of the network, full batch (all spots and genes at once).
+    hidden, embedding
+        Width of the network's hidden layers and of the per-pixel embedding :math:`h_p`.
+    lambda_agg, lambda_modal
+        Weights of the aggregation-consistency and cross-modal contrastive terms (the seed's Table 1: 2, 1).
+    temperature
+        InfoNCE temperature :math:`\\tau`.
+    gain_sigma
+        Width of the gain field's Gaussian weights, in spot pitches.
+    supersample
+        Points per pixel side in the aggregation operator.
+    seed
+        Seed of the network's initialisation.
+    device
+        ``cpu``, ``cuda`` or ``auto`` (a GPU when there is one).
+    threads
+        CPU threads of PyTorch during the call (default: PyTorch's own setting); 1 is fastest on a busy
+        machine, where threads wait for each other.
+    """
+
+    epochs: int = 300
+    learning_rate: float = 1e-2
+    weight_decay: float = 1e-5
+    hidden: int = 64
+    embedding: int = 16
+    lambda_agg: float = 2.0
+    lambda_modal: float = 1.0
+    temperature: float = 0.1
+    gain_sigma: float = 0.5
+    supersample: int = 5
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+
+
+def _network(n_features: int, config: SuperResConfig, n_genes: int):
+    import torch
+    from torch import nn
+
+    class SuperResNet(nn.Module):
+        """Per-pixel network on the scale-space features: two hidden layers (1 x 1 convolutions after the
+        fixed filter bank), the embedding :math:`h_p`, gene heads and the contrastive projection heads."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            h, d = config.hidden, config.embedding
+            self.body = nn.Sequential(
+                nn.Linear(n_features, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, d)
+            )
+            self.genes = nn.Linear(d, n_genes)
+            self.image_projection = nn.Linear(d, d)
+            self.expression_encoder = nn.Sequential(nn.Linear(n_genes, 64), nn.GELU(), nn.Linear(64, d))
+
+        def embed(self, features: torch.Tensor) -> torch.Tensor:
+            """``(P, F)`` features of pixels -> ``(P, D)`` embeddings."""
+            return self.body(features)
+
+    return SuperResNet()
+
+
+@dataclass
+class SuperResResult:
+    """Super-resolved maps of one sample.
+
+    Attributes
+    ----------
+    maps
+        ``(P, G)`` float32 expected molecules per tissue pixel (zero outside tissue by construction).
+    network
+        ``(P, G)`` float32 maps as the network predicts them, before the projection onto the spots.
+    genes
+        Gene names.
+    grid
+        The pixel grid; ``pixels`` the flat indices of its tissue pixels (rows of ``maps``).
+    factor
+        Pixels per spot pitch.
+    aggregation
+        ``(S, P)`` operator :math:`A` (CSR), spots in ``adata`` order.
+    spot_values
+        ``(S, G)`` spot values the maps aggregate to.
+    loss_history
+        ``epoch``, ``total``, ``aggregation``, ``modal``.
+    seconds
+        Wall time of training and projection.
+    """
+
+    maps: np.ndarray
+    network: np.ndarray
+    genes: list[str]
+    grid: PixelGrid
+    pixels: np.ndarray
+    factor: int
+    aggregation: sp.csr_matrix
+    spot_values: np.ndarray
+    loss_history: pd.DataFrame
+    config: SuperResConfig
+    seconds: float = 0.0
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def aggregate(self, maps: np.ndarray | None = None) -> np.ndarray:
+        """``A @ maps`` (default: the result's maps): the spots' values the maps imply."""
+        return np.asarray(self.aggregation @ np.asarray(self.maps if maps is None else maps, np.float64))
+
+    def dense(self, gene: str | int) -> np.ndarray:
+        """``(H, W)`` image of one gene's map, zero outside tissue."""
+        column = self.genes.index(gene) if isinstance(gene, str) else int(gene)
+        image = np.zeros(self.grid.n_pixels, dtype=np.float32)
+        image[self.pixels] = self.maps[:, column]
+        return image.reshape(self.grid.shape)
+
+    def to_anndata(self, adata: AnnData | None = None) -> AnnData:
+        """AnnData of the tissue pixels: ``X`` the maps, ``layers['network']``, ``obs`` ``array_row``,
+        ``array_col``, ``in_tissue``; ``obsm['spatial']`` full-resolution pixel centres; ``uns['spatial']``
+        the sample's images with ``spot_diameter_fullres`` set to the pixel size, so that
+        ``scanpy.pl.spatial`` draws it; ``uns['superres']`` the grid and settings."""
+        rows, cols = self.grid.indices(self.pixels)
+        obs = pd.DataFrame(
+            {"array_row": rows, "array_col": cols, "in_tissue": np.ones(rows.size, dtype=bool)},
+            index=pd.Index([f"px_{r:05d}_{c:05d}" for r, c in zip(rows, cols, strict=True)]),
+        )
+        var = pd.DataFrame(index=pd.Index(self.genes))
+        uns: dict[str, Any] = {
+            "superres": {
+                "factor": int(self.factor),
+                "origin_px": list(self.grid.origin_px),
+                "pixel_px": float(self.grid.pixel_px),
+                "n_rows": int(self.grid.n_rows),
+                "n_cols": int(self.grid.n_cols),
+                "seconds": float(self.seconds),
+                "device": self.device,
+                "config": {k: v for k, v in asdict(self.config).items()},
+                "aggregation": "A_sp = share of pixel p's area within the spot's disc",
+            },
+            "loss_history": self.loss_history,
+        }
+        if adata is not None and "spatial" in adata.uns:
+            sample_id = adata.uns.get("undiffuse", {}).get("sample_id") or next(iter(adata.uns["spatial"]))
+            library = adata.uns["spatial"][sample_id]
+            scalefactors = dict(library.get("scalefactors", {}))
+            scalefactors["spot_diameter_fullres"] = float(self.grid.pixel_px)
+            uns["spatial"] = {
+                sample_id: {
+                    "images": dict(library.get("images", {})),
+                    "scalefactors": scalefactors,
+                    "metadata": dict(library.get("metadata", {})),
+                }
+            }
+            uns["undiffuse"] = {**dict(adata.uns.get("undiffuse", {})), "sample_id": sample_id}
+        return AnnData(
+            X=self.maps.astype(np.float32),
+            obs=obs,
+            var=var,
+            layers={"network": self.network.astype(np.float32)},
+            obsm={"spatial": self.grid.centres_px(self.pixels)},
+            uns=uns,
+        )
+
+
+def _source(adata: AnnData) -> str | None:
+    return adata.uns.get("undiffuse", {}).get("source") if "undiffuse" in adata.uns else None
+
+
+def sample_image(adata: AnnData) -> tuple[np.ndarray, float] | None:
+    """The sample's best H&E image (hires, else lowres) and its scale factor, or None."""
+    sample_id = adata.uns.get("undiffuse", {}).get("sample_id")
+    spatial = adata.uns.get("spatial", {})
+    if not spatial:
+        return None
+    library = spatial.get(sample_id) if sample_id in spatial else next(iter(spatial.values()))
+    for key in ("hires", "lowres"):
+        image = library.get("images", {}).get(key)
+        if image is not None and np.asarray(image).size:
+            return np.asarray(image), float(library["scalefactors"][f"tissue_{key}_scalef"])
+    return None
+
+
+def spot_inputs(
+    adata: AnnData, genes: Sequence[str] | None = None, layer: str | None = None
+) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, float, float]:
+    """Spot values, genes, tissue mask, centres, pitch and footprint radius (full-resolution pixels).
+
+    Spot values come from ``layer``, else layer ``corrected``, else ``X``; the tissue from ``obs['tissue']``,
+    else ``obs['in_tissue']``.
+
+    Raises
+    ------
+    InputError
+        Missing genes, coordinates or tissue calls, or values that are negative or not finite.
+    """
+    from .spatial import spot_pitch
+
+    source = _source(adata)
+    if "spatial" not in adata.obsm:
+        raise InputError(source, "no spot coordinates (obsm['spatial']); read the sample with undiffuse")
+    genes = list(adata.var_names if genes is None else genes)
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        raise InputError(source, f"genes not in the sample: {missing[:5]}; pass genes that it measures")
+    if not genes:
+        raise InputError(source, "no gene to super-resolve; pass at least one gene")
+    if layer is None and "corrected" in adata.layers:
+        layer = "corrected"
+    if layer is not None and layer not in adata.layers:
+        raise InputError(source, f"no layer {layer!r}; use one of {list(adata.layers)} or X")
+    view = adata[:, genes]
+    matrix = view.X if layer is None else view.layers[layer]
+    values = np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=np.float64)
+    if not np.all(np.isfinite(values)) or (values < 0).any():
+        raise InputError(source, "spot values must be finite and non-negative; pass the corrected sample")
+    column = "tissue" if "tissue" in adata.obs else "in_tissue" if "in_tissue" in adata.obs else None
+    if column is None:
+        raise InputError(source, "no tissue calls (obs['tissue'] or obs['in_tissue']); run undiffuse prepare")
+    tissue = adata.obs[column].to_numpy(dtype=bool)
+    if not tissue.any():
+        raise InputError(source, "no spot is in tissue; check the tissue calls of the sample")
+    coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    pitch = adata.uns.get("undiffuse", {}).get("spot_pitch_px") or spot_pitch(coords)
+    diameter = None
+    image = sample_image(adata)
+    if image is not None or "spatial" in adata.uns:
+        for library in adata.uns.get("spatial", {}).values():
+            diameter = library.get("scalefactors", {}).get("spot_diameter_fullres", diameter)
+    radius = 0.55 * float(pitch) / 2 if not diameter else float(diameter) / 2
+    return values, genes, tissue, coords, float(pitch), radius
+
+
+def _gain_weights(
+    pixel_centres: np.ndarray, coords: np.ndarray, spots: np.ndarray, sigma: float
+) -> sp.csr_matrix:
+    """``(P, S)`` row-normalised Gaussian weights of the spots ``spots`` within 3 sigma of each pixel."""
+    tree = cKDTree(coords[spots])
+    pairs = tree.sparse_distance_matrix(cKDTree(pixel_centres), 3.0 * sigma, output_type="coo_matrix")
+    weights = sp.csr_matrix(
+        (np.exp(-0.5 * (pairs.data / sigma) ** 2) + 1e-12, (pairs.col, spots[pairs.row])),
+        shape=(pixel_centres.shape[0], coords.shape[0]),
+    )
+    # Exact zero distances are dropped by the sparse distance matrix: add them back.
+    distance, nearest = tree.query(pixel_centres, k=1)
+    exact = distance == 0
+    if exact.any():
+        weights = weights + sp.csr_matrix(
+            (np.ones(exact.sum()), (np.flatnonzero(exact), spots[nearest[exact]])), shape=weights.shape
+        )
+    # Pixels beyond every spot's reach take the nearest spot's gain.
+    far = np.asarray(weights.sum(axis=1)).ravel() <= 0
+    if far.any():
+        weights = weights + sp.csr_matrix(
+            (np.ones(far.sum()), (np.flatnonzero(far), spots[nearest[far]])), shape=weights.shape
+        )
+    norm = np.asarray(weights.sum(axis=1)).ravel()
+    return sp.diags(1.0 / norm) @ weights
+
+
+def project(
+    maps: np.ndarray,
+    aggregation: sp.csr_matrix,
+    spot_values: np.ndarray,
+    *,
+    tol: float = 1e-7,
+    max_iter: int = 500,
+) -> np.ndarray:
+    r"""Make ``maps`` aggregate exactly to ``spot_values``: :math:`A x_g = y_g` on every spot with a footprint.
+
+    Iterative proportional fitting, :math:`x_{pg} \leftarrow x_{pg} \sum_s A_{sp} r_{sg} / \sum_s A_{sp}`
+    with :math:`r_{sg} = y_{sg} / (A x_g)_s`, on the pixels under some footprint; pixels outside every
+    footprint are left alone. When footprints do not overlap (Visium) one step is exact. A footprint whose
+    map is zero first receives :math:`y_{sg} / \sum_p A_{sp}` on each of its pixels.
+
+    Returns
+    -------
+    ``(P, G)`` float64 maps.
+    """
+    x = np.array(maps, dtype=np.float64)
+    y = np.asarray(spot_values, dtype=np.float64)
+    area = np.asarray(aggregation.sum(axis=1)).ravel()
+    has = area > 0
+    cover = np.asarray(aggregation.sum(axis=0)).ravel()
+    under = cover > 0
+    col_norm = sp.diags(np.divide(1.0, cover, out=np.zeros_like(cover), where=under))
+    spread = aggregation.T.tocsr()
+    current = aggregation @ x
+    empty = (current <= 0) & (y > 0) & has[:, None]
+    if empty.any():
+        fill = np.where(empty, y / np.where(has, area, 1.0)[:, None], 0.0)
+        footprint = (spread > 0).astype(np.float64)
+        x += footprint @ fill
+        current = aggregation @ x
+    for _ in range(max_iter):
+        ratio = np.divide(y, current, out=np.ones_like(y), where=current > 0)
+        ratio[~has] = 1.0
+        factor = col_norm @ (spread @ ratio)
+        x[under] *= factor[under]
+        current = aggregation @ x
+        scale = np.maximum(np.abs(y).max(axis=0), 1e-300)
+        if np.max(np.abs(current[has] - y[has]) / scale) <= tol:
+            break
+    return x
+
+
+def superresolve(
+    adata: AnnData,
+    *,
+    factor: int = 10,
+    genes: Sequence[str] | None = None,
+    layer: str | None = None,
+    image: np.ndarray | None = None,
+    image_scalef: float | None = None,
+    origin_px: tuple[float, float] | None = None,
+    config: SuperResConfig | None = None,
+    progress: bool = False,
+    **overrides: Any,
+) -> SuperResResult:
+    """Super-resolve the corrected spot maps of a sample with its H&E image (module docstring).
+
+    Parameters
+    ----------
+    adata
+        Corrected sample (``corrected.h5ad`` or :meth:`CorrectionResult.to_anndata`): spots x genes with
+        ``obsm['spatial']``, tissue calls and the image in ``uns['spatial']``.
+    factor
+        Pixels per spot pitch (5: 20 um pixels on Visium, 10: 10 um).
+    genes
+        Genes to super-resolve (default: all).
+    layer
+        Spot values (default: layer ``corrected`` when present, else ``X``).
+    image, image_scalef
+        H&E image (RGB in [0, 1]) and its pixels per full-resolution pixel (default: the sample's hires or
+        lowres image).
+    origin_px
+        A corner of the grid, in full-resolution pixels (default: one pitch beyond the spots' bounding box).
+    config, **overrides
+        :class:`SuperResConfig` and any of its fields.
+
+    Returns
+    -------
+    SuperResResult
+
+    Raises
+    ------
+    InputError
+        The sample lacks coordinates, tissue calls, an image or the genes, or holds invalid values.
+    """
+    import torch
+
+    config = SuperResConfig(**{**asdict(config or SuperResConfig()), **overrides})
+    if factor < 1:
+        raise InputError(_source(adata), f"the super-resolution factor must be at least 1, got {factor}")
+    values, genes, tissue, coords, pitch, radius = spot_inputs(adata, genes, layer)
+    if image is None:
+        found = sample_image(adata)
+        if found is None:
+            raise InputError(
+                _source(adata), "no H&E image in uns['spatial']; super-resolution needs the tissue image"
+            )
+        image, image_scalef = found
+    image = np.asarray(image, dtype=np.float64)
+    if image.max() > 1.0:
+        image = image / 255.0
+    image_scalef = 1.0 if image_scalef is None else float(image_scalef)
+    start = time.perf_counter()
+    device = torch.device(
+        "cuda"
+        if config.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if config.device == "auto"
+        else config.device
+    )
+    torch.manual_seed(config.seed)
+    previous_threads = torch.get_num_threads()
+    if config.threads is not None and device.type == "cpu":
+        torch.set_num_threads(int(config.threads))
+    try:
+        return _fit(
+            adata,
+            values,
+            genes,
+            tissue,
+            coords,
+            pitch,
+            radius,
+            image,
+            image_scalef,
+            factor,
+            origin_px,
+            config,
+            device,
+            progress,
+            start,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _fit(
+    adata,
+    values,
+    genes,
+    tissue,
+    coords,
+    pitch,
+    radius,
+    image,
+    image_scalef,
+    factor,
+    origin_px,
+    config,
+    device,
+    progress,
+    start,
+) -> SuperResResult:
+    """The body of :func:`superresolve`, once its inputs are checked."""
+    import torch
+
+    from .tissue import image_tissue_pixels
+
+    grid = pixel_grid(coords, pitch, factor, origin_px=origin_px)
+    mask = image_tissue_pixels(image, spot_radius_px=radius * image_scalef) if image.ndim == 3 else None
+    pixels = tissue_pixels(grid, coords, tissue, pitch, radius, image_mask=mask, image_scalef=image_scalef)
+    A = aggregation_matrix(grid, coords, radius, pixels, supersample=config.supersample)
+    values = np.where(tissue[:, None], values, 0.0)  # off-tissue spots have no tissue pixel to hold values
+    features = image_features(image, image_scalef, grid, pitch_px=pitch)
+    features = features.reshape(features.shape[0], -1).T[pixels]  # (P, F) over tissue pixels
+
+    # Training data: tissue spots whose footprint holds tissue pixels.
+    area = np.asarray(A.sum(axis=1)).ravel()
+    train = np.flatnonzero(tissue & (area > 0))
+    A_train = A[train]
+    used = np.unique(A_train.indices)
+    A_used = A_train[:, used].tocoo()
+    scale = np.maximum(values[train].mean(axis=0), 1e-6)
+    target = np.log1p(values[train] / scale)
+    net = _network(features.shape[1], config, len(genes)).to(device)
+    with torch.no_grad():
+        density = values[train].sum(axis=0) / max(area[train].sum(), 1e-12)
+        net.genes.bias.copy_(torch.as_tensor(np.log(np.maximum(density, 1e-6)), dtype=torch.float32))
+        net.genes.weight.mul_(0.1)
+    feats_used = torch.as_tensor(features[used], device=device)
+    A_t = (
+        torch.sparse_coo_tensor(
+            torch.as_tensor(np.vstack([A_used.row, A_used.col]), dtype=torch.int64),
+            torch.as_tensor(A_used.data, dtype=torch.float32),
+            size=A_used.shape,
+            check_invariants=True,
+        )
+        .coalesce()
+        .to(device)
+    )
+    area_t = torch.as_tensor(area[train], dtype=torch.float32, device=device)[:, None]
+    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=device)
+    target_t = torch.as_tensor(target, dtype=torch.float32, device=device)
+    labels = torch.arange(train.size, device=device)
+    optimiser = torch.optim.AdamW(
+        net.parameters(),
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
+    history = []
+    from tqdm.auto import tqdm
+
+    for epoch in tqdm(range(config.epochs), desc="superres", disable=None if progress else True):
+        optimiser.zero_grad()
+        h = net.embed(feats_used)
+        log_x = net.genes(h).clamp(max=30.0)
+        pred = torch.sparse.mm(A_t, torch.exp(log_x))
+        agg = torch.mean((torch.log1p(pred / scale_t) - target_t) ** 2)
+        loss = config.lambda_agg * agg
+        modal = torch.zeros((), device=device)
+        if config.lambda_modal > 0 and train.size > 1:
+            pooled = torch.sparse.mm(A_t, h) / area_t
+            u = torch.nn.functional.normalize(net.image_projection(pooled), dim=1)
+            v = torch.nn.functional.normalize(net.expression_encoder(target_t), dim=1)
+            logits = u @ v.T / config.temperature
+            modal = 0.5 * (
+                torch.nn.functional.cross_entropy(logits, labels)
+                + torch.nn.functional.cross_entropy(logits.T, labels)
+            )
+            loss = loss + config.lambda_modal * modal
+        loss.backward()
+        optimiser.step()
+        history.append((epoch, loss.item(), agg.item(), modal.item()))
+
+    with torch.no_grad():
+        network = np.concatenate(
+            [
+                torch.exp(net.genes(net.embed(torch.as_tensor(chunk, device=device))).clamp(max=30.0))
+                .cpu()
+                .numpy()
+                for chunk in np.array_split(features, max(1, features.shape[0] // 65536))
+            ]
+        ).astype(np.float64)
+    # Gain field: smooth interpolation of the log ratio between the spots and the network's aggregation.
+    current = A @ network
+    eps = 0.1 * np.maximum(values[train].mean(axis=0), 1e-6)
+    log_ratio = np.log((values + eps) / (current + eps))
+    weights = _gain_weights(grid.centres_px(pixels), coords, train, config.gain_sigma * pitch)
+    maps = project(network * np.exp(weights @ log_ratio), A, values)
+    seconds = time.perf_counter() - start
+    return SuperResResult(
+        maps=maps.astype(np.float32),
+        network=network.astype(np.float32),
+        genes=genes,
+        grid=grid,
+        pixels=pixels,
+        factor=int(factor),
+        aggregation=A,
+        spot_values=values,
+        loss_history=pd.DataFrame(history, columns=["epoch", "total", "aggregation", "modal"]),
+        config=config,
+        seconds=seconds,
+        device=str(device),
+    )
+
+
+# --------------------------------------------------------------------------------------------- baselines
+
+
+def _densities(values: np.ndarray, radius_px: float) -> np.ndarray:
+    """Spot values -> molecules per full-resolution pixel area (spot value over the footprint's area)."""
+    return values / (math.pi * radius_px * radius_px)
+
+
+def nearest_spot(
+    grid: PixelGrid, pixels: np.ndarray, coords: np.ndarray, values: np.ndarray, radius_px: float
+) -> np.ndarray:
+    """Baseline: each pixel takes the density of its nearest spot, times the pixel's area."""
+    _, nearest = cKDTree(coords).query(grid.centres_px(pixels), k=1)
+    return _densities(values, radius_px)[nearest] * grid.pixel_px**2
+
+
+def bicubic(
+    grid: PixelGrid, pixels: np.ndarray, coords: np.ndarray, values: np.ndarray, radius_px: float
+) -> np.ndarray:
+    """Baseline: piecewise cubic (Clough-Tocher) interpolation of the spot densities at the pixel centres,
+    the bicubic upsampling of a map on Visium's hexagonal lattice; negative values clipped to zero, pixels
+    beyond the spots' hull take the nearest spot."""
+    from scipy.interpolate import CloughTocher2DInterpolator
+
+    centres = grid.centres_px(pixels)
+    density = _densities(values, radius_px)
+    out = CloughTocher2DInterpolator(coords, density, fill_value=np.nan)(centres)
+    out = np.asarray(out, dtype=np.float64).reshape(centres.shape[0], -1)
+    missing = ~np.isfinite(out).all(axis=1)
+    if missing.any():
+        _, nearest = cKDTree(coords).query(centres[missing], k=1)
+        out[missing] = density[nearest]
+    return np.clip(out, 0.0, None) * grid.pixel_px**2
+
+
+def guided_filter(
+    grid: PixelGrid,
+    pixels: np.ndarray,
+    upsampled: np.ndarray,
+    guide: np.ndarray,
+    *,
+    radius: int,
+    eps: float = 1e-2,
+) -> np.ndarray:
+    r"""Baseline: He et al.'s guided filter of an upsampled map (e.g. :func:`bicubic`) with the H&E as guide.
+
+    With box means over windows of ``2 radius + 1`` pixels, :math:`a = \mathrm{cov}(I, p) / (\mathrm{var}(I)
+    + \epsilon)`, :math:`b = \bar p - a \bar I` and :math:`q = \bar a I + \bar b`; the guide :math:`I` is
+    ``guide`` (``(H, W)``, standardised), each gene is filtered on its own scale (divided by its mean) and
+    clipped at zero; pixels outside tissue stay zero.
+
+    Returns
+    -------
+    ``(P, G)`` filtered maps on ``pixels``.
+    """
+    size = 2 * radius + 1
+    inside = np.zeros(grid.n_pixels, dtype=np.float64)
+    inside[pixels] = 1.0
+    inside = inside.reshape(grid.shape)
+
+    def box(a: np.ndarray) -> np.ndarray:
+        # Mean over the tissue pixels of each window (normalised convolution).
+        num = ndimage.uniform_filter(a * inside, size=size, mode="constant")
+        den = ndimage.uniform_filter(inside, size=size, mode="constant")
+        return np.divide(num, den, out=np.zeros_like(num), where=den > 1e-9)
+
+    guide = np.asarray(guide, dtype=np.float64)
+    guide = (guide - guide[inside > 0].mean()) / max(guide[inside > 0].std(), 1e-12)
+    mean_i = box(guide)
+    var_i = box(guide * guide) - mean_i**2
+    out = np.zeros_like(upsampled, dtype=np.float64)
+    for g in range(upsampled.shape[1]):
+        level = max(float(upsampled[:, g].mean()), 1e-12)
+        p = np.zeros(grid.n_pixels)
+        p[pixels] = upsampled[:, g] / level
+        p = p.reshape(grid.shape)
+        mean_p = box(p)
+        a = (box(guide * p) - mean_i * mean_p) / (var_i + eps)
+        b = mean_p - a * mean_i
+        q = box(a) * guide + box(b)
+        out[:, g] = np.clip(q.ravel()[pixels], 0.0, None) * level
+    return out
+
+
+# --------------------------------------------------------------------------------------------- cell types
+
+
+def pixel_cell_types(maps: np.ndarray, genes: Sequence[str], markers: pd.DataFrame) -> pd.DataFrame:
+    """Cell type and score of every pixel, as the seed's section 4 defines it: each marker's map min-max
+    scaled over the tissue pixels, the mean over a type's markers, argmax and its score
+    (:mod:`undiffuse.celltypes`).
+
+    Returns
+    -------
+    DataFrame (one row per row of ``maps``): ``cell_type``, ``score`` and ``score_{type}`` per type.
+    """
+    from .celltypes import assign_types, marker_sets, type_scores
+
+    sets = marker_sets(markers, list(genes))
+    if not sets:
+        raise ValueError("none of the marker genes is among the super-resolved genes")
+    column_of = {g: k for k, g in enumerate(genes)}
+    used = sorted({g for members in sets.values() for g in members})
+    scores = type_scores(np.asarray(maps)[:, [column_of[g] for g in used]], used, sets)
+    return assign_types(scores).join(scores.add_prefix("score_"))
+
+
+def write_result(result: SuperResResult, adata: AnnData, path: str | Path) -> Path:
+    """Write the result's AnnData (:meth:`SuperResResult.to_anndata`) atomically."""
+    from .atomic import atomic_path
+
+    out = result.to_anndata(adata)
+    with atomic_path(path) as tmp:
+        out.write_h5ad(tmp, compression="gzip")
+    return Path(path)
