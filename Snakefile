@@ -23,6 +23,7 @@ include: "rules/prepare.smk"
 include: "rules/quantiles.smk"
 include: "rules/correct.smk"
 include: "rules/merge.smk"
+include: "rules/superres.smk"
 
 
 if REPORT_RULES.exists():
@@ -34,3 +35,4 @@ rule all:
     default_target: True
     input:
         all_outputs(),
+        SUPERRES_TARGETS,

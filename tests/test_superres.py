@@ -272,3 +272,24 @@ def test_cli_writes_pixels_and_reports_bad_input(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "no_image.h5ad" in error and "H&E image" in error
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_report_figures_and_most_changed_genes(result_5x, tmp_path):
+    from undiffuse.superres import most_changed_genes, plot_cell_types, plot_maps
+
+    adata, result = result_5x
+    changed = adata.copy()
+    changed.layers["counts"] = adata.X.toarray()
+    moved = adata.X.toarray()
+    moved[:, 2] *= 3.0
+    changed.layers["corrected"] = moved
+    assert most_changed_genes(changed, result.genes, 1) == ["g2"]
+    assert most_changed_genes(adata, result.genes, 2) == ["g0", "g1"]
+    markers = pd.DataFrame({"cell_type": ["A", "B"], "gene": ["g0", "g1"]})
+    typed = pixel_cell_types(result.maps, result.genes, markers)
+    assert len(typed) == result.pixels.size and set(typed["cell_type"]) <= {"A", "B"}
+    for path in (
+        plot_maps(result, adata, ["g0", "g1"], tmp_path / "maps.png"),
+        plot_cell_types(result, adata, typed, tmp_path / "types.png"),
+    ):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -919,3 +919,111 @@ def write_result(result: SuperResResult, adata: AnnData, path: str | Path) -> Pa
     with atomic_path(path) as tmp:
         out.write_h5ad(tmp, compression="gzip")
     return Path(path)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def most_changed_genes(adata: AnnData, genes: Sequence[str], n: int) -> list[str]:
+    """The ``n`` genes the correction moved most (:func:`undiffuse.metrics.relative_change` between layers
+    ``counts`` and ``corrected``); the first ``n`` of ``genes`` when the layers are absent."""
+    from .metrics import relative_change
+
+    genes = list(genes)
+    if "counts" not in adata.layers or "corrected" not in adata.layers:
+        return genes[:n]
+    view = adata[:, genes]
+    before, after = (
+        np.asarray(m.toarray() if sp.issparse(m) else m, np.float64)
+        for m in (view.layers["counts"], view.layers["corrected"])
+    )
+    order = np.argsort(-relative_change(before, after), kind="stable")
+    return [genes[k] for k in order[:n]]
+
+
+def _extent(result: SuperResResult, scalef: float) -> list[float]:
+    x0, y0 = result.grid.origin_px
+    side = result.grid.pixel_px
+    return [
+        x0 * scalef,
+        (x0 + result.grid.n_cols * side) * scalef,
+        (y0 + result.grid.n_rows * side) * scalef,
+        y0 * scalef,
+    ]
+
+
+def plot_maps(result: SuperResResult, adata: AnnData, genes: Sequence[str], path: str | Path) -> Path:
+    """Figure: each gene's super-resolved map over the H&E image (pixels outside tissue transparent)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    found = sample_image(adata)
+    genes = list(genes)
+    fig, axes = plt.subplots(1, max(len(genes), 1), figsize=(3.2 * max(len(genes), 1), 3.4), squeeze=False)
+    for ax, gene in zip(axes[0], genes, strict=False):
+        extent = _extent(result, found[1] if found else 1.0)
+        if found:
+            ax.imshow(found[0], extent=None)
+        image = np.ma.masked_where(result.dense(gene) <= 0, result.dense(gene))
+        shown = ax.imshow(image, extent=extent, cmap="magma", alpha=0.85, interpolation="nearest")
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+        ax.set_title(f"{gene} ({result.factor}x)", fontsize=9)
+        ax.set_axis_off()
+        fig.colorbar(shown, ax=ax, fraction=0.046, label="molecules / pixel")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_cell_types(result: SuperResResult, adata: AnnData, typed: pd.DataFrame, path: str | Path) -> Path:
+    """Figure: the cell type of each tissue pixel (seed section 4) and its score, over the H&E image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    from .atomic import atomic_path
+
+    found = sample_image(adata)
+    extent = _extent(result, found[1] if found else 1.0)
+    names = sorted(typed["cell_type"].unique())
+    codes = np.full(result.grid.n_pixels, np.nan)
+    codes[result.pixels] = pd.Categorical(typed["cell_type"], categories=names).codes
+    scores = np.full(result.grid.n_pixels, np.nan)
+    scores[result.pixels] = typed["score"].to_numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    colours = ListedColormap(plt.get_cmap("tab10").colors[: max(len(names), 1)])
+    for ax, values, cmap, title in (
+        (axes[0], codes, colours, f"cell type per pixel ({result.factor}x)"),
+        (axes[1], scores, "viridis", "score of the type"),
+    ):
+        if found:
+            ax.imshow(found[0])
+        shown = ax.imshow(
+            np.ma.masked_invalid(values.reshape(result.grid.shape)),
+            extent=extent,
+            cmap=cmap,
+            interpolation="nearest",
+            alpha=0.9,
+            **({"vmin": -0.5, "vmax": len(names) - 0.5} if ax is axes[0] else {}),
+        )
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+        ax.set_title(title, fontsize=9)
+        ax.set_axis_off()
+        bar = fig.colorbar(shown, ax=ax, fraction=0.046)
+        if ax is axes[0]:
+            bar.set_ticks(range(len(names)), labels=names)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
