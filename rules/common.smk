@@ -21,9 +21,13 @@ envvars:
 
 from undiffuse.chunks import n_chunks, read_gene_list
 from undiffuse.config import (
+    DEFAULT_BIN_SIZE_UM,
+    SIMULATED_HD_INPUT,
     SIMULATED_INPUT,
     correction_options,
+    hd_bin_folder,
     read_sample_sheet,
+    simulation_hd_options,
     simulation_options,
 )
 from undiffuse.errors import InputError
@@ -85,18 +89,44 @@ def sheet_value(sample, column):
 
 
 def is_simulated(sample):
-    return sheet_value(sample, "input") == SIMULATED_INPUT
+    """Simulated by the workflow: a Visium (rule simulate) or a Visium HD sample (rule simulate_hd)."""
+    return sheet_value(sample, "input") in (SIMULATED_INPUT, SIMULATED_HD_INPUT)
+
+
+def is_simulated_hd(sample):
+    return sheet_value(sample, "input") == SIMULATED_HD_INPUT
+
+
+def bin_size(sample):
+    """Bin size in microns of a Visium HD sample (the sheet's bin_size, 8 for simulate_hd rows by default);
+    None for a sample without one (Visium, or an HD square folder named directly)."""
+    value = sheet_value(sample, "bin_size")
+    if value is not None:
+        return int(value)
+    return DEFAULT_BIN_SIZE_UM if is_simulated_hd(sample) else None
 
 
 def simulated_dir(sample):
     return f"{RESULTS}/{sample}/simulated"
 
 
+def simulated_square(sample):
+    """The square_XXXum/ folder of a simulated HD sample that prepare reads."""
+    return (
+        f"{simulated_dir(sample)}/outs/binned_outputs/square_{bin_size(sample):03d}um"
+    )
+
+
 def input_location(sample):
-    """What prepare reads: the simulated outs/ folder, or the sheet's input path."""
+    """What prepare reads: the simulated outs/ or square_XXXum/ folder, or the sheet's input path (for HD
+    with a bin_size: its square_XXXum/ folder)."""
+    if is_simulated_hd(sample):
+        return simulated_square(sample)
     if is_simulated(sample):
         return f"{simulated_dir(sample)}/outs"
-    return str(resolve_path(sheet_value(sample, "input")))
+    return str(
+        hd_bin_folder(resolve_path(sheet_value(sample, "input")), bin_size(sample))
+    )
 
 
 def optional_sheet_path(sample, column):
@@ -112,7 +142,9 @@ def prepare_inputs(wildcards):
     """The files prepare depends on: the simulated matrix (which makes the DAG run simulate first), or the
     sheet's input, plus the optional image and gene list."""
     sample = wildcards.sample
-    if is_simulated(sample):
+    if is_simulated_hd(sample):
+        inputs = {"data": f"{simulated_square(sample)}/raw_feature_bc_matrix.h5"}
+    elif is_simulated(sample):
         inputs = {"data": f"{simulated_dir(sample)}/outs/raw_feature_bc_matrix.h5"}
     else:
         inputs = {"data": input_location(sample)}
@@ -124,17 +156,40 @@ def prepare_inputs(wildcards):
 
 
 def truth_file(wildcards):
-    """The simulated ground truth of a sample, or nothing for a real sample (for report rules)."""
-    if is_simulated(wildcards.sample):
+    """The simulated ground truth of a sample (of its bin size for HD), or nothing for a real sample (for
+    report rules)."""
+    sample = wildcards.sample
+    if is_simulated_hd(sample):
+        return f"{simulated_dir(sample)}/truth/square_{bin_size(sample):03d}um.h5ad"
+    if is_simulated(sample):
         return f"{simulated_dir(wildcards.sample)}/truth.h5ad"
     return []
 
 
+#: Marker table of the report's cell-type maps when the config's report.markers is not set (simulated samples).
+SIMULATED_MARKERS = str(
+    Path(workflow.basedir) / "resources" / "markers" / "simulated.tsv"
+)
+
+
+def report_markers(sample):
+    """Marker table of a sample's cell-type maps: report.markers of the config when set; otherwise the
+    simulator's domains for a simulated Visium sample, the cell types rule simulate_hd wrote for a simulated
+    Visium HD one, and none for a real one."""
+    configured = config["report"].get("markers")
+    if configured:
+        return str(resolve_path(configured))
+    if is_simulated_hd(sample):
+        return f"{simulated_dir(sample)}/markers.tsv"
+    return SIMULATED_MARKERS if is_simulated(sample) else []
+
+
 def simulation_params(wildcards):
     sample = wildcards.sample
-    options = simulation_options(
-        config, sample_id=sample, seed=sheet_value(sample, "seed")
+    options_of = (
+        simulation_hd_options if is_simulated_hd(sample) else simulation_options
     )
+    options = options_of(config, sample_id=sample, seed=sheet_value(sample, "seed"))
     return canonical(options)
 
 
@@ -155,7 +210,8 @@ def chunk_outputs(wildcards):
 def step_benchmarks(wildcards):
     """Benchmark files of the steps before merge (named inputs benchmark_<step>), for the provenance."""
     sample = wildcards.sample
-    steps = (["simulate"] if is_simulated(sample) else []) + [
+    simulate = "simulate_hd" if is_simulated_hd(sample) else "simulate"
+    steps = ([simulate] if is_simulated(sample) else []) + [
         "prepare",
         "init_quantiles",
     ]
@@ -225,6 +281,15 @@ def correct_chunk_mem_mb(wildcards, input, attempt):
     spot_genes = count_spots(input.prepared) * per_spot * genes_at_once
     per_spot_gene = settings["mem_mb_per_million_spot_genes"]
     return int(attempt * (settings["mem_mb"] + per_spot_gene * spot_genes / 1e6))
+
+
+def correct_chunk_runtime(wildcards, input, attempt):
+    """Wall time of a chunk job in minutes: a fixed part plus a part per spot (or HD bin) x gene of the chunk,
+    times the attempt."""
+    settings = RULE_RESOURCES["correct_chunk"]
+    spot_genes = count_spots(input.prepared) * config["correct"]["chunk_size"]
+    per_spot_gene = settings["runtime_per_million_spot_genes"]
+    return int(attempt * (settings["runtime"] + per_spot_gene * spot_genes / 1e6))
 
 
 def all_outputs():

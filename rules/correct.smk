@@ -14,7 +14,7 @@ rule correct_chunk:
     threads: rule_threads("correct_chunk")
     resources:
         mem_mb=correct_chunk_mem_mb,
-        runtime=scaled_runtime("correct_chunk"),
+        runtime=correct_chunk_runtime,
         gpu=1 if config["correct"]["gpu"] else 0,
     params:
         chunk_size=config["correct"]["chunk_size"],

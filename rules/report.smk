@@ -9,21 +9,8 @@ SUMMARY_TEMPLATE = str(
 )
 
 
-#: Marker table of each sample's cell-type maps: report.markers of the config when set; otherwise the
-#: simulator's domains for a simulated sample, and none for a real one.
-CONFIGURED_MARKERS = config["report"].get("markers")
-REPORT_MARKERS = {
-    sample: (
-        str(resolve_path(CONFIGURED_MARKERS))
-        if CONFIGURED_MARKERS
-        else (
-            str(Path(workflow.basedir) / "resources" / "markers" / "simulated.tsv")
-            if is_simulated(sample)
-            else []
-        )
-    )
-    for sample in SAMPLES
-}
+#: Marker table of each sample's cell-type maps (report_markers in rules/common.smk).
+REPORT_MARKERS = {sample: report_markers(sample) for sample in SAMPLES}
 
 #: Key figures of each report (undiffuse.report.KEY_FIGURES), shown by `snakemake --report`.
 REPORT_FIGURES = {

@@ -22,3 +22,38 @@ rule simulate:
         options=simulation_params,
     script:
         "../workflow_scripts/simulate.py"
+
+
+#: Bin folders a simulated Visium HD sample holds (undiffuse.simulate_hd.BIN_SIZES_UM).
+HD_SQUARES = [f"square_{size:03d}um" for size in (2, 8, 16)]
+
+
+rule simulate_hd:
+    """Generate a Visium HD ground-truth sample: Space Ranger binned_outputs/ at 2, 8 and 16 um, the truth of
+    each bin size and the marker table of its cell types (sheet rows whose input is "simulate_hd").
+    """
+    output:
+        matrices=expand(
+            f"{RESULTS}/{{{{sample}}}}/simulated/outs/binned_outputs/{{square}}/raw_feature_bc_matrix.h5",
+            square=HD_SQUARES,
+        ),
+        truth=expand(
+            f"{RESULTS}/{{{{sample}}}}/simulated/truth/{{square}}.h5ad",
+            square=HD_SQUARES,
+        ),
+        markers=f"{RESULTS}/{{sample}}/simulated/markers.tsv",
+    log:
+        "logs/{sample}/simulate_hd.log",
+    benchmark:
+        "logs/benchmarks/{sample}/simulate_hd.tsv"
+    conda:
+        "../envs/simulate.yaml"
+    threads: rule_threads("simulate")
+    resources:
+        mem_mb=scaled_mem_mb("simulate"),
+        runtime=scaled_runtime("simulate"),
+    params:
+        outdir=lambda wildcards: simulated_dir(wildcards.sample),
+        options=simulation_params,
+    script:
+        "../workflow_scripts/simulate_hd.py"

@@ -89,10 +89,10 @@ def test_shipped_configs_and_sheets_are_valid(name):
     assert sheet.index.is_unique
 
 
-def test_test_config_has_two_simulated_samples():
+def test_test_config_has_two_simulated_samples_and_one_hd_sample():
     sheet = read_sample_sheet(REPO / load_config(REPO / "config/test/config.yaml")["samples"])
-    assert list(sheet["input"]) == ["simulate", "simulate"]
-    assert sheet["seed"].nunique() == 2
+    assert list(sheet["input"]) == ["simulate", "simulate", "simulate_hd"]
+    assert sheet["seed"].nunique() == 3
 
 
 def test_schema_defaults_match_the_library():

@@ -233,3 +233,22 @@ def test_cli_merge_and_its_errors(sample_files, tmp_path, capsys):
     assert main([*command, "-o", str(tmp_path / "x.h5ad")]) == 2
     error = capsys.readouterr().err
     assert "do not cover its genes" in error and str(sample_files["quantiles"]) in error
+
+
+def test_sparse_chunks_merge_like_dense_ones_and_stay_sparse(prepared, chunked):
+    """Chunks whose corrected values are stored sparse (as a Visium HD chunk may be) merge to the same
+    matrix; off-tissue zeros of corrected genes are not stored, and the raw counts are kept beside."""
+    dense = merge_chunks(prepared, chunked[2])
+    sparse_chunks = []
+    for chunk in chunked[2]:
+        copy = chunk.copy()
+        copy.layers["corrected"] = sp.csr_matrix(np.asarray(chunk.layers["corrected"]))
+        sparse_chunks.append(copy)
+    merged = merge_chunks(prepared, sparse_chunks)
+    np.testing.assert_array_equal(merged.X.toarray(), dense.X.toarray())
+    assert sp.isspmatrix_csr(merged.X) and sp.isspmatrix_csr(merged.layers["corrected"])
+    np.testing.assert_array_equal(merged.layers["counts"].toarray(), prepared.X.toarray())
+    corrected_genes = ~merged.var["passed_through"].to_numpy()
+    background = ~prepared.obs["tissue"].to_numpy(bool)
+    assert merged.X[background][:, corrected_genes].nnz == 0
+    assert merged.X.nnz < merged.n_obs * merged.n_vars

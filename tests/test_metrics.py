@@ -278,3 +278,27 @@ def test_write_metrics_refuses_nan_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="NaN or Inf"):
         metrics.write_metrics({"summary": summary}, tmp_path / "metrics")
     assert not (tmp_path / "metrics").exists()
+
+
+def test_a_sparse_truth_gives_the_same_metrics_as_a_dense_one(known_sample):
+    """The Visium HD truth is CSR: the truth tables do not depend on how X is stored."""
+    corrected, truth, tables = known_sample
+    sparse_truth = truth.copy()
+    sparse_truth.X = sp.csr_matrix(truth.X)
+    sparse = metrics.evaluate_sample(corrected, truth=sparse_truth)
+    pd.testing.assert_frame_equal(sparse["truth"], tables["truth"])
+    pd.testing.assert_frame_equal(sparse["markers"], tables["markers"])
+
+
+def test_markers_of_cell_types_that_are_not_regions_get_a_note(known_sample):
+    """The HD truth's markers mark cell types, while its bins carry domains: no marker specificity (it would
+    read 0 for every marker), a note instead; RMSE and Pearson are still computed."""
+    corrected, truth, tables = known_sample
+    cell_typed = truth.copy()
+    cell_typed.var["marker_of"] = ["type1", "type1", "type2", "", ""]
+    with pytest.warns(UserWarning, match="marker_specificity: not computed"):
+        result = metrics.evaluate_sample(corrected, truth=cell_typed)
+    assert "markers" not in result
+    assert "cell types, not the regions" in result["notes"].loc["marker_specificity", "note"]
+    assert "marker_specificity" not in set(result["summary"]["metric"])
+    pd.testing.assert_frame_equal(result["truth"], tables["truth"])

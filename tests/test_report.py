@@ -394,3 +394,75 @@ def test_report_rules_are_snakefmt_formatted():
         [snakefmt, "--check", "rules/report.smk"], cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def hd_bins(n: int = 24, pitch_px: float = 10.0) -> tuple[AnnData, np.ndarray]:
+    """A tiny Visium HD-like sample: n x n square bins on a white hires image (scale factor 0.5)."""
+    rows, cols = np.divmod(np.arange(n * n), n)
+    values = (rows * n + cols).astype(np.float64)
+    adata = AnnData(
+        X=sp.csr_matrix(values[:, None]),
+        obs=pd.DataFrame(
+            {"array_row": rows, "array_col": cols, "tissue": rows < n // 2},
+            index=[f"s_008um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols, strict=True)],
+        ),
+        var=pd.DataFrame(index=["gene"]),
+        obsm={"spatial": np.column_stack([cols, rows]) * pitch_px + pitch_px},
+    )
+    side = int((n + 2) * pitch_px * 0.5)
+    adata.uns["undiffuse"] = {"platform": "visium_hd", "sample_id": "hd", "spot_pitch_px": pitch_px}
+    adata.uns["spatial"] = {
+        "hd": {
+            "images": {"hires": np.ones((side, side, 3))},
+            "scalefactors": {"tissue_hires_scalef": 0.5, "bin_size_um": 8.0},
+        }
+    }
+    return adata, values
+
+
+def test_hd_bins_are_drawn_as_a_raster_of_their_values():
+    """Visium HD spot plots are rasters (one pixel a bin at this size), not discs; bins outside the drawn
+    spots are masked, so the H&E shows through."""
+    from matplotlib.image import AxesImage
+
+    from undiffuse.plotting.report import spatial_scatter
+
+    adata, values = hd_bins()
+    tissue = adata.obs["tissue"].to_numpy()
+    ax = Figure().subplots()
+    artist = spatial_scatter(adata, values, ax=ax, spots=tissue)
+    assert isinstance(artist, AxesImage)
+    raster = artist.get_array()
+    assert raster.shape == (24, 24)
+    np.testing.assert_array_equal(raster[:12].filled(-1), values.reshape(24, 24)[:12])
+    assert raster.mask[12:].all() and not raster.mask[:12].any()
+    colours = np.tile([1.0, 0.0, 0.0, 1.0], (adata.n_obs, 1))
+    rgba = spatial_scatter(adata, ax=Figure().subplots(), spots=tissue, colours=colours).get_array()
+    np.testing.assert_array_equal(rgba[:12, :, 0], 1.0)
+    np.testing.assert_array_equal(rgba[12:, :, 3], 0.0)  # transparent off the drawn spots
+
+
+def test_kernel_figure_draws_lengths_in_microns_with_the_pitch():
+    from undiffuse.plotting.report import plot_kernel
+
+    profile = pd.DataFrame({"distance": [0.0, 1.0, 2.0], "weight": [1.0, 0.5, 0.1]})
+    fig = plot_kernel(profile, [1.0, 2.0, 3.0], pitch_um=8.0)
+    left, right = fig.axes[:2]
+    assert left.get_xlabel() == "distance (um)" and right.get_xlabel() == "diffusion length (um)"
+    np.testing.assert_array_equal(left.get_lines()[0].get_xdata(), [0.0, 8.0, 16.0])
+    assert right.get_legend().get_texts()[0].get_text() == "median 16"
+    pitches = plot_kernel(profile, [1.0, 2.0, 3.0])
+    assert pitches.axes[0].get_xlabel() == "distance (spot pitches)"
+
+
+def test_report_inputs_give_diffusion_lengths_in_microns(tmp_path):
+    adata, _ = hd_bins()
+    adata.layers["counts"] = adata.X.copy()
+    adata.var["passed_through"] = False
+    adata.var["diffusion_length"] = 1.5
+    adata.var["bleed"] = 0.3
+    inputs = report.ReportInputs(sample="hd", corrected=adata, metrics={})
+    assert inputs.pitch_um() == 8.0
+    table = inputs.diffusion_lengths_um()
+    assert table.loc["gene", "diffusion_length_um"] == pytest.approx(12.0)
+    assert table.loc["gene", "bleed"] == pytest.approx(0.3)

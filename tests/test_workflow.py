@@ -20,6 +20,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO / "config" / "test" / "config.yaml"
@@ -133,10 +134,13 @@ def workflow_run(interrupted_run) -> Path:
 def test_dry_run_plans_every_step(tmp_path, configfile):
     from undiffuse.config import load_config, read_sample_sheet
 
-    n_samples = len(read_sample_sheet(REPO / load_config(configfile)["samples"]))
+    sheet = read_sample_sheet(REPO / load_config(configfile)["samples"])
+    n_samples = len(sheet)
     jobs = planned_jobs(check(snakemake(tmp_path, "-n", configfile=configfile)))
-    for rule in ("simulate", "prepare", "init_quantiles", "merge"):
+    for rule in ("prepare", "init_quantiles", "merge"):
         assert jobs.get(rule) == n_samples, (rule, jobs)
+    for rule, input in (("simulate", "simulate"), ("simulate_hd", "simulate_hd")):
+        assert jobs.get(rule, 0) == (sheet["input"] == input).sum(), (rule, jobs)
     assert not (tmp_path / "results").exists(), "a dry run must not write outputs"
 
 
@@ -299,3 +303,57 @@ def test_resumed_output_equals_an_uninterrupted_computation(workflow_run, tmp_pa
     )
     np.testing.assert_array_equal(resumed.X.toarray(), uninterrupted.X.toarray())
     pd.testing.assert_frame_equal(resumed.var, uninterrupted.var)
+
+
+@pytest.fixture(scope="module")
+def hd_run(tmp_path_factory) -> dict:
+    """The simulated Visium HD sample of the test config (ci preset, 8 um bins) through the whole workflow,
+    report included, in a working directory of its own; the wall time is kept for the record."""
+    workdir = tmp_path_factory.mktemp("workflow_hd")
+    start = time.monotonic()
+    check(snakemake(workdir, *targets("hd"), "results/hd/report.html"))
+    return {"workdir": workdir, "wall_s": time.monotonic() - start}
+
+
+@pytest.mark.workflow
+def test_hd_sample_runs_through_the_whole_workflow(hd_run):
+    from undiffuse.qc import spot_pitch_um
+
+    workdir = hd_run["workdir"]
+    folder = workdir / "results" / "hd"
+    corrected = ad.read_h5ad(folder / "corrected.h5ad")
+    prepared = ad.read_h5ad(folder / "prepared.h5ad")
+    assert corrected.uns["undiffuse"]["platform"] == "visium_hd"
+    assert spot_pitch_um(corrected) == 8.0  # the sheet's bin_size
+    assert corrected.n_obs == 128 * 128  # the 1 mm ci capture area in 8 um bins
+    # Written sparse, raw counts kept.
+    assert sp.issparse(corrected.X) and sp.issparse(corrected.layers["corrected"])
+    np.testing.assert_array_equal(corrected.layers["counts"].toarray(), prepared.X.toarray())
+    genes = ~corrected.var["passed_through"].to_numpy()
+    assert genes.sum() == 10
+    background = ~corrected.obs["tissue"].to_numpy(dtype=bool)
+    assert corrected.X[background][:, genes].nnz == 0  # corrected expression stays inside the tissue
+    assert (workdir / "logs" / "benchmarks" / "hd" / "simulate_hd.tsv").is_file()
+
+    # The report compares with the 8 um truth: the correction moves the counts closer to it.
+    summary = pd.read_csv(folder / "metrics" / "summary.tsv", sep="\t").set_index(["metric", "stage"])[
+        "value"
+    ]
+    assert summary["truth_rmse", "corrected"] < 0.95 * summary["truth_rmse", "raw"]
+    assert summary["out_of_tissue_fraction", "corrected"] < 0.2 * summary["out_of_tissue_fraction", "raw"]
+    html = (folder / "report.html").read_text()
+    assert 'id="table-diffusion_lengths"' in html and "Per-gene diffusion lengths in microns" in html
+    for figure in ("before_after", "kernel", "cell_types"):
+        assert (folder / "figures" / f"{figure}.png").stat().st_size > 10_000
+    assert (folder / "qc" / "background_decay.png").is_file()
+
+
+@pytest.mark.workflow
+def test_hd_chunk_jobs_ask_for_memory_and_time_by_bin_count(hd_run):
+    workdir = hd_run["workdir"]
+    plan = check(snakemake(workdir, "results/hd/chunks/chunk_0.h5ad", "-n", "-f"))
+    job = plan.split("rule correct_chunk:", 1)[1]
+    bin_genes = 128 * 128 * 4  # bins x genes of a chunk (chunk_size 4)
+    # 10 minutes + 100 per million (bin x gene); 1000 MB + 1000 per million (bin x gene).
+    assert f"runtime={int(10 + 100 * bin_genes / 1e6)}," in job
+    assert f"mem_mb={int(1000 + 1000 * bin_genes / 1e6)}," in job

@@ -34,11 +34,15 @@ WORKFLOW_ONLY_CORRECT_KEYS = frozenset({"chunk_size", "gpu"})
 #: What a sample sheet looks like, for error messages.
 SHEET_LAYOUT = (
     "a sample sheet is tab-separated text with a header line naming the columns sample and input (and "
-    "optionally image, genes, seed), one sample a row; see config/README.md"
+    "optionally image, genes, seed, bin_size), one sample a row; see config/README.md"
 )
 
 #: Sample-sheet value of ``input`` for samples that the workflow simulates.
 SIMULATED_INPUT = "simulate"
+#: Sample-sheet value of ``input`` for Visium HD samples that the workflow simulates.
+SIMULATED_HD_INPUT = "simulate_hd"
+#: Bin size (microns) of a Visium HD sample whose sheet row leaves ``bin_size`` empty.
+DEFAULT_BIN_SIZE_UM = 8
 
 
 def load_config(path: str | PathLike[str] | None = None) -> dict[str, Any]:
@@ -171,6 +175,51 @@ def check_sample_sheet(frame: pd.DataFrame, path: str | PathLike[str]) -> None:
     repeated = sorted(set(frame["sample"][frame["sample"].duplicated()]))
     if repeated:
         raise InputError(path, f"sample names must be unique; repeated: {', '.join(repeated)}")
+    if "bin_size" in frame.columns:
+        visium = frame["bin_size"].notna() & frame["input"].str.strip().eq(SIMULATED_INPUT)
+        if visium.any():
+            raise InputError(
+                path,
+                f"bin_size is set for the Visium sample(s) {', '.join(frame['sample'][visium])}, whose input "
+                f"is {SIMULATED_INPUT!r}; leave it empty, or use {SIMULATED_HD_INPUT!r} for a Visium HD sample",
+            )
+
+
+def hd_bin_folder(path: str | PathLike[str], bin_size: int | str | None) -> Path:
+    """The ``square_XXXum/`` folder a sample-sheet ``input`` and ``bin_size`` name.
+
+    ``path`` may be the square folder itself, or ``binned_outputs/``, ``outs/`` or the folder above them; with
+    no ``bin_size`` it is returned unchanged (a Visium sample, or an HD square folder named directly).
+
+    Raises
+    ------
+    InputError
+        ``path`` is a square folder of another bin size, or holds no folder of the bin size asked for.
+    """
+    path = Path(path)
+    if bin_size is None:
+        return path
+    square = f"square_{int(bin_size):03d}um"
+    if path.name.startswith("square_") and path.name.endswith("um"):
+        if path.name != square:
+            raise InputError(
+                path,
+                f"is the {path.name} folder but the sample sheet's bin_size is {int(bin_size)}; name the "
+                f"binned_outputs/ folder above it, or set bin_size to match",
+            )
+        return path
+    for candidate in (
+        path / square,
+        path / "binned_outputs" / square,
+        path / "outs" / "binned_outputs" / square,
+    ):
+        if candidate.is_dir():
+            return candidate
+    raise InputError(
+        path,
+        f"holds no {square}/ folder (sample sheet bin_size {int(bin_size)}); name a Space Ranger "
+        f"binned_outputs/ folder, or a bin size it has",
+    )
 
 
 def correction_options(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,6 +249,19 @@ def simulation_options(
         Seed overriding ``simulation.seed`` (the sample sheet's ``seed`` column).
     """
     options = copy.deepcopy(dict(config["simulation"]))
+    if sample_id is not None:
+        options["sample_id"] = str(sample_id)
+    if seed is not None:
+        options["seed"] = int(seed)
+    return options
+
+
+def simulation_hd_options(
+    config: Mapping[str, Any], *, sample_id: str | None = None, seed: int | str | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of ``simulate_hd_sample`` (``preset`` and fields of ``HDSimulationParams``) from the
+    ``simulation_hd`` section, with the sample's name as library id and the sheet's seed."""
+    options = copy.deepcopy(dict(config["simulation_hd"]))
     if sample_id is not None:
         options["sample_id"] = str(sample_id)
     if seed is not None:

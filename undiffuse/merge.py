@@ -63,7 +63,7 @@ def merge_chunks(prepared: AnnData, chunks: Sequence[AnnData]) -> AnnData:
     """
     counts = sp.csc_matrix(prepared.X, dtype=np.float32)
     position = pd.Series(np.arange(prepared.n_vars), index=prepared.var_names)
-    corrected_columns: list[np.ndarray] = []
+    corrected_columns: list[sp.csc_matrix] = []
     corrected_positions: list[np.ndarray] = []
     learned: list[pd.DataFrame] = []
     passed_through = np.ones(prepared.n_vars, dtype=bool)
@@ -82,7 +82,8 @@ def merge_chunks(prepared: AnnData, chunks: Sequence[AnnData]) -> AnnData:
             raise ValueError(f"chunk {number} repeats genes of an earlier chunk")
         passed_through[where] = False
         values = chunk.layers["corrected"] if "corrected" in chunk.layers else chunk.X
-        corrected_columns.append(_dense(values).astype(np.float32))
+        # Sparse at once: corrected values are zero off tissue, and Visium HD chunks hold millions of bins.
+        corrected_columns.append(sp.csc_matrix(values, dtype=np.float32))
         corrected_positions.append(where)
         learned.append(chunk.var.select_dtypes(include=[np.number]).astype(np.float64))
 
@@ -236,14 +237,14 @@ def write_outputs(merged: AnnData, output: str | PathLike[str], parameters: str 
 
 
 def _replace_columns(
-    counts: sp.csc_matrix, positions: Sequence[np.ndarray], columns: Sequence[np.ndarray]
+    counts: sp.csc_matrix, positions: Sequence[np.ndarray], columns: Sequence[np.ndarray | sp.spmatrix]
 ) -> sp.csc_matrix:
-    """``counts`` with the columns at ``positions`` replaced by the dense ``columns`` blocks."""
+    """``counts`` with the columns at ``positions`` replaced by the ``columns`` blocks (dense or sparse)."""
     if not positions:
         return counts.copy()
     replaced = np.concatenate(positions)
     kept = np.setdiff1d(np.arange(counts.shape[1]), replaced)
-    blocks = sp.hstack([counts[:, kept], sp.csc_matrix(np.hstack(columns))], format="csc")
+    blocks = sp.hstack([counts[:, kept], *(sp.csc_matrix(block) for block in columns)], format="csc")
     order = np.argsort(np.concatenate([kept, replaced]), kind="stable")
     return blocks[:, order]
 
@@ -264,10 +265,6 @@ def _read_h5ad(path: str | PathLike[str], what: str) -> AnnData:
         return ad.read_h5ad(path)
     except (OSError, KeyError, ValueError) as err:
         raise InputError(path, f"cannot read the {what} as h5ad: {err}") from err
-
-
-def _dense(values: np.ndarray | sp.spmatrix | sp.sparray) -> np.ndarray:
-    return values.toarray() if sp.issparse(values) else np.asarray(values)
 
 
 def _require_finite(values: np.ndarray | sp.spmatrix | sp.sparray, what: str) -> None:

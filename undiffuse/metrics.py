@@ -360,7 +360,7 @@ def evaluate_sample(
         notes.append(("consistency", "not computed: no gene was corrected"))
 
     if truth is not None:
-        tables.update(_truth_tables(corrected, truth, stages, tissue, summary))
+        tables.update(_truth_tables(corrected, truth, stages, tissue, summary, notes))
 
     if markers is not None:
         from .celltypes import compare_cell_types, marker_sets
@@ -465,12 +465,18 @@ def _truth_tables(
     stages: Mapping[str, np.ndarray],
     tissue: np.ndarray,
     summary: list[tuple[str, str, float]],
+    notes: list[tuple[str, str]],
 ) -> dict[str, pd.DataFrame]:
-    """RMSE/Pearson against the truth per gene, and marker specificity; appends their summary rows."""
+    """RMSE/Pearson against the truth per gene, and marker specificity; appends their summary rows.
+
+    The truth's ``X`` may be sparse (the Visium HD truth is). Marker specificity needs the regions that the
+    markers mark among the truth's ``obs['domain']``; markers of cell types that are not regions (Visium HD:
+    cell types live in cells, not in the bins' domains) get a note instead.
+    """
     truth = align_truth(corrected, truth)
     shared = truth.var_names
     columns = corrected.var_names.get_indexer(shared)
-    true_field = _dense(truth.X)[tissue]
+    true_field = _dense(truth.X[np.flatnonzero(tissue)])  # rows first: a sparse truth stays sparse till then
     table = pd.DataFrame(index=pd.Index(shared, name="gene"))
     for stage, values in stages.items():
         estimate = values[tissue][:, columns]
@@ -483,8 +489,16 @@ def _truth_tables(
     if "domain" in truth.obs and "marker_of" in truth.var:
         marker_of = truth.var["marker_of"].fillna("").astype(str)
         marker_genes = marker_of[marker_of != ""]
-        if not marker_genes.empty:
-            regions = truth.obs["domain"].astype(str).to_numpy()
+        regions = truth.obs["domain"].astype(str).to_numpy()
+        if not marker_genes.empty and not marker_genes.isin(set(regions)).any():
+            notes.append(
+                (
+                    "marker_specificity",
+                    "not computed: the truth's markers mark cell types, not the regions of its spots",
+                )
+            )
+        elif not marker_genes.empty:
+            marker_genes = marker_genes[marker_genes.isin(set(regions))]
             marker_columns = corrected.var_names.get_indexer(marker_genes.index)
             fields = {stage: values[:, marker_columns] for stage, values in stages.items()}
             fields[TRUTH] = _dense(truth[:, marker_genes.index].X)

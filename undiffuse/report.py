@@ -519,6 +519,29 @@ class ReportInputs:
             return pd.Series(dtype=np.float64)
         return var.loc[corrected_gene_mask(self.corrected), "diffusion_length"].astype(np.float64)
 
+    def pitch_um(self) -> float:
+        """Centre-to-centre distance of the sample's spots or bins in microns (:func:`undiffuse.qc.spot_pitch_um`)."""
+        from .qc import spot_pitch_um
+
+        return float(spot_pitch_um(self.corrected))
+
+    def diffusion_lengths_um(self) -> pd.DataFrame:
+        """Learned diffusion length of each corrected gene in microns, with its bleeding shares; longest first."""
+        from .metrics import corrected_gene_mask
+
+        var = self.corrected.var.loc[corrected_gene_mask(self.corrected)]
+        if "diffusion_length" not in var:
+            return pd.DataFrame(columns=["diffusion_length_um"])
+        table = pd.DataFrame(
+            {"diffusion_length_um": var["diffusion_length"].astype(np.float64) * self.pitch_um()},
+            index=var.index,
+        )
+        for column in ("bleed", "distal"):
+            if column in var:
+                table[column] = var[column].astype(np.float64)
+        table.index.name = "gene"
+        return table.sort_values("diffusion_length_um", ascending=False)
+
     def kernel_profile(self) -> pd.DataFrame:
         """``uns['kernel_profile']`` as one table (a ``chunk`` column when merged from chunks)."""
         return _as_table(self.corrected.uns.get("kernel_profile"))

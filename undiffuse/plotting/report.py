@@ -4,6 +4,9 @@ Every function returns a new :class:`~matplotlib.figure.Figure`, made without py
 backend), from the objects the workflow writes: ``corrected.h5ad`` as AnnData and the TSV tables as
 DataFrames. The report notebooks only call these functions, so the same figures can be drawn in any notebook.
 The QC figures of the prepare step are in :mod:`undiffuse.plotting.qc`; the report embeds their PNG files.
+
+Visium spots are drawn as discs; Visium HD bins as a raster over the H&E image, placed by the QC figures'
+index-to-pixel map (:class:`undiffuse.plotting.qc._BinRaster`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from ..qc import is_visium_hd
 from ..spatial import SPATIAL_KEY, spot_pitch
 from ..tissue import pick_image
+from .qc import _BinRaster, _draw_image, _finish_raster_axes
 
 #: Loss terms of ``uns['loss_history']``, in the order they are drawn.
 LOSS_TERMS = ("total", "image", "out_of_tissue", "moran", "poisson")
@@ -44,8 +49,10 @@ def spatial_scatter(
     size: float = 0.95,
     title: str | None = None,
     colourbar: bool = True,
-) -> EllipseCollection:
+) -> EllipseCollection | matplotlib.image.AxesImage:
     """Draw spots as discs over the sample's H&E image, coloured by ``values`` or by explicit ``colours``.
+
+    Visium HD bins are drawn as a raster instead (:func:`bin_raster`), which also takes these arguments.
 
     Parameters
     ----------
@@ -68,6 +75,19 @@ def spatial_scatter(
     colourbar
         Add a colour bar for ``values``.
     """
+    if is_visium_hd(adata):
+        return bin_raster(
+            adata,
+            values,
+            ax=ax,
+            spots=spots,
+            colours=colours,
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            title=title,
+            colourbar=colourbar,
+        )
     picked = pick_image(adata) if "undiffuse" in adata.uns and SPATIAL_KEY in adata.uns else None
     image, scale = (picked[1], picked[2]) if picked is not None else (None, 1.0)
     coords = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64) * scale
@@ -102,6 +122,52 @@ def spatial_scatter(
     if values is not None and colours is None and colourbar:
         ax.figure.colorbar(discs, ax=ax, fraction=0.046, pad=0.02)
     return discs
+
+
+def bin_raster(
+    adata: AnnData,
+    values: np.ndarray | None = None,
+    *,
+    ax: Axes,
+    spots: np.ndarray | None = None,
+    colours: np.ndarray | None = None,
+    cmap: str = "magma",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    title: str | None = None,
+    colourbar: bool = True,
+) -> matplotlib.image.AxesImage:
+    """Draw Visium HD bins as a raster over the H&E image (hires), as the QC figures do.
+
+    Arguments as :func:`spatial_scatter`. Bins outside ``spots`` are transparent; on slides of more than a
+    thousand bins a side, each raster pixel shows the mean of a block of bins.
+    """
+    scale = _draw_image(adata, ax, prefer="hires")
+    raster = _BinRaster(adata, scale)
+    keep = np.ones(adata.n_obs, dtype=bool) if spots is None else np.asarray(spots, dtype=bool)
+    share = raster.mean(keep.astype(np.float64))
+    drawn = share.filled(0.0) > 0
+    if colours is not None:
+        colours = np.asarray(colours, dtype=np.float64)
+        rgba = np.stack([raster.mean(np.where(keep, colours[:, k], 0.0)).filled(0.0) for k in range(4)], -1)
+        rgba[drawn] /= share.filled(1.0)[drawn][:, None]
+        rgba[~drawn] = 0.0
+        artist = raster.show(ax, np.clip(rgba, 0.0, 1.0))
+    else:
+        shown = np.zeros(adata.n_obs) if values is None else np.asarray(values, dtype=np.float64)
+        mean = raster.mean(np.where(keep, shown, 0.0)).filled(0.0)
+        mean = np.ma.masked_array(np.divide(mean, share.filled(1.0), where=drawn, out=mean), mask=~drawn)
+        low = float(shown[keep].min()) if vmin is None and keep.any() else vmin
+        high = float(shown[keep].max()) if vmax is None and keep.any() else vmax
+        if low is not None and high is not None and high <= low:
+            high = low + 1
+        artist = raster.show(ax, mean, cmap=cmap, vmin=low, vmax=high)
+    _finish_raster_axes(ax, adata, scale)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if values is not None and colours is None and colourbar:
+        ax.figure.colorbar(artist, ax=ax, fraction=0.046, pad=0.02)
+    return artist
 
 
 def plot_quantiles(quantiles: pd.DataFrame) -> Figure:
@@ -163,7 +229,12 @@ def plot_loss_history(history: Mapping[str, pd.DataFrame]) -> Figure:
     return fig
 
 
-def plot_kernel(kernel_profile: pd.DataFrame, diffusion_length: Sequence[float] | pd.Series) -> Figure:
+def plot_kernel(
+    kernel_profile: pd.DataFrame,
+    diffusion_length: Sequence[float] | pd.Series,
+    *,
+    pitch_um: float | None = None,
+) -> Figure:
     """The learned kernel profile (median over genes, interquartile band) and per-gene diffusion lengths.
 
     Parameters
@@ -173,7 +244,10 @@ def plot_kernel(kernel_profile: pd.DataFrame, diffusion_length: Sequence[float] 
         merged from chunks) each chunk's profile is drawn.
     diffusion_length
         Learned diffusion length of each corrected gene, in spot pitches.
+    pitch_um
+        Spot (or bin) pitch in microns: distances and lengths are then drawn in microns.
     """
+    factor, unit = (float(pitch_um), "um") if pitch_um else (1.0, "spot pitches")
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     left, right = fig.subplots(1, 2)
     profile = pd.DataFrame(kernel_profile)
@@ -181,26 +255,25 @@ def plot_kernel(kernel_profile: pd.DataFrame, diffusion_length: Sequence[float] 
         groups = profile.groupby("chunk") if "chunk" in profile else [("all genes", profile)]
         for chunk, table in groups:
             table = table.sort_values("distance")
-            (line,) = left.plot(table["distance"], table["weight"], lw=1.2, label=f"chunk {chunk}")
+            distance = table["distance"].to_numpy(dtype=np.float64) * factor
+            (line,) = left.plot(distance, table["weight"], lw=1.2, label=f"chunk {chunk}")
             if {"q25", "q75"} <= set(table.columns):
-                left.fill_between(
-                    table["distance"], table["q25"], table["q75"], color=line.get_color(), alpha=0.2
-                )
-        left.set_xlabel("distance (spot pitches)")
+                left.fill_between(distance, table["q25"], table["q75"], color=line.get_color(), alpha=0.2)
+        left.set_xlabel(f"distance ({unit})")
         left.set_ylabel("kernel weight")
         left.set_title("learned kernel profile (median, 25-75%)", fontsize=10)
         if "chunk" in profile and profile["chunk"].nunique() <= 12:
             left.legend(fontsize=7, frameon=False)
     else:
         _message(left, "no kernel profile")
-    lengths = np.asarray(diffusion_length, dtype=np.float64)
+    lengths = np.asarray(diffusion_length, dtype=np.float64) * factor
     if lengths.size:
         right.hist(
             lengths, bins=min(30, max(5, lengths.size // 3)), color=STAGE_COLOURS["corrected"], edgecolor="w"
         )
         median = float(np.median(lengths))
         right.axvline(median, color="k", ls="--", lw=1, label=f"median {median:.3g}")
-        right.set_xlabel("diffusion length (spot pitches)")
+        right.set_xlabel(f"diffusion length ({unit})")
         right.set_ylabel("genes")
         right.set_title("per-gene diffusion lengths", fontsize=10)
         right.legend(fontsize=8, frameon=False)
