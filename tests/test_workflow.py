@@ -257,9 +257,12 @@ def test_a_lost_chunk_is_recomputed_alone_and_identically(workflow_run):
     plan = check(snakemake(workflow_run, *targets("alpha"), *targets("beta"), "-n"))
     assert planned_jobs(plan) == {"correct_chunk": 1, "merge": 1, "total": 2}
     assert "chunk=1" in plan and "sample=beta" not in plan
-    # Memory of the chunk job: 1000 MB + 100 MB per million (pair x gene); 3.63 R^2 pairs per spot, R = 3.
-    pair_genes = before.n_obs * 3.63 * 3.0**2 * 4
-    assert f"mem_mb={int(1000 + 100 * pair_genes / 1e6)}," in plan.split("rule correct_chunk:", 1)[1]
+    # Resources of the chunk job (the lattice operator): 1000 MB + 1000 MB per million (spot x gene) at once,
+    # and 10 minutes + 100 per million (spot x gene) of the chunk; 4 genes.
+    job = plan.split("rule correct_chunk:", 1)[1]
+    spot_genes = before.n_obs * 4
+    assert f"mem_mb={int(1000 + 1000 * spot_genes / 1e6)}," in job
+    assert f"runtime={int(10 + 100 * spot_genes / 1e6)}," in job
 
     check(snakemake(workflow_run, *targets("alpha"), *targets("beta")))
     assert {path: result_files(workflow_run)[path] for path in untouched} == untouched
