@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--seed-baseline", action="store_true", help="also run the seed's balanced OT")
     parser.add_argument("--skip-pairs", action="store_true", help="skip deconvolve with the pair operator")
     parser.add_argument("--skip-no-prior", action="store_true", help="skip deconvolve without the prior")
+    parser.add_argument(
+        "--gene-stride", type=int, default=1, metavar="K", help="correct every K-th selected gene (all kinds)"
+    )
     parser.add_argument("--suffix", default="")
     args = parser.parse_args()
 
@@ -101,7 +104,7 @@ def main() -> None:
     outs = simulate_sample(root / "sample", **simulation_options)
     adata = prepare_sample(outs, root / "prepared")
     truth = ad.read_h5ad(root / "sample" / "truth.h5ad")[adata.obs_names]
-    genes = adata.var_names[adata.var["selected"].to_numpy(bool)].tolist()
+    genes = adata.var_names[adata.var["selected"].to_numpy(bool)].tolist()[:: args.gene_stride]
     tissue = adata.obs["in_tissue"].to_numpy(bool)
     counts = np.asarray(adata[:, genes].X.toarray(), dtype=np.float64)
     quantiles = scan_quantiles(adata, genes)
