@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from snakemake.utils import validate
 
 # The workflow runs the library of its own checkout, whatever is installed in the environment running snakemake.
 sys.path.insert(0, str(Path(workflow.basedir)))
@@ -29,10 +28,13 @@ from undiffuse.config import (
     read_sample_sheet,
     simulation_hd_options,
     simulation_options,
+    validate_config,
 )
 from undiffuse.errors import InputError
 
-validate(config, "../config/schemas/config.schema.yaml", set_default=True)
+# The package's one config validator, so that errors name the config file(s) as they do from the CLI.
+CONFIG_FILES = list(dict.fromkeys(str(Path(f).resolve()) for f in workflow.configfiles))
+config.update(validate_config(config, source=", ".join(CONFIG_FILES) or None))
 
 
 def resolve_path(path):

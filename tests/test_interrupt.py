@@ -18,10 +18,8 @@ import signal
 import time
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from undiffuse.cli import main
 
@@ -93,23 +91,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _same_correction(path: Path, reference: Path) -> bool:
-    """Bitwise equal data and annotations; only the measured wall time (provenance) may differ."""
-    a, b = ad.read_h5ad(path), ad.read_h5ad(reference)
-    arrays = [(a.X, b.X), *((a.layers[key], b.layers[key]) for key in b.layers)]
-    same = all(
-        np.array_equal(x.toarray() if sp.issparse(x) else x, y.toarray() if sp.issparse(y) else y)
-        for x, y in arrays
-    )
-    a.uns["correction"].pop("wall_time_s", None)
-    b.uns["correction"].pop("wall_time_s", None)
-    return (
-        same
-        and a.var.equals(b.var)
-        and a.obs.equals(b.obs)
-        and set(a.layers) == set(b.layers)
-        and repr(sorted(a.uns["correction"].items())) == repr(sorted(b.uns["correction"].items()))
-        and np.array_equal(a.uns["loss_history"]["total"], b.uns["loss_history"]["total"])
-    )
+    """Bitwise equal files: the correction stores nothing that changes from run to run."""
+    return path.read_bytes() == reference.read_bytes()
 
 
 def test_sigterm_during_prepare_leaves_nothing_partial(context, tiny_sample, tmp_path):

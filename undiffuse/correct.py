@@ -371,7 +371,6 @@ def correct(
         "trained_on_spots": int(window.sum()),
         "n_basis": N_RADIAL_BASIS,
         "device": str(device),
-        "wall_time_s": elapsed,
         "image_loss_used": config.weights["image"] > 0 and geometry.raster is not None,
     }
     logger.info("corrected %d genes in %.1f s on %s", len(genes), elapsed, device)
