@@ -185,7 +185,7 @@ def test_params_reject_bad_sizes_and_unknown_keys():
         HDSimulationParams(width_um=500.0)
     with pytest.raises(ConfigError, match="unknown HD simulation parameter"):
         HDSimulationParams.from_dict({"n_rows": 3})
-    with pytest.raises(ConfigError, match="unknown HD preset"):
+    with pytest.raises(ConfigError, match="unknown HD simulation preset"):
         HDSimulationParams.from_dict(preset="huge")
     assert HDSimulationParams.from_dict(preset="full").width_um == 6496.0
 

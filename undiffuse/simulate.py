@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
@@ -78,8 +78,106 @@ _PAIR_GENE_BUDGET = 20_000_000
 _NUCLEOTIDES = np.array(list("ACGT"))
 
 
+class _SimulationParamsBase:
+    """What the simulators' parameter sets share: type coercion, range checks, construction from a mapping
+    and the domain names. Subclasses are frozen dataclasses with the shared fields."""
+
+    _LABEL: ClassVar[str] = "simulation"
+    _PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):  # type: ignore[arg-type]
+            object.__setattr__(self, spec.name, _coerce(spec.name, spec.type, getattr(self, spec.name)))
+        problems = [message for ok, message in (*self._checks(), *self._shared_checks()) if not ok]
+        if problems:
+            raise ConfigError(f"invalid {self._LABEL} parameters: " + "; ".join(problems))
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        """``(holds, message)`` of the checks of this kind of sample's own fields."""
+        raise NotImplementedError
+
+    def _shared_checks(self) -> list[tuple[bool, str]]:
+        kinds = typing.get_args(KernelKind)
+        return [
+            (
+                0.2 <= self.tissue_fraction <= 0.7,
+                f"tissue_fraction must be in [0.2, 0.7], got {self.tissue_fraction}",
+            ),
+            (self.n_layers >= 1, f"n_layers must be >= 1, got {self.n_layers}"),
+            (self.n_blobs >= 0, f"n_blobs must be >= 0, got {self.n_blobs}"),
+            (
+                0 < self.blob_fraction and self.n_blobs * self.blob_fraction <= 0.5,
+                f"blob_fraction must be > 0 with n_blobs * blob_fraction <= 0.5, got {self.blob_fraction}",
+            ),
+            (0 < self.marker_fraction < 1, f"marker_fraction must be in (0, 1), got {self.marker_fraction}"),
+            (0 <= self.shared_fraction < 1, f"shared_fraction must be in [0, 1), got {self.shared_fraction}"),
+            (self.depth > 0, f"depth must be > 0, got {self.depth}"),
+            (self.level_sd >= 0, f"level_sd must be >= 0, got {self.level_sd}"),
+            (self.marker_weight > 0, f"marker_weight must be > 0, got {self.marker_weight}"),
+            (0 <= self.marker_leak <= 1, f"marker_leak must be in [0, 1], got {self.marker_leak}"),
+            (self.housekeeping_sd >= 0, f"housekeeping_sd must be >= 0, got {self.housekeeping_sd}"),
+            (self.density_sd >= 0, f"density_sd must be >= 0, got {self.density_sd}"),
+            (
+                0 <= self.cellularity_spread < 1,
+                f"cellularity_spread must be in [0, 1), got {self.cellularity_spread}",
+            ),
+            (0 <= self.bleed < 1, f"bleed must be in [0, 1), got {self.bleed}"),
+            (0 <= self.distal < 1, f"distal must be in [0, 1), got {self.distal}"),
+            (self.bleed + self.distal < 1, f"bleed + distal must be < 1, got {self.bleed + self.distal}"),
+            (self.kernel in kinds, f"kernel must be one of {list(kinds)}, got {self.kernel!r}"),
+            (
+                self.kernel_reach == 0 or 1.5 <= self.kernel_reach <= 20,
+                f"kernel_reach must be 0 (automatic) or in [1.5, 20] kernel scales, got {self.kernel_reach}",
+            ),
+            (
+                re.fullmatch(r"[A-Za-z0-9_.-]+", self.sample_id) is not None,
+                f"sample_id must be a plain name (letters, digits, '_', '.', '-'), got {self.sample_id!r}",
+            ),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+        ]
+
+    @classmethod
+    def from_dict(
+        cls, values: Mapping[str, Any] | None = None, /, *, preset: str | None = None, **overrides: Any
+    ) -> Self:
+        """Parameters from a preset (if the kind has presets), then a mapping (e.g. the config's
+        ``simulation:`` section), then keyword overrides.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown preset or key (listing the known ones) or an invalid value.
+        """
+        if preset is not None and preset not in cls._PRESETS:
+            known_presets = ", ".join(cls._PRESETS) or "none"
+            raise ConfigError(f"unknown {cls._LABEL} preset {preset!r}; known presets: {known_presets}")
+        merged = {**(cls._PRESETS[preset] if preset else {}), **(values or {}), **overrides}
+        known = {spec.name for spec in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls._LABEL} parameter(s) {', '.join(map(str, unknown))}; "
+                f"known parameters: {', '.join(sorted(known))}"
+            )
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly copy of every parameter."""
+        return asdict(self)  # type: ignore[call-overload]
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain names: ``layer1``, ..., then ``blob1``, ...."""
+        return [f"layer{i + 1}" for i in range(self.n_layers)] + [f"blob{i + 1}" for i in range(self.n_blobs)]
+
+    @property
+    def reach(self) -> float:
+        """Neighbour radius of the kernel in kernel scales (``kernel_reach``, or the kind's default)."""
+        return self.kernel_reach or DEFAULT_REACH[self.kernel]
+
+
 @dataclass(frozen=True)
-class SimulationParams:
+class SimulationParams(_SimulationParamsBase):
     """Every parameter of a simulated sample, with its default (the "moderate" demo sample).
 
     The fields map 1:1 onto the keyword arguments of :func:`simulate_sample` and onto the ``simulation:``
@@ -167,50 +265,16 @@ class SimulationParams:
     sample_id: str = "simulated"
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        for spec in fields(self):
-            object.__setattr__(self, spec.name, _coerce(spec.name, spec.type, getattr(self, spec.name)))
-        problems = [message for ok, message in self._checks() if not ok]
-        if problems:
-            raise ConfigError("invalid simulation parameters: " + "; ".join(problems))
-
     def _checks(self) -> list[tuple[bool, str]]:
-        kinds = typing.get_args(KernelKind)
         return [
             (self.n_rows >= 12, f"n_rows must be >= 12, got {self.n_rows}"),
             (self.n_cols >= 12, f"n_cols must be >= 12, got {self.n_cols}"),
             (
-                0.2 <= self.tissue_fraction <= 0.7,
-                f"tissue_fraction must be in [0.2, 0.7], got {self.tissue_fraction}",
-            ),
-            (self.n_layers >= 1, f"n_layers must be >= 1, got {self.n_layers}"),
-            (self.n_blobs >= 0, f"n_blobs must be >= 0, got {self.n_blobs}"),
-            (
-                0 < self.blob_fraction and self.n_blobs * self.blob_fraction <= 0.5,
-                f"blob_fraction must be > 0 with n_blobs * blob_fraction <= 0.5, got {self.blob_fraction}",
-            ),
-            (0 < self.marker_fraction < 1, f"marker_fraction must be in (0, 1), got {self.marker_fraction}"),
-            (0 <= self.shared_fraction < 1, f"shared_fraction must be in [0, 1), got {self.shared_fraction}"),
-            (
-                self.n_genes >= _n_domains(self) + 1,
-                f"n_genes must be at least the number of domains + 1 ({_n_domains(self) + 1}), "
+                self.n_genes >= len(self.domains) + 1,
+                f"n_genes must be at least the number of domains + 1 ({len(self.domains) + 1}), "
                 f"got {self.n_genes}",
             ),
-            (self.depth > 0, f"depth must be > 0, got {self.depth}"),
-            (self.level_sd >= 0, f"level_sd must be >= 0, got {self.level_sd}"),
-            (self.marker_weight > 0, f"marker_weight must be > 0, got {self.marker_weight}"),
-            (0 <= self.marker_leak <= 1, f"marker_leak must be in [0, 1], got {self.marker_leak}"),
-            (self.housekeeping_sd >= 0, f"housekeeping_sd must be >= 0, got {self.housekeeping_sd}"),
-            (self.density_sd >= 0, f"density_sd must be >= 0, got {self.density_sd}"),
-            (
-                0 <= self.cellularity_spread < 1,
-                f"cellularity_spread must be in [0, 1), got {self.cellularity_spread}",
-            ),
             (self.spot_noise >= 0, f"spot_noise must be >= 0, got {self.spot_noise}"),
-            (0 <= self.bleed < 1, f"bleed must be in [0, 1), got {self.bleed}"),
-            (0 <= self.distal < 1, f"distal must be in [0, 1), got {self.distal}"),
-            (self.bleed + self.distal < 1, f"bleed + distal must be < 1, got {self.bleed + self.distal}"),
-            (self.kernel in kinds, f"kernel must be one of {list(kinds)}, got {self.kernel!r}"),
             (
                 0 < self.kernel_scale <= 20,
                 f"kernel_scale must be in (0, 20] pitches, got {self.kernel_scale}",
@@ -218,10 +282,6 @@ class SimulationParams:
             (
                 0 <= self.kernel_scale_sd <= 1,
                 f"kernel_scale_sd must be in [0, 1], got {self.kernel_scale_sd}",
-            ),
-            (
-                self.kernel_reach == 0 or 1.5 <= self.kernel_reach <= 20,
-                f"kernel_reach must be 0 (automatic) or in [1.5, 20] kernel scales, got {self.kernel_reach}",
             ),
             (
                 0 < self.spot_diameter_um < self.spot_pitch_um,
@@ -232,54 +292,12 @@ class SimulationParams:
                 0.1 <= self.pixels_per_um <= 10,
                 f"pixels_per_um must be in [0.1, 10], got {self.pixels_per_um}",
             ),
-            (
-                re.fullmatch(r"[A-Za-z0-9_.-]+", self.sample_id) is not None,
-                f"sample_id must be a plain name (letters, digits, '_', '.', '-'), got {self.sample_id!r}",
-            ),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
         ]
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None = None, /, **overrides: Any) -> SimulationParams:
-        """Parameters from a mapping (e.g. the config's ``simulation:`` section) and keyword overrides.
-
-        Raises
-        ------
-        ConfigError
-            On an unknown key (with the list of known ones) or an invalid value.
-        """
-        merged = {**(values or {}), **overrides}
-        known = {spec.name for spec in fields(cls)}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown simulation parameter(s) {', '.join(map(str, unknown))}; "
-                f"known parameters: {', '.join(sorted(known))}"
-            )
-        return cls(**merged)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly copy of every parameter."""
-        return asdict(self)
-
-    @property
-    def domains(self) -> list[str]:
-        """Domain names: ``layer1``, ..., then ``blob1``, ...."""
-        return [f"layer{i + 1}" for i in range(self.n_layers)] + [f"blob{i + 1}" for i in range(self.n_blobs)]
-
-    @property
-    def reach(self) -> float:
-        """Neighbour radius of the kernel in kernel scales (``kernel_reach``, or the kind's default)."""
-        return self.kernel_reach or DEFAULT_REACH[self.kernel]
 
     @property
     def pitch_px(self) -> float:
         """Spot pitch in full-resolution pixels."""
         return self.spot_pitch_um * self.pixels_per_um
-
-
-def _n_domains(params: SimulationParams) -> int:
-    return params.n_layers + params.n_blobs
 
 
 def _coerce(name: str, annotation: Any, value: Any) -> Any:
@@ -533,17 +551,22 @@ class _Anatomy:
         return np.where(domain >= 0, trend * self.cellularity[np.maximum(domain, 0)], 0.0) / self.density_norm
 
 
+def _draw_outline(low: np.ndarray, high: np.ndarray, jitter: float, rng: np.random.Generator) -> _Outline:
+    """A Fourier-deformed ellipse filling the box ``low``-``high``, its centre moved by up to ``jitter`` of the
+    box; its threshold is set by the caller."""
+    orders = np.arange(2, 7)
+    modes = np.column_stack(
+        [orders, rng.uniform(-1, 1, orders.size) * 0.24 / orders, rng.uniform(0, 2 * np.pi, orders.size)]
+    )
+    return _Outline((low + high) / 2 + rng.uniform(-jitter, jitter, 2) * (high - low), (high - low) / 2, modes)
+
+
 def _draw_tissue(
     params: SimulationParams, grid: _Grid, rng: np.random.Generator
 ) -> tuple[_Outline, np.ndarray]:
     """Outline covering ``tissue_fraction`` of the spots, clear of the rim, and the spots' tissue mask."""
     x, y = grid.coords[:, 0], grid.coords[:, 1]
-    low, high = grid.coords.min(axis=0), grid.coords.max(axis=0)
-    orders = np.arange(2, 7)
-    modes = np.column_stack(
-        [orders, rng.uniform(-1, 1, orders.size) * 0.24 / orders, rng.uniform(0, 2 * np.pi, orders.size)]
-    )
-    outline = _Outline((low + high) / 2 + rng.uniform(-0.04, 0.04, 2) * (high - low), (high - low) / 2, modes)
+    outline = _draw_outline(grid.coords.min(axis=0), grid.coords.max(axis=0), 0.04, rng)
     radius = outline.radius(x, y)
     threshold = _midpoint_threshold(radius, round(params.tissue_fraction * grid.n_spots))
     threshold = min(threshold, float(radius[_rim(grid, params)].min()) * (1 - 1e-9))
@@ -557,10 +580,14 @@ def _draw_tissue(
 
 
 def _draw_blobs(
-    params: SimulationParams, grid: _Grid, outline: _Outline, tissue: np.ndarray, rng: np.random.Generator
+    params: _SimulationParamsBase,
+    coords: np.ndarray,
+    outline: _Outline,
+    tissue: np.ndarray,
+    rng: np.random.Generator,
 ) -> tuple[_Blob, ...]:
-    """Blobs of ``blob_fraction`` of the tissue spots each, centred well inside the tissue and apart."""
-    x, y = grid.coords[:, 0], grid.coords[:, 1]
+    """Blobs of ``blob_fraction`` of the tissue sites each, centred well inside the tissue and apart."""
+    x, y = coords[:, 0], coords[:, 1]
     size = max(1, round(params.blob_fraction * int(tissue.sum())))
     core = np.flatnonzero(tissue & (outline.radius(x, y) <= 0.6 * outline.threshold))
     core = core if core.size else np.flatnonzero(tissue)
@@ -569,18 +596,22 @@ def _draw_blobs(
     for _ in range(params.n_blobs):
         distance = np.full(core.size, np.inf)
         for blob in blobs:
-            distance = np.minimum(distance, np.hypot(*(grid.coords[core] - blob.centre).T))
+            distance = np.minimum(distance, np.hypot(*(coords[core] - blob.centre).T))
         free = core[distance >= spacing]
         centre = rng.choice(free) if free.size else core[np.argmax(distance)]
-        blob = _Blob(grid.coords[centre].copy(), rng.uniform(0, np.pi), rng.uniform(1.0, 1.8))
+        blob = _Blob(coords[centre].copy(), rng.uniform(0, np.pi), rng.uniform(1.0, 1.8))
         blobs.append(replace(blob, threshold=_midpoint_threshold(blob.metric(x, y)[tissue], size)))
     return tuple(blobs)
 
 
 def _draw_layers(
-    params: SimulationParams, grid: _Grid, outline: _Outline, free: np.ndarray, rng: np.random.Generator
+    params: _SimulationParamsBase,
+    coords: np.ndarray,
+    outline: _Outline,
+    free: np.ndarray,
+    rng: np.random.Generator,
 ) -> _Layers:
-    """Layers splitting the ``free`` spots (tissue outside blobs) into shares near ``1 / n_layers``."""
+    """Layers splitting the ``free`` sites (tissue outside blobs) into shares near ``1 / n_layers``."""
     angle = rng.uniform(0, 2 * np.pi)
     span = float(np.mean(outline.semi_axes)) * 2 * outline.threshold
     layers = _Layers(
@@ -590,7 +621,7 @@ def _draw_layers(
         wavelength=rng.uniform(0.8, 1.5) * span,
         phase=rng.uniform(0, 2 * np.pi),
     )
-    depth = layers.depth(grid.coords[free, 0], grid.coords[free, 1])
+    depth = layers.depth(coords[free, 0], coords[free, 1])
     shares = np.maximum(rng.dirichlet(np.full(params.n_layers, 8.0)), 0.5 / params.n_layers)
     cumulative = np.cumsum(shares / shares.sum())[:-1]
     return replace(
@@ -602,14 +633,26 @@ def _draw_anatomy(
     params: SimulationParams, grid: _Grid, rng: np.random.Generator
 ) -> tuple[_Anatomy, np.ndarray]:
     """Anatomy and the tissue mask of the spots (one connected piece, background rim kept)."""
-    x, y = grid.coords[:, 0], grid.coords[:, 1]
     outline, tissue = _draw_tissue(params, grid, rng)
-    blobs = _draw_blobs(params, grid, outline, tissue, rng)
-    in_blob = np.zeros(grid.n_spots, dtype=bool)
+    return _draw_domains(params, grid.coords, outline, tissue, rng), tissue
+
+
+def _draw_domains(
+    params: _SimulationParamsBase,
+    coords: np.ndarray,
+    outline: _Outline,
+    tissue: np.ndarray,
+    rng: np.random.Generator,
+) -> _Anatomy:
+    """The anatomy inside a drawn outline: blobs, layers, density trend and cellularity, sampled at
+    ``coords`` (``(n, 2)``) whose ``tissue`` mask the outline gives."""
+    x, y = coords[:, 0], coords[:, 1]
+    blobs = _draw_blobs(params, coords, outline, tissue, rng)
+    in_blob = np.zeros(coords.shape[0], dtype=bool)
     for blob in blobs:
         in_blob |= blob.metric(x, y) <= blob.threshold
     # Layers split what the blobs leave, so that no layer is empty.
-    layers = _draw_layers(params, grid, outline, tissue & ~in_blob, rng)
+    layers = _draw_layers(params, coords, outline, tissue & ~in_blob, rng)
     span = float(np.mean(outline.semi_axes)) * 2 * outline.threshold
     anatomy = _Anatomy(
         outline,
@@ -617,40 +660,51 @@ def _draw_anatomy(
         blobs,
         density_waves=_Waves.draw(rng, 6, (0.6 * span, 1.6 * span)),
         density_sd=params.density_sd,
-        cellularity=1 + rng.uniform(-1, 1, _n_domains(params)) * params.cellularity_spread,
+        cellularity=1 + rng.uniform(-1, 1, len(params.domains)) * params.cellularity_spread,
     )
     domain = anatomy.domain(x, y, tissue)
-    return replace(anatomy, density_norm=float(anatomy.density(x, y, domain)[tissue].mean())), tissue
+    return replace(anatomy, density_norm=float(anatomy.density(x, y, domain)[tissue].mean()))
 
 
 # --------------------------------------------------------------------------------------------- expression
 
 
-def _gene_profiles(
-    params: SimulationParams, genes: pd.DataFrame, rng: np.random.Generator
+def _group_profiles(
+    params: _SimulationParamsBase,
+    genes: pd.DataFrame,
+    groups: list[str],
+    rng: np.random.Generator,
+    *,
+    random_leak: bool,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Gene levels ``(G,)``, domain profiles ``(n_domains, G)`` and the domains each gene is expressed in."""
-    domains = params.domains
-    n_domains, n_genes = len(domains), genes.shape[0]
+    """Gene levels ``(G,)``, profiles over ``groups`` (domains or cell types) ``(len(groups), G)`` and the
+    groups each gene is expressed in.
+
+    A marker is 1 in the group of its ``marker_of`` and ``marker_leak`` elsewhere (times a log-normal factor
+    per group with ``random_leak``); a shared gene is expressed in two or three groups; a housekeeping gene
+    is modulated mildly in all of them.
+    """
+    n_groups, n_genes = len(groups), genes.shape[0]
     gene_type = genes["gene_type"].to_numpy()
     levels = np.exp(params.level_sd * rng.standard_normal(n_genes))
     levels[gene_type != "housekeeping"] *= params.marker_weight
-    leak = params.marker_leak * np.exp(0.3 * rng.standard_normal((n_domains, n_genes)))
-    profiles = np.exp(params.housekeeping_sd * rng.standard_normal((n_domains, n_genes)))
+    leak_factor = np.exp(0.3 * rng.standard_normal((n_groups, n_genes))) if random_leak else 1.0
+    leak = np.broadcast_to(params.marker_leak * leak_factor, (n_groups, n_genes))
+    profiles = np.exp(params.housekeeping_sd * rng.standard_normal((n_groups, n_genes)))
     expressed_in = [""] * n_genes
     for g in range(n_genes):
         if gene_type[g] == "housekeeping":
             continue
         if gene_type[g] == "marker":
-            active = np.array([domains.index(genes["marker_of"].iat[g])])
+            active = np.array([groups.index(genes["marker_of"].iat[g])])
             amplitude = np.ones(1)
         else:
-            n_active = int(rng.integers(2, min(3, n_domains) + 1)) if n_domains > 1 else 1
-            active = np.sort(rng.choice(n_domains, n_active, replace=False))
+            n_active = int(rng.integers(2, min(3, n_groups) + 1)) if n_groups > 1 else 1
+            active = np.sort(rng.choice(n_groups, n_active, replace=False))
             amplitude = rng.uniform(0.5, 1.0, n_active)
         profiles[:, g] = leak[:, g]
         profiles[active, g] = amplitude
-        expressed_in[g] = ",".join(domains[d] for d in active)
+        expressed_in[g] = ",".join(groups[k] for k in active)
     return levels, profiles, expressed_in
 
 
@@ -746,6 +800,12 @@ def _render_he(
     # Scaled so that a lone nucleus peaks near optical density 1.1, the darkness of a stained nucleus.
     haematoxylin = ndimage.gaussian_filter(nuclei, sigma) * (2 * np.pi * sigma**2 * 1.1) + 0.08 * tissue_soft
 
+    return _stained_rgb(haematoxylin, eosin, rng)
+
+
+def _stained_rgb(haematoxylin: np.ndarray, eosin: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 RGB of two stains' optical density maps on slightly uneven glass (Beer-Lambert)."""
+    shape = haematoxylin.shape
     glass = 0.965 + 0.01 * ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 3.0)
     rgb = np.empty((*shape, 3), dtype=np.uint8)
     for channel in range(3):
@@ -803,7 +863,7 @@ def _draw_truth(
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Undiffused expected counts ``(N, G)`` (zero off tissue) and the gene table with the drawn values."""
     tissue = domain >= 0
-    levels, profiles, expressed_in = _gene_profiles(params, genes, gene_rng)
+    levels, profiles, expressed_in = _group_profiles(params, genes, params.domains, gene_rng, random_leak=True)
     kernel_scales = params.kernel_scale * np.exp(
         params.kernel_scale_sd * gene_rng.standard_normal(genes.shape[0])
     )
@@ -942,6 +1002,50 @@ def simulate(params: SimulationParams | None = None) -> SimulatedSample:
     )
 
 
+def output_folder(outdir: str | PathLike[str]) -> Path:
+    """``outdir`` as a folder for a simulated sample, created if needed.
+
+    Raises
+    ------
+    InputError
+        When ``outdir`` is a file.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(outdir, "exists and is not a folder; give a folder for the simulated sample")
+    outdir.mkdir(parents=True, exist_ok=True)
+    return outdir
+
+
+def write_outs_of_truth(
+    folder: Path,
+    counts: sp.spmatrix,
+    truth: AnnData,
+    positions: pd.DataFrame,
+    scalefactors: Mapping[str, Any],
+    *,
+    hires_image: np.ndarray,
+    lowres_image: np.ndarray,
+    library_id: str,
+) -> None:
+    """Space Ranger ``outs`` of simulated ``counts`` (spots x genes) whose barcodes and genes are the
+    ``truth``'s (:func:`undiffuse.io.writers.write_spaceranger_outs`)."""
+    from .io.writers import write_spaceranger_outs
+
+    write_spaceranger_outs(
+        folder,
+        counts,
+        truth.obs_names.tolist(),
+        truth.var["gene_ids"].tolist(),
+        truth.var_names.tolist(),
+        positions,
+        scalefactors,
+        hires_image=hires_image,
+        lowres_image=lowres_image,
+        library_id=library_id,
+    )
+
+
 def write_sample(outdir: str | PathLike[str], sample: SimulatedSample) -> Path:
     """Write a simulated sample as ``outdir/outs`` (Space Ranger layout) and ``outdir/truth.h5ad``.
 
@@ -951,21 +1055,15 @@ def write_sample(outdir: str | PathLike[str], sample: SimulatedSample) -> Path:
     -------
     The ``outs`` folder.
     """
-    from .io.writers import write_spaceranger_outs
 
-    outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(outdir, "exists and is not a folder; give a folder for the simulated sample")
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = output_folder(outdir)
     truth = sample.truth
     with atomic_path(outdir / "truth.h5ad") as truth_tmp:
         truth.write_h5ad(truth_tmp)
-        write_spaceranger_outs(
+        write_outs_of_truth(
             outdir / "outs",
             sample.counts,
-            truth.obs_names.tolist(),
-            truth.var["gene_ids"].tolist(),
-            truth.var_names.tolist(),
+            truth,
             sample.positions,
             sample.scalefactors,
             hires_image=sample.hires_image,

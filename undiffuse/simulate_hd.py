@@ -47,14 +47,12 @@ from __future__ import annotations
 
 import math
 import shutil
-import typing
 from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -66,20 +64,19 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .diffusion import KernelKind, diffuse
-from .errors import ConfigError, InputError
 from .simulate import (
-    DEFAULT_REACH,
-    EOSIN_OD,
-    HAEMATOXYLIN_OD,
+    BACKGROUND,
     _Anatomy,
-    _coerce,
     _downsample,
-    _draw_blobs,
-    _draw_layers,
+    _draw_domains,
+    _draw_outline,
+    _group_profiles,
     _midpoint_threshold,
     _numbered,
-    _Outline,
-    _Waves,
+    _SimulationParamsBase,
+    _stained_rgb,
+    output_folder,
+    write_outs_of_truth,
 )
 
 #: Bin sizes Space Ranger writes, in microns; coarser bins are sums of 2 um bins.
@@ -107,7 +104,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ci": {"width_um": 1024.0, "height_um": 1024.0, "n_genes": 24},
     "full": {"width_um": 6496.0, "height_um": 6496.0, "n_genes": 100},
 }
-BACKGROUND = "background"
 #: Visium view of the same tissue: 55 um spots on the 100 um hexagonal lattice, with the high-resolution
 #: truth on square grids of these sizes (microns).
 VISIUM_PITCH_UM = 100.0
@@ -116,7 +112,7 @@ VIEW_GRIDS_UM = (10, 20)
 
 
 @dataclass(frozen=True)
-class HDSimulationParams:
+class HDSimulationParams(_SimulationParamsBase):
     """Every parameter of a simulated Visium HD sample, with its default (the ``ci`` preset's size).
 
     Lengths are in microns.
@@ -202,16 +198,11 @@ class HDSimulationParams:
     sample_id: str = "simulated_hd"
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        for spec in fields(self):
-            object.__setattr__(self, spec.name, _coerce(spec.name, spec.type, getattr(self, spec.name)))
-        problems = [message for ok, message in self._checks() if not ok]
-        if problems:
-            raise ConfigError("invalid HD simulation parameters: " + "; ".join(problems))
+    _LABEL: ClassVar[str] = "HD simulation"
+    _PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = PRESETS
 
     def _checks(self) -> list[tuple[bool, str]]:
         coarse = max(BIN_SIZES_UM)
-        kinds = typing.get_args(KernelKind)
         n_types = self.n_cell_types
         return [
             *(
@@ -227,16 +218,6 @@ class HDSimulationParams:
             ),
             (self.n_cell_types >= 2, f"n_cell_types must be >= 2, got {n_types}"),
             (self.n_genes >= n_types + 1, f"n_genes must be >= n_cell_types + 1, got {self.n_genes}"),
-            (
-                0.2 <= self.tissue_fraction <= 0.7,
-                f"tissue_fraction must be in [0.2, 0.7], got {self.tissue_fraction}",
-            ),
-            (self.n_layers >= 1, f"n_layers must be >= 1, got {self.n_layers}"),
-            (self.n_blobs >= 0, f"n_blobs must be >= 0, got {self.n_blobs}"),
-            (
-                0 < self.blob_fraction and self.n_blobs * self.blob_fraction <= 0.5,
-                f"blob_fraction must be > 0 with n_blobs * blob_fraction <= 0.5, got {self.blob_fraction}",
-            ),
             (4 <= self.cell_radius_um <= 11, f"cell_radius_um must be in [4, 11], got {self.cell_radius_um}"),
             (
                 0 <= self.cell_radius_sd <= 0.5,
@@ -247,84 +228,22 @@ class HDSimulationParams:
                 f"nucleus_ratio must be in [0.2, 0.8], got {self.nucleus_ratio}",
             ),
             (0.1 <= self.cell_fill <= 1, f"cell_fill must be in [0.1, 1], got {self.cell_fill}"),
-            (0 < self.marker_fraction < 1, f"marker_fraction must be in (0, 1), got {self.marker_fraction}"),
-            (0 <= self.shared_fraction < 1, f"shared_fraction must be in [0, 1), got {self.shared_fraction}"),
-            (self.depth > 0, f"depth must be > 0, got {self.depth}"),
-            (self.level_sd >= 0, f"level_sd must be >= 0, got {self.level_sd}"),
-            (self.marker_weight > 0, f"marker_weight must be > 0, got {self.marker_weight}"),
-            (0 <= self.marker_leak <= 1, f"marker_leak must be in [0, 1], got {self.marker_leak}"),
-            (self.housekeeping_sd >= 0, f"housekeeping_sd must be >= 0, got {self.housekeeping_sd}"),
-            (self.density_sd >= 0, f"density_sd must be >= 0, got {self.density_sd}"),
-            (
-                0 <= self.cellularity_spread < 1,
-                f"cellularity_spread must be in [0, 1), got {self.cellularity_spread}",
-            ),
             (self.cell_noise >= 0, f"cell_noise must be >= 0, got {self.cell_noise}"),
-            (0 <= self.bleed < 1, f"bleed must be in [0, 1), got {self.bleed}"),
-            (0 <= self.distal < 1, f"distal must be in [0, 1), got {self.distal}"),
-            (self.bleed + self.distal < 1, f"bleed + distal must be < 1, got {self.bleed + self.distal}"),
-            (self.kernel in kinds, f"kernel must be one of {list(kinds)}, got {self.kernel!r}"),
             (
                 0.5 <= self.kernel_length_min_um <= self.kernel_length_max_um <= 100,
                 "need 0.5 <= kernel_length_min_um <= kernel_length_max_um <= 100, got "
                 f"{self.kernel_length_min_um} and {self.kernel_length_max_um}",
             ),
             (
-                self.kernel_reach == 0 or 1.5 <= self.kernel_reach <= 20,
-                f"kernel_reach must be 0 (automatic) or in [1.5, 20] kernel scales, got {self.kernel_reach}",
-            ),
-            (
                 0.05 <= self.microns_per_pixel <= 2,
                 f"microns_per_pixel must be in [0.05, 2], got {self.microns_per_pixel}",
             ),
-            (
-                all(ch.isalnum() or ch in "_.-" for ch in self.sample_id) and bool(self.sample_id),
-                f"sample_id must be a plain name (letters, digits, '_', '.', '-'), got {self.sample_id!r}",
-            ),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
         ]
-
-    @classmethod
-    def from_dict(
-        cls, values: Mapping[str, Any] | None = None, /, *, preset: str | None = None, **overrides: Any
-    ) -> HDSimulationParams:
-        """Parameters from a preset (``ci`` or ``full``), then a mapping, then keyword overrides.
-
-        Raises
-        ------
-        ConfigError
-            On an unknown preset or key (listing the known ones) or an invalid value.
-        """
-        if preset is not None and preset not in PRESETS:
-            raise ConfigError(f"unknown HD preset {preset!r}; known presets: {', '.join(PRESETS)}")
-        merged = {**(PRESETS[preset] if preset else {}), **(values or {}), **overrides}
-        known = {spec.name for spec in fields(cls)}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown HD simulation parameter(s) {', '.join(map(str, unknown))}; "
-                f"known parameters: {', '.join(sorted(known))}"
-            )
-        return cls(**merged)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly copy of every parameter."""
-        return asdict(self)
-
-    @property
-    def domains(self) -> list[str]:
-        """Domain names: ``layer1``, ..., then ``blob1``, ...."""
-        return [f"layer{i + 1}" for i in range(self.n_layers)] + [f"blob{i + 1}" for i in range(self.n_blobs)]
 
     @property
     def cell_types(self) -> list[str]:
         """Cell-type names ``type1``, ...."""
         return [f"type{k + 1}" for k in range(self.n_cell_types)]
-
-    @property
-    def reach(self) -> float:
-        """Kernel radius in kernel scales."""
-        return self.kernel_reach or DEFAULT_REACH[self.kernel]
 
 
 # --------------------------------------------------------------------------------------------- grids
@@ -410,35 +329,14 @@ def _draw_hd_anatomy(params: HDSimulationParams, rng: np.random.Generator) -> _A
     coords = grid.centres_um()
     x, y = coords.T
     low, high = np.zeros(2), np.array([grid.n_cols, grid.n_rows], dtype=np.float64)
-    orders = np.arange(2, 7)
-    modes = np.column_stack(
-        [orders, rng.uniform(-1, 1, orders.size) * 0.24 / orders, rng.uniform(0, 2 * np.pi, orders.size)]
-    )
-    outline = _Outline((low + high) / 2 + rng.uniform(-0.03, 0.03, 2) * (high - low), (high - low) / 2, modes)
+    outline = _draw_outline(low, high, 0.03, rng)
     radius = outline.radius(x, y)
     rim = RIM_SHARE * float(min(high))
     on_rim = (x < rim) | (y < rim) | (x > high[0] - rim) | (y > high[1] - rim)
     threshold = _midpoint_threshold(radius, round(params.tissue_fraction * grid.n_bins))
     threshold = min(threshold, float(radius[on_rim].min()) * (1 - 1e-9))
     outline = replace(outline, threshold=threshold)
-    tissue = radius <= threshold
-    shim = SimpleNamespace(coords=coords)
-    blobs = _draw_blobs(params, shim, outline, tissue, rng)  # type: ignore[arg-type]
-    in_blob = np.zeros(grid.n_bins, dtype=bool)
-    for blob in blobs:
-        in_blob |= blob.metric(x, y) <= blob.threshold
-    layers = _draw_layers(params, shim, outline, tissue & ~in_blob, rng)  # type: ignore[arg-type]
-    span = float(np.mean(outline.semi_axes)) * 2 * outline.threshold
-    anatomy = _Anatomy(
-        outline,
-        layers,
-        blobs,
-        density_waves=_Waves.draw(rng, 6, (0.6 * span, 1.6 * span)),
-        density_sd=params.density_sd,
-        cellularity=1 + rng.uniform(-1, 1, params.n_layers + params.n_blobs) * params.cellularity_spread,
-    )
-    domain = anatomy.domain(x, y, tissue)
-    return replace(anatomy, density_norm=float(anatomy.density(x, y, domain)[tissue].mean()))
+    return _draw_domains(params, coords, outline, radius <= threshold, rng)
 
 
 def _anatomy_at(anatomy: _Anatomy, points_um: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -580,32 +478,6 @@ def marker_table_hd(params: HDSimulationParams | None = None) -> pd.DataFrame:
     genes = gene_table_hd(params or HDSimulationParams())
     markers = genes.loc[genes["gene_type"] == "marker", "marker_of"]
     return pd.DataFrame({"cell_type": markers.to_numpy(), "gene": markers.index.to_numpy()})
-
-
-def _type_profiles(
-    params: HDSimulationParams, genes: pd.DataFrame, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Gene levels ``(G,)``, cell-type profiles ``(T, G)`` and the types each gene is expressed in."""
-    types, n_genes = params.cell_types, genes.shape[0]
-    gene_type = genes["gene_type"].to_numpy()
-    levels = np.exp(params.level_sd * rng.standard_normal(n_genes))
-    levels[gene_type != "housekeeping"] *= params.marker_weight
-    profiles = np.exp(params.housekeeping_sd * rng.standard_normal((len(types), n_genes)))
-    expressed_in = [""] * n_genes
-    for g in range(n_genes):
-        if gene_type[g] == "housekeeping":
-            continue
-        if gene_type[g] == "marker":
-            active = np.array([types.index(genes["marker_of"].iat[g])])
-            amplitude = np.ones(1)
-        else:
-            n_active = int(rng.integers(2, min(3, len(types)) + 1))
-            active = np.sort(rng.choice(len(types), n_active, replace=False))
-            amplitude = rng.uniform(0.5, 1.0, n_active)
-        profiles[:, g] = params.marker_leak
-        profiles[active, g] = amplitude
-        expressed_in[g] = ",".join(types[t] for t in active)
-    return levels, profiles, expressed_in
 
 
 # --------------------------------------------------------------------------------------------- truth
@@ -860,7 +732,7 @@ def simulate_hd(params: HDSimulationParams | None = None, *, visium_view: bool =
     anatomy = _draw_hd_anatomy(params, anatomy_rng)
     centres, radius, nucleus, cell_type, cell_domain = _draw_cells(params, anatomy, cell_rng)
     genes = gene_table_hd(params)
-    levels, profiles, expressed_in = _type_profiles(params, genes, gene_rng)
+    levels, profiles, expressed_in = _group_profiles(params, genes, params.cell_types, gene_rng, random_leak=False)
     lengths = np.exp(
         gene_rng.uniform(
             math.log(params.kernel_length_min_um), math.log(params.kernel_length_max_um), params.n_genes
@@ -1215,12 +1087,7 @@ def _render_hd_he(
     )
     haematoxylin = 0.9 * ndimage.gaussian_filter(nuclei * tissue, 0.7) + 0.05 * tissue_soft
 
-    glass = 0.965 + 0.01 * ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 3.0)
-    rgb = np.empty((*shape, 3), dtype=np.uint8)
-    for channel in range(3):
-        optical_density = haematoxylin * HAEMATOXYLIN_OD[channel] + eosin * EOSIN_OD[channel]
-        rgb[..., channel] = np.clip(np.round(255 * glass * np.exp(-optical_density)), 0, 255)
-    return rgb
+    return _stained_rgb(haematoxylin, eosin, rng)
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -1244,10 +1111,7 @@ def write_hd_sample(outdir: str | PathLike[str], sample: SimulatedHDSample) -> P
     """
     from .io.writers import write_hd_bin_folder
 
-    outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise InputError(outdir, "exists and is not a folder; give a folder for the simulated sample")
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = output_folder(outdir)
     library_id = sample.cells.uns["simulation"]["sample_id"]
     with ExitStack() as stack:
         if sample.visium is not None:
@@ -1278,18 +1142,14 @@ def write_hd_sample(outdir: str | PathLike[str], sample: SimulatedHDSample) -> P
 
 def _write_visium_view(folder: Path, view: VisiumView, library_id: str) -> None:
     """``folder/outs`` (Space Ranger Visium layout), ``folder/truth.h5ad`` and the grids' truth."""
-    from .io.writers import write_spaceranger_outs
-
     truth = view.truth
     truth.write_h5ad(folder / "truth.h5ad", compression="gzip")
     for size, grid in view.grids.items():
         grid.write_h5ad(folder / f"truth_grid_{size:03d}um.h5ad", compression="gzip")
-    write_spaceranger_outs(
+    write_outs_of_truth(
         folder / "outs",
         view.counts,
-        truth.obs_names.tolist(),
-        truth.var["gene_ids"].tolist(),
-        truth.var_names.tolist(),
+        truth,
         view.positions,
         view.scalefactors,
         hires_image=view.hires_image,
