@@ -24,6 +24,7 @@ from undiffuse.cli import main
 from undiffuse.errors import ConfigError, InputError
 from undiffuse.io import read_sample
 from undiffuse.io.matrix import read_10x_h5
+from undiffuse.io.visium_hd import hd_barcodes
 from undiffuse.io.writers import write_10x_h5
 from undiffuse.prepare import prepare_sample
 from undiffuse.simulate_hd import (
@@ -33,7 +34,6 @@ from undiffuse.simulate_hd import (
     HDSimulationParams,
     SquareGrid,
     bin_folder,
-    hd_barcodes,
     marker_table_hd,
     render_truth,
     simulate_hd,

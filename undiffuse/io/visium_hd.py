@@ -31,6 +31,24 @@ def folder_bin_size(folder: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def hd_barcodes(bin_um: int, array_row: np.ndarray, array_col: np.ndarray) -> np.ndarray:
+    """Space Ranger's bin barcodes ``s_008um_00012_00034-1`` as a NumPy bytes array (no Python strings).
+
+    Sorting them sorts the bins row-major, the order in which Space Ranger writes the matrix.
+    """
+    prefix = np.frombuffer(f"s_{bin_um:03d}um_".encode(), dtype=np.uint8)
+    n = len(array_row)
+    out = np.empty((n, prefix.size + 13), dtype=np.uint8)
+    out[:, : prefix.size] = prefix
+    for offset, values in ((prefix.size, array_row), (prefix.size + 6, array_col)):
+        values = np.asarray(values, dtype=np.int64)
+        for digit in range(5):
+            out[:, offset + 4 - digit] = ord("0") + (values // 10**digit) % 10
+    out[:, prefix.size + 5] = ord("_")
+    out[:, -2:] = np.frombuffer(b"-1", dtype=np.uint8)
+    return out.view(f"S{out.shape[1]}").ravel()
+
+
 def barcode_bin_sizes(barcodes: Iterable[str]) -> dict[int, str]:
     """Bin sizes (microns) found in HD barcodes, each with one example barcode; other barcodes are ignored."""
     index = pd.Index(barcodes)
