@@ -14,6 +14,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 #: A sample small enough for unit tests, big enough to have background spots all round the tissue.
 TINY_SAMPLE = dict(n_rows=24, n_cols=20, n_genes=24, seed=7)
+#: Small enough for seconds, big enough for a background rim and a decay curve on 8 um bins.
+SMALL_HD = dict(width_um=512.0, height_um=512.0, n_genes=8, seed=3)
 
 
 def hex_lattice(n_rows: int, n_cols: int) -> np.ndarray:
@@ -76,6 +78,16 @@ def tiny_sample(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny_sample")
     simulate_sample(root, **TINY_SAMPLE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def hd_sample(tmp_path_factory) -> Path:
+    """Folder of a small simulated Visium HD sample: ``outs/binned_outputs/`` and ``truth/``."""
+    from undiffuse.simulate_hd import simulate_hd_sample
+
+    root = tmp_path_factory.mktemp("hd_sample")
+    simulate_hd_sample(root, **SMALL_HD)
     return root
 
 

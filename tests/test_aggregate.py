@@ -15,16 +15,7 @@ from undiffuse.aggregate import aggregate_bins, aggregate_cells, read_cell_label
 from undiffuse.errors import InputError
 from undiffuse.io import read_sample
 from undiffuse.simulate import simulate_sample
-from undiffuse.simulate_hd import bin_folder, simulate_hd_sample
-
-SMALL_HD = dict(width_um=512.0, height_um=512.0, n_genes=6, seed=4)
-
-
-@pytest.fixture(scope="module")
-def hd_sample(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hd_aggregate")
-    simulate_hd_sample(root, **SMALL_HD)
-    return root
+from undiffuse.simulate_hd import bin_folder
 
 
 @pytest.fixture(scope="module")

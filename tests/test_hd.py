@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import SMALL_HD
 from matplotlib.collections import PathCollection
 from matplotlib.image import AxesImage
 from PIL import Image
@@ -37,21 +38,9 @@ from undiffuse.simulate_hd import (
     marker_table_hd,
     render_truth,
     simulate_hd,
-    simulate_hd_sample,
 )
 
 matplotlib.use("Agg")
-
-#: Small enough for seconds, big enough for a background rim and a decay curve on 8 um bins.
-SMALL_HD = dict(width_um=512.0, height_um=512.0, n_genes=8, seed=3)
-
-
-@pytest.fixture(scope="module")
-def hd_sample(tmp_path_factory) -> Path:
-    """Folder of a small simulated HD sample: ``outs/binned_outputs/`` and ``truth/``."""
-    root = tmp_path_factory.mktemp("hd_sample")
-    simulate_hd_sample(root, **SMALL_HD)
-    return root
 
 
 def _bins(sample: Path, bin_um: int) -> Path:
