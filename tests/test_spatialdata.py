@@ -101,6 +101,7 @@ def hd_outs(tmp_path_factory):
     return root / "outs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bin_um", [8, 16])
 def test_spatialdata_io_reads_simulated_visium_hd_as_undiffuse_does(hd_outs, bin_um):
     square = hd_outs / "binned_outputs" / f"square_{bin_um:03d}um"
@@ -112,13 +113,14 @@ def test_spatialdata_io_reads_simulated_visium_hd_as_undiffuse_does(hd_outs, bin
     assert 0 < theirs.obs["in_tissue"].mean() < 1
 
 
-def test_spatialdata_io_needs_the_feature_slice_of_hd_outs(hd_outs, tmp_path):
-    outs = tmp_path / "outs"
-    shutil.copytree(hd_outs / "binned_outputs" / "square_016um", outs / "binned_outputs" / "square_016um")
+@pytest.mark.realdata
+def test_spatialdata_io_needs_the_feature_slice_of_hd_outs(tmp_path, shared_data):
+    square = tmp_path / "outs" / "binned_outputs" / "square_002um"
+    shutil.copytree(shared_data / "visium_fixtures" / "hd_binned_fixture" / "square_002um", square)
     with pytest.raises(InputError) as raised:
-        read_spatialdata_io(outs / "binned_outputs" / "square_016um")
+        read_spatialdata_io(square)
     message = str(raised.value)
-    assert message.startswith(f"{outs / HD_FEATURE_SLICE}: file does not exist")
+    assert message.startswith(f"{tmp_path / 'outs' / HD_FEATURE_SLICE}: file does not exist")
     assert "\n" not in message
 
 
@@ -176,6 +178,7 @@ def store(corrected_file, superres_2x, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_store_table_equals_corrected_h5ad(store, corrected_file):
     sdata = spatialdata.read_zarr(store)
@@ -196,6 +199,7 @@ def test_store_table_equals_corrected_h5ad(store, corrected_file):
     assert "images" not in library(table), "the images are image elements, not copies inside the table"
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_store_places_spots_images_and_superres_maps_in_full_resolution_pixels(
     store, corrected_file, superres_2x
@@ -247,6 +251,7 @@ def test_store_places_spots_images_and_superres_maps_in_full_resolution_pixels(
     np.testing.assert_allclose(centres[:, :2], maps.obsm["spatial"])
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_spatialdata_plot_draws_the_store_as_it_is(store, corrected_file):
     import matplotlib
