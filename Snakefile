@@ -24,6 +24,7 @@ include: "rules/quantiles.smk"
 include: "rules/correct.smk"
 include: "rules/merge.smk"
 include: "rules/superres.smk"
+include: "rules/spatialdata.smk"
 
 
 if REPORT_RULES.exists():
@@ -36,3 +37,4 @@ rule all:
     input:
         all_outputs(),
         SUPERRES_TARGETS,
+        SPATIALDATA_TARGETS,

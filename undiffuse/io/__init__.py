@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from .read import read_sample
+from .spatialdata import read_spatialdata_io, write_spatialdata
 
-__all__ = ["read_sample"]
+__all__ = ["read_sample", "read_spatialdata_io", "write_spatialdata"]
