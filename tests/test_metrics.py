@@ -213,6 +213,18 @@ def test_evaluate_sample_marker_specificity_recovers_the_truth(known_sample):
     assert (markers["specificity_raw"] < markers["specificity_truth"]).all()
 
 
+def test_evaluate_sample_border_halfwidth_is_the_truths_after_a_perfect_correction(known_sample):
+    _, _, tables = known_sample
+    markers = tables["markers"]
+    np.testing.assert_allclose(markers["halfwidth_corrected"], markers["halfwidth_truth"], rtol=1e-6)
+    # The truth is a step at the border; diffusion widens every marker's rise.
+    assert (markers["halfwidth_raw"] > markers["halfwidth_truth"]).all()
+    assert summary_value(tables, "border_halfwidth", "raw") == pytest.approx(
+        float(np.median(markers["halfwidth_raw"]))
+    )
+    assert "border_halfwidth" in metrics.METRIC_DESCRIPTIONS
+
+
 def test_evaluate_sample_before_after_tables(known_sample):
     corrected, _, tables = known_sample
     genes = tables["genes"]
