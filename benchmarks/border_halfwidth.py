@@ -162,8 +162,8 @@ def markdown(report: dict) -> str:
         "0.873 x the distance between its 1/4 and 3/4 crossings). Smaller is sharper; an unblurred step "
         "measures about 0.44 (the 1-pitch bins).",
         "",
-        "In the simulator only the `bleed` share of each spot's molecules moves by the kernel; the rest stays, so "
-        "the profile keeps a sharp step of height 1 - bleed - distal. The half-width reads the core of the "
+        "In the simulator only the `bleed` share of each spot's molecules moves by the kernel; the rest "
+        "stays, so the profile keeps a sharp step of height 1 - bleed - distal. The half-width reads the core of the "
         "spread: while most molecules stay it stays near the floor, however far the others travel (marker "
         "specificity weighs those tails).",
         "",
@@ -178,7 +178,8 @@ def markdown(report: dict) -> str:
 def simulated_markdown(sim: dict) -> list[str]:
     parameters = sim["simulation"]
     lines = [
-        f"## Simulated sample, bleed {parameters['bleed']} ({sim['spots']} spots, {sim['tissue_spots']} in tissue, "
+        f"## Simulated sample, bleed {parameters['bleed']} ({sim['spots']} spots, "
+        f"{sim['tissue_spots']} in tissue, "
         f"{sim['markers_corrected']} domain markers corrected in {sim['correct_s']:.0f} s)",
         "",
         f"{parameters['kernel']} diffusion, scale {parameters['kernel_scale']} pitches, bleed "
@@ -208,7 +209,8 @@ def simulated_markdown(sim: dict) -> list[str]:
 
 def mouse_brain_markdown(brain: dict) -> list[str]:
     lines = [
-        f"## Real mouse brain ({brain['tissue_spots']} tissue spots; white matter: {brain['region_spots']} spots)",
+        f"## Real mouse brain ({brain['tissue_spots']} tissue spots; "
+        f"white matter: {brain['region_spots']} spots)",
         "",
         f"Region: tissue spots whose first-ring-smoothed score of {', '.join(brain['markers'])} (raw counts, "
         "each divided by its mean) exceeds Otsu's threshold. "
@@ -219,9 +221,8 @@ def mouse_brain_markdown(brain: dict) -> list[str]:
         "| --- | --- | --- | --- |",
     ]
     for gene, width in brain["hwhm"].items():
-        lines.append(
-            f"| {gene} | {width['raw']:.2f} | {width['corrected']:.2f} | {width['corrected'] / width['raw']:.2f} |"
-        )
+        ratio = width["corrected"] / width["raw"]
+        lines.append(f"| {gene} | {width['raw']:.2f} | {width['corrected']:.2f} | {ratio:.2f} |")
     background = brain["background_share"]
     lines += [
         "",

@@ -265,7 +265,7 @@ def border_profile(
     -------
     One row per non-empty bin, outside first: ``distance`` (mean signed distance of its spots), ``n_spots``,
     ``mean``, ``fitted`` (the isotonic fit) and ``normalised`` (``(fitted - outside) / (inside - outside)``,
-    all 0 when the two plateaus are equal).
+    all 0 when the profile does not rise: the two plateaus are equal up to rounding).
     """
     values = as_dense(values).reshape(-1)
     distance = np.asarray(distance, dtype=np.float64).reshape(-1)
@@ -281,7 +281,9 @@ def border_profile(
     mean = np.bincount(index, weights=values[near]) / n_spots
     fitted = isotonic_regression(mean, weights=n_spots.astype(np.float64), increasing=True).x
     contrast = fitted[-1] - fitted[0]
-    normalised = (fitted - fitted[0]) / contrast if contrast > 0 else np.zeros_like(fitted)
+    # Pooling a falling or flat profile into one level leaves rounding noise, not a rise.
+    rises = contrast > 1e-9 * np.abs(fitted).max()
+    normalised = (fitted - fitted[0]) / contrast if rises else np.zeros_like(fitted)
     return pd.DataFrame(
         {
             "distance": np.bincount(index, weights=distance[near]) / n_spots,
@@ -340,7 +342,7 @@ def border_halfwidth(
     widths = np.full(values.shape[1], np.nan)
     for g in range(values.shape[1]):
         profile = border_profile(values[:, g], distance, bin_width=bin_width, reach=reach)
-        if profile["fitted"].iat[-1] > profile["fitted"].iat[0]:
+        if profile["normalised"].iat[-1] == 1.0:
             s, p = profile["distance"].to_numpy(), profile["normalised"].to_numpy()
             lower, upper = (_first_crossing(s, p, level) for level in (0.25, 0.75))
             widths[g] = QUARTILES_TO_HWHM * (upper - lower)
@@ -713,15 +715,17 @@ def _truth_tables(
             widths = _border_halfwidths(coords, regions[tissue], marker_genes.to_numpy(), fields, tissue)
             for stage, width in widths.items():
                 undefined = np.isnan(width)
+                topic = f"border_halfwidth_{stage}"
                 if undefined.all():
-                    notes.append(("border_halfwidth", f"{stage}: no marker rises into its region"))
+                    notes.append((topic, "not computed: no marker rises across a border of its region"))
                     continue
                 if undefined.any():
                     notes.append(
                         (
-                            f"border_halfwidth_{stage}",
-                            f"{int(undefined.sum())} markers do not rise into their region; their half-width "
-                            f"is shown as {BORDER_REACH:g} pitches, the edge of the window measured",
+                            topic,
+                            f"{int(undefined.sum())} of {undefined.size} markers do not rise across a "
+                            f"border of their region; their half-width is shown as {BORDER_REACH:g} "
+                            "pitches, the edge of the window measured",
                         )
                     )
                 markers[f"halfwidth_{stage}"] = np.where(undefined, BORDER_REACH, width)
