@@ -18,7 +18,7 @@ envvars:
     "UNDIFFUSE_ROOT",
 
 
-from undiffuse.chunks import n_chunks, read_gene_list
+from undiffuse.chunks import n_chunks, read_quantile_genes
 from undiffuse.config import (
     DEFAULT_BIN_SIZE_UM,
     SIMULATED_HD_INPUT,
@@ -198,7 +198,9 @@ def simulation_params(wildcards):
 def sample_chunk_count(sample):
     """Number of correct_chunk jobs of a sample, known once the checkpoint init_quantiles has run."""
     quantiles = checkpoints.init_quantiles.get(sample=sample).output.quantiles
-    return n_chunks(len(read_gene_list(quantiles)), config["correct"]["chunk_size"])
+    return n_chunks(
+        len(read_quantile_genes(quantiles)), config["correct"]["chunk_size"]
+    )
 
 
 def chunk_outputs(wildcards):

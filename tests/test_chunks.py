@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from undiffuse.chunks import chunk_bounds, chunk_genes, n_chunks, read_gene_list, split_genes
+from undiffuse.chunks import chunk_bounds, chunk_genes, n_chunks, read_quantile_genes, split_genes
 from undiffuse.errors import InputError
 
 GENES = [f"gene{k:03d}" for k in range(23)]
@@ -41,15 +41,15 @@ def test_edge_cases_and_errors():
         split_genes(["a", "b", "a"], 2)
 
 
-def test_read_gene_list_keeps_file_order_and_odd_names(tmp_path):
+def test_read_quantile_genes_keeps_file_order_and_odd_names(tmp_path):
     path = tmp_path / "quantiles.tsv"
     path.write_text(
         "gene\tq_init\tmoran_at_q_init\tmoran_raw\nNA\t0.1\t0.5\t0.4\nnan\t0\t0.2\t0.2\nActb\t0\t0.1\t0.1\n"
     )
-    assert read_gene_list(path) == ["NA", "nan", "Actb"]
+    assert read_quantile_genes(path) == ["NA", "nan", "Actb"]
     (tmp_path / "bad.tsv").write_text("name\tq_init\nA\t0\n")
     with pytest.raises(InputError, match="no 'gene' column"):
-        read_gene_list(tmp_path / "bad.tsv")
+        read_quantile_genes(tmp_path / "bad.tsv")
 
 
 def test_chunks_module_needs_only_the_standard_library():

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from undiffuse.errors import InputError
-from undiffuse.genes import read_gene_list, select_genes
+from undiffuse.genes import read_gene_list, select_genes, selected_genes
 
 
 def counts_with_variable_genes(seed: int = 0) -> tuple[AnnData, np.ndarray]:
@@ -23,6 +23,13 @@ def counts_with_variable_genes(seed: int = 0) -> tuple[AnnData, np.ndarray]:
     adata.var_names = names
     adata.var["gene_ids"] = [f"ENSG{i:05d}" for i in range(60)]
     return adata, np.arange(60) >= 40
+
+
+def test_selected_genes_are_var_selected_else_all():
+    adata, _ = counts_with_variable_genes()
+    assert selected_genes(adata) == list(adata.var_names)
+    adata.var["selected"] = np.arange(60) % 20 == 3
+    assert selected_genes(adata) == ["gene3", "gene23", "gene43"]
 
 
 def test_top_variable_genes_are_the_overdispersed_ones():

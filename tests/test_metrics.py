@@ -213,6 +213,34 @@ def test_evaluate_sample_marker_specificity_recovers_the_truth(known_sample):
     assert (markers["specificity_raw"] < markers["specificity_truth"]).all()
 
 
+def test_evaluate_sample_border_halfwidth_is_the_truths_after_a_perfect_correction(known_sample):
+    _, _, tables = known_sample
+    markers = tables["markers"]
+    np.testing.assert_allclose(markers["halfwidth_corrected"], markers["halfwidth_truth"], rtol=1e-6)
+    # The truth is a step at the border; diffusion widens every marker's rise.
+    assert (markers["halfwidth_raw"] > markers["halfwidth_truth"]).all()
+    assert summary_value(tables, "border_halfwidth", "raw") == pytest.approx(
+        float(np.median(markers["halfwidth_raw"]))
+    )
+    assert "border_halfwidth" in metrics.METRIC_DESCRIPTIONS
+
+
+def test_a_marker_that_does_not_rise_into_its_region_gets_a_note_not_nan(known_sample, tmp_path):
+    corrected, truth, _ = known_sample
+    known = (known_kernel_sample()[2], corrected.obs["tissue"].to_numpy())
+    mislabelled = truth.copy()
+    mislabelled.var["marker_of"] = ["left", "left", "left", "", ""]  # right_a falls into "left"
+    with pytest.warns(UserWarning, match="border_halfwidth_raw: 1 of 3 markers do not rise"):
+        tables = metrics.evaluate_sample(corrected, truth=mislabelled, rediffuse=known_rediffuse(*known))
+    markers = tables["markers"]
+    assert markers.loc["right_a", "halfwidth_raw"] == metrics.BORDER_REACH
+    assert np.isfinite(markers[["halfwidth_raw", "halfwidth_corrected", "halfwidth_truth"]]).all().all()
+    assert summary_value(tables, "border_halfwidth", "truth") == pytest.approx(
+        float(np.median(markers.loc[["left_a", "left_b"], "halfwidth_truth"]))
+    )
+    metrics.write_metrics(tables, tmp_path / "metrics")
+
+
 def test_evaluate_sample_before_after_tables(known_sample):
     corrected, _, tables = known_sample
     genes = tables["genes"]

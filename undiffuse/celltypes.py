@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
+from .arrays import as_dense
 from .errors import InputError
-from .metrics import tissue_mask
+from .spatial import tissue_spots
 
 #: Columns of a marker table.
 MARKER_COLUMNS = ("cell_type", "gene")
@@ -175,7 +175,7 @@ def localise_cell_types(
     genes = sorted({gene for markers_of_type in sets.values() for gene in markers_of_type})
     view = adata[:, genes] if spots is None else adata[np.asarray(spots, dtype=bool), genes]
     matrix = view.X if layer is None else view.layers[layer]
-    values = np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=np.float64)
+    values = as_dense(matrix)
     scores = type_scores(values, genes, sets)
     scores.index = view.obs_names
     assigned = assign_types(scores)
@@ -190,7 +190,7 @@ def compare_cell_types(corrected: AnnData, markers: pd.DataFrame) -> pd.DataFram
     DataFrame indexed by barcode (tissue spots): ``cell_type_raw``, ``score_raw``, ``cell_type_corrected``,
     ``score_corrected``.
     """
-    tissue = tissue_mask(corrected)
+    tissue = tissue_spots(corrected)
     corrected_layer = "corrected" if "corrected" in corrected.layers else None
     columns = {}
     for stage, layer in (("raw", "counts"), ("corrected", corrected_layer)):

@@ -56,7 +56,7 @@ def chunk_genes(genes: Sequence[str], chunk_size: int, index: int) -> list[str]:
     return list(genes[start:stop])
 
 
-def read_gene_list(quantiles_tsv: str | PathLike[str]) -> list[str]:
+def read_quantile_genes(quantiles_tsv: str | PathLike[str]) -> list[str]:
     """The ``gene`` column of a ``quantiles.tsv`` table, in file order."""
     with open(quantiles_tsv, newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t")

@@ -42,13 +42,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
+from .arrays import as_dense
 from .diffusion import KernelKind, profile
 from .errors import ConfigError, InputError
+from .genes import selected_genes
 from .geometry import SampleGeometry
 from .memory import heap_reuse
 from .model import DiffusionModel, SoftStart, gibbs_log_weights
@@ -394,9 +395,7 @@ def rediffuse(corrected: AnnData, *, layer: str = "corrected") -> np.ndarray:
     """
     settings = corrected.uns["correction"]
     stored = corrected.layers[layer]
-    field_ = torch.as_tensor(
-        np.asarray(stored.toarray() if sp.issparse(stored) else stored, dtype=np.float64)
-    )
+    field_ = torch.as_tensor(as_dense(stored))
     cutoff = settings.get("cutoff", "none")
     config = CorrectionConfig(
         operator=settings.get("operator", "auto"),
@@ -530,12 +529,7 @@ def _deterministic_algorithms() -> Iterator[None]:
 
 
 def _resolve_genes(adata: AnnData, genes: Sequence[str] | None) -> list[str]:
-    if genes is None:
-        if "selected" in adata.var:
-            genes = adata.var_names[adata.var["selected"].to_numpy(bool)].tolist()
-        else:
-            genes = adata.var_names.tolist()
-    genes = list(genes)
+    genes = selected_genes(adata) if genes is None else list(genes)
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         raise InputError(
@@ -571,9 +565,7 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _dense_counts(adata: AnnData, genes: Sequence[str]) -> np.ndarray:
-    matrix = adata[:, list(genes)].X
-    dense = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-    return dense.astype(np.float32)
+    return as_dense(adata[:, list(genes)].X, dtype=np.float32)
 
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:

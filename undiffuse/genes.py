@@ -64,6 +64,14 @@ def read_gene_list(path: str | Path) -> list[str]:
     return genes
 
 
+def selected_genes(adata: AnnData) -> list[str]:
+    """The genes to correct by default: those of ``var['selected']`` (:func:`select_genes`) when the sample
+    has the column, else all genes."""
+    if "selected" in adata.var:
+        return adata.var_names[adata.var["selected"].to_numpy(dtype=bool)].tolist()
+    return adata.var_names.tolist()
+
+
 def resolve_genes(adata: AnnData, genes: list[str] | str | Path, *, option: str = "genes") -> list[str]:
     """Gene names of ``adata`` for a gene list: a file (:func:`read_gene_list`) or a list of names or ids.
 

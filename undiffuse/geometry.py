@@ -16,14 +16,13 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from .errors import InputError
 from .losses import ImageTarget
 from .moran import SpatialWeights, spatial_weights
 from .operators import DEFAULT_TOLERANCE, LatticeOperator, OperatorKind, PairOperator, build_operator
 from .ot.cost import pair_features
 from .ot.prior import TissueNeighbours
 from .raster import Raster, build_raster, image_intensity, working_grid
-from .spatial import distance_to_mask, pitch_coordinates
+from .spatial import distance_to_mask, pitch_coordinates, tissue_spots
 from .tissue import pick_image
 
 #: Range (spot pitches) of f_phi's radial basis and of the pair operator when neither the config nor the QC
@@ -31,18 +30,6 @@ from .tissue import pick_image
 DEFAULT_REACH = 8.0
 #: A Gaussian kernel keeps 99% of its mass within this many scales (2-D: sqrt(2 ln 100)).
 SCALES_PER_REACH = 3.0
-
-
-def correction_tissue_mask(adata: AnnData) -> np.ndarray:
-    """``(N,)`` the tissue mask the correction uses: ``obs['tissue']``, else ``obs['in_tissue']``."""
-    key = "tissue" if "tissue" in adata.obs else "in_tissue"
-    source = adata.uns.get("undiffuse", {}).get("source")
-    if key not in adata.obs:
-        raise InputError(source, "obs has neither 'tissue' nor 'in_tissue'; run `undiffuse prepare` first")
-    mask = adata.obs[key].to_numpy().astype(bool)
-    if not mask.any():
-        raise InputError(source, "no spot is in tissue; check the tissue mask (`undiffuse prepare`)")
-    return mask
 
 
 def qc_reach(info: Mapping[str, Any]) -> float:
@@ -109,7 +96,7 @@ class SampleGeometry:
         """
         device = torch.device(device)
         coords = pitch_coordinates(adata)
-        tissue = correction_tissue_mask(adata)
+        tissue = tissue_spots(adata)
         info = adata.uns.get("undiffuse", {})
         reach = float(cutoff or qc_reach(info))
         diffusion_operator = build_operator(

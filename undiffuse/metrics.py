@@ -15,7 +15,8 @@ over the tissue spots :math:`\Omega`. Without a truth, the consistency check re-
 to the corrected field and compares it with the observation, at the spot level and on a coarser grid of 2 x 2
 neighbouring spots, as C3-Diff evaluates datasets that lack a high-resolution truth. The ARC score is
 :func:`undiffuse.qc.arc_score` and Moran's I :func:`undiffuse.moran.morans_i`, the statistics of the QC and
-the quantile initialisation.
+the quantile initialisation. The border half-width (:func:`border_halfwidth`) measures how far a marker's
+expression spreads across the border of its region, as You et al. (Nat Methods 2024) measure diffusion.
 
 :func:`evaluate_sample` computes every table at once; :func:`write_metrics` writes them to
 ``results/{sample}/metrics/``.
@@ -33,9 +34,20 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from scipy.optimize import isotonic_regression
+from scipy.special import ndtri
 
+from .arrays import as_dense
 from .atomic import atomic_path
 from .errors import InputError
+from .spatial import (
+    FIRST_RING_RADIUS,
+    adjacency,
+    distance_to_mask,
+    pitch_coordinates,
+    spot_pitch,
+    tissue_spots,
+)
 
 #: The two stages every before/after metric compares.
 RAW, CORRECTED = "raw", "corrected"
@@ -62,6 +74,8 @@ METRIC_DESCRIPTIONS: dict[str, str] = {
     "truth_rmse": "RMSE vs ground truth, tissue spots (pooled over genes)",
     "truth_pearson": "Pearson vs ground truth, tissue spots (mean over genes)",
     "marker_specificity": "share of a marker's in-tissue UMIs inside its own region (mean over markers)",
+    "border_halfwidth": "half-width at half maximum (pitches) of a marker's rise across its region's border, "
+    "tissue spots (median over markers)",
     "cell_type_accuracy": "share of tissue spots whose marker-based cell type is their true region",
 }
 
@@ -183,6 +197,201 @@ def marker_specificity(
     return np.divide(own, total, out=np.zeros_like(total), where=total > 0)
 
 
+#: Half-width (spot pitches) of the window on either side of a region border over which the border profile is
+#: taken: a Gaussian edge of scale up to 2 pitches reaches both plateaus within it (3 scales); a wider edge is
+#: cut off by the window and measures narrower than it is.
+BORDER_REACH = 6.0
+
+#: Converts the distance between the quartile crossings of a Gaussian-blurred step, :math:`2 z_{3/4} \sigma`,
+#: into the half-width at half maximum of its derivative, :math:`\sigma \sqrt{2 \ln 2}`.
+QUARTILES_TO_HWHM = float(np.sqrt(2 * np.log(2)) / (2 * ndtri(0.75)))
+
+
+def signed_border_distance(coords: np.ndarray, region: np.ndarray) -> np.ndarray:
+    r"""Signed distance of each spot to the border of a region, positive inside it.
+
+    The border lies half a spot pitch :math:`h` beyond the region's outermost spots:
+
+    .. math::
+
+        s_i = \begin{cases} \min_{j \notin R} \lVert c_i - c_j \rVert - h/2 & i \in R \\
+        -\left(\min_{j \in R} \lVert c_i - c_j \rVert - h/2\right) & i \notin R \end{cases}
+
+    so that the spots on either side of a straight border sit at :math:`\pm h/2`.
+
+    Parameters
+    ----------
+    coords
+        ``(N, 2)`` centres of the spots to place (normally the tissue spots only, in spot pitches: the
+        other side of a region border is then other tissue, not background).
+    region
+        ``(N,)`` boolean: the spots inside the region.
+
+    Returns
+    -------
+    ``(N,)`` float64 distances in the unit of ``coords``.
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    region = _mask(region, coords.shape[0])
+    if region.all() or not region.any():
+        raise ValueError("the region must hold some of the spots but not all of them")
+    half_pitch = 0.5 * spot_pitch(coords)
+    inside = distance_to_mask(coords, ~region) - half_pitch
+    outside = distance_to_mask(coords, region) - half_pitch
+    return np.where(region, inside, -outside)
+
+
+def border_profile(
+    values: np.ndarray, distance: np.ndarray, *, bin_width: float = 1.0, reach: float = BORDER_REACH
+) -> pd.DataFrame:
+    r"""Expression of one gene against the signed distance to a region border, binned and normalised.
+
+    The spots with :math:`|s_i| \le` ``reach`` are binned by :math:`s_i` into bins of ``bin_width`` whose
+    edges are multiples of ``bin_width`` (the border is an edge). A non-decreasing step function is fitted to
+    the bins' mean values, weighted by their number of spots (isotonic regression): a marker should rise into
+    its region, and the fit pools the noise of the plateaus. The fit runs from the *outside plateau* (its
+    first value) to the *inside plateau* (its last value); the normalised profile maps them to 0 and 1.
+
+    Parameters
+    ----------
+    values
+        ``(N,)`` expression of the gene on the spots of ``distance``.
+    distance
+        ``(N,)`` signed distance to the border (:func:`signed_border_distance`).
+    bin_width, reach
+        In the unit of ``distance``.
+
+    Returns
+    -------
+    One row per non-empty bin, outside first: ``distance`` (mean signed distance of its spots), ``n_spots``,
+    ``mean``, ``fitted`` (the isotonic fit) and ``normalised`` (``(fitted - outside) / (inside - outside)``,
+    all 0 when the profile does not rise: the two plateaus are equal up to rounding).
+    """
+    values = as_dense(values).reshape(-1)
+    distance = np.asarray(distance, dtype=np.float64).reshape(-1)
+    if values.shape != distance.shape:
+        raise ValueError(f"values has {values.size} spots and distance {distance.size}")
+    if not bin_width > 0 or not reach >= bin_width:
+        raise ValueError(f"need bin_width > 0 and reach >= bin_width, got {bin_width} and {reach}")
+    near = np.abs(distance) <= reach
+    bins = np.floor(distance[near] / bin_width).astype(np.int64)
+    labels, index, n_spots = np.unique(bins, return_inverse=True, return_counts=True)
+    if labels.size == 0:
+        raise ValueError(f"no spot lies within {reach} of the border")
+    mean = np.bincount(index, weights=values[near]) / n_spots
+    fitted = isotonic_regression(mean, weights=n_spots.astype(np.float64), increasing=True).x
+    contrast = fitted[-1] - fitted[0]
+    # Pooling a falling or flat profile into one level leaves rounding noise, not a rise.
+    rises = contrast > 1e-9 * np.abs(fitted).max()
+    normalised = (fitted - fitted[0]) / contrast if rises else np.zeros_like(fitted)
+    return pd.DataFrame(
+        {
+            "distance": np.bincount(index, weights=distance[near]) / n_spots,
+            "n_spots": n_spots,
+            "mean": mean,
+            "fitted": fitted,
+            "normalised": normalised,
+        }
+    )
+
+
+def border_halfwidth(
+    values: np.ndarray, distance: np.ndarray, *, bin_width: float = 1.0, reach: float = BORDER_REACH
+) -> np.ndarray:
+    r"""Half-width at half maximum (HWHM) of each gene's rise across a region border.
+
+    You et al. (Nat Methods 2024) measure diffusion as the width at half maximum of a marker's profile
+    across a thin structure, a peak. Across the border of a wide region the profile is an edge instead,
+    :math:`p(s)`, and its derivative :math:`p'(s)` is the peak (the line-spread function of imaging): the
+    profile of a marker confined to a thin line. This metric is the HWHM of :math:`p'`.
+
+    The derivative of a binned profile is noise, so the HWHM is read from the quartiles of the edge. With
+    :math:`s_{1/4}` and :math:`s_{3/4}` the distances where the normalised profile of :func:`border_profile`
+    crosses 1/4 and 3/4 (linear interpolation between bins),
+
+    .. math::
+
+        \mathrm{HWHM} = \frac{\sqrt{2 \ln 2}}{2 z_{3/4}} \left(s_{3/4} - s_{1/4}\right)
+        \approx 0.873 \left(s_{3/4} - s_{1/4}\right),
+
+    with :math:`z_{3/4} = \Phi^{-1}(3/4)`. For a step blurred by a Gaussian of standard deviation
+    :math:`\sigma`, :math:`p(s) = \Phi(s / \sigma)`, this is exactly :math:`\sigma \sqrt{2 \ln 2} \approx
+    1.177\,\sigma`, the HWHM of the Gaussian :math:`p'`; other kernels get the width of the Gaussian with
+    the same quartiles. The half crossing itself is no width: a symmetric blur crosses 1/2 on the border.
+    The resolution of the bins sets a floor: an unblurred step on a lattice of pitch :math:`h`, binned by
+    :math:`h`, measures :math:`0.873\,h / 2 \approx 0.44\,h`.
+    It describes the core of the spread: when most molecules stay in their spot (a local bleed share below
+    about one half), the profile keeps a sharp step and the half-width stays near that floor however far the
+    others travel; :func:`marker_specificity` weighs those tails.
+
+    Parameters
+    ----------
+    values
+        ``(N, G)`` (or ``(N,)``) expression on the spots of ``distance``.
+    distance
+        ``(N,)`` signed distance to the border, positive inside the region (:func:`signed_border_distance`).
+    bin_width, reach
+        Bins of the profile, in the unit of ``distance`` (see :func:`border_profile`).
+
+    Returns
+    -------
+    ``(G,)`` HWHM in the unit of ``distance``; NaN for a gene whose profile does not rise into the region
+    (inside plateau not above the outside one), which has no border to measure.
+    """
+    values = _as_2d(values)
+    widths = np.full(values.shape[1], np.nan)
+    for g in range(values.shape[1]):
+        profile = border_profile(values[:, g], distance, bin_width=bin_width, reach=reach)
+        if profile["normalised"].iat[-1] == 1.0:
+            s, p = profile["distance"].to_numpy(), profile["normalised"].to_numpy()
+            lower, upper = (_first_crossing(s, p, level) for level in (0.25, 0.75))
+            widths[g] = QUARTILES_TO_HWHM * (upper - lower)
+    return widths
+
+
+def marker_region(
+    values: np.ndarray, coords: np.ndarray, *, adjacency_radius: float = FIRST_RING_RADIUS
+) -> np.ndarray:
+    r"""The region a set of markers marks, for samples without region labels.
+
+    Each marker is divided by its mean over the spots (so that each counts equally), the score of a spot is
+    the mean over markers, the score is averaged over each spot and its first ring of neighbours
+    (:func:`undiffuse.spatial.adjacency`) to damp counting noise, and the region is the spots whose smoothed
+    score exceeds Otsu's threshold (the cut that best separates the scores into two classes).
+
+    Parameters
+    ----------
+    values
+        ``(N, G)`` (or ``(N,)``) marker expression on the spots to split (normally the tissue spots' raw
+        counts).
+    coords
+        ``(N, 2)`` spot centres in spot pitches.
+    adjacency_radius
+        Radius of the neighbourhood averaged, in spot pitches (default: the first ring).
+
+    Returns
+    -------
+    ``(N,)`` boolean region mask.
+    """
+    from skimage.filters import threshold_otsu
+
+    values = _as_2d(values)
+    level = values.mean(axis=0)
+    if not (level > 0).any():
+        raise ValueError("the markers have no counts on these spots")
+    score = (values[:, level > 0] / level[level > 0]).mean(axis=1)
+    neighbourhood = adjacency(coords, radius=adjacency_radius) + sp.identity(len(score), format="csr")
+    smoothed = np.asarray(neighbourhood @ score).ravel() / np.asarray(neighbourhood.sum(axis=1)).ravel()
+    return smoothed > threshold_otsu(smoothed)
+
+
+def _first_crossing(distance: np.ndarray, profile: np.ndarray, level: float) -> float:
+    """Where a non-decreasing profile (0 at its first point, 1 at its last) first reaches ``level``."""
+    k = int(np.argmax(profile >= level))  # >= 1: the profile starts at 0 < level
+    share = (level - profile[k - 1]) / (profile[k] - profile[k - 1])
+    return float(distance[k - 1] + share * (distance[k] - distance[k - 1]))
+
+
 def coarse_blocks(array_row: np.ndarray, array_col: np.ndarray, *, factor: int = COARSE_FACTOR) -> np.ndarray:
     """Label each spot with its block of ``factor x factor`` neighbouring spots on the array grid.
 
@@ -259,7 +468,7 @@ def stage_matrices(adata: AnnData) -> tuple[np.ndarray, np.ndarray]:
     if "counts" not in adata.layers:
         raise ValueError("the corrected AnnData has no layers['counts'] with the raw counts")
     corrected = adata.layers["corrected"] if "corrected" in adata.layers else adata.X
-    return _dense(adata.layers["counts"]), _dense(corrected)
+    return as_dense(adata.layers["counts"]), as_dense(corrected)
 
 
 def corrected_gene_mask(adata: AnnData) -> np.ndarray:
@@ -267,14 +476,6 @@ def corrected_gene_mask(adata: AnnData) -> np.ndarray:
     if "passed_through" in adata.var:
         return ~adata.var["passed_through"].to_numpy(dtype=bool)
     return np.ones(adata.n_vars, dtype=bool)
-
-
-def tissue_mask(adata: AnnData) -> np.ndarray:
-    """The tissue mask of the correction (``obs['tissue']``, else ``obs['in_tissue']``)."""
-    for key in ("tissue", "in_tissue"):
-        if key in adata.obs:
-            return adata.obs[key].to_numpy(dtype=bool)
-    raise ValueError("the AnnData has neither obs['tissue'] nor obs['in_tissue']")
 
 
 def evaluate_sample(
@@ -311,7 +512,8 @@ def evaluate_sample(
       ``out_of_tissue_{raw,corrected}``, ``moran_{raw,corrected}`` (:func:`undiffuse.moran.gene_morans_i`);
     - ``consistency``: per corrected gene, see :func:`consistency_table`;
     - ``truth`` (with a truth): per gene ``rmse_{raw,corrected}``, ``pearson_{raw,corrected}``;
-    - ``markers`` (with a truth): per marker gene ``region``, ``specificity_{raw,corrected,truth}``;
+    - ``markers`` (with a truth): per marker gene ``region``, ``specificity_{raw,corrected,truth}``,
+      ``halfwidth_{raw,corrected,truth}`` (:func:`border_halfwidth` across the border of its region);
     - ``cell_types`` (with markers): per tissue spot, see :func:`undiffuse.celltypes.compare_cell_types`,
       plus ``region`` with a truth;
     - ``notes``: why a table is missing (e.g. the learned model is incomplete), also issued as warnings.
@@ -321,9 +523,7 @@ def evaluate_sample(
     from .qc import arc_score
 
     raw, fixed = stage_matrices(corrected)
-    tissue = tissue_mask(corrected)
-    if not tissue.any():
-        raise ValueError("the tissue mask selects no spot")
+    tissue = tissue_spots(corrected)
     is_corrected = corrected_gene_mask(corrected)
     genes = corrected.var_names
     stages = {RAW: raw, CORRECTED: fixed}
@@ -467,7 +667,8 @@ def _truth_tables(
     summary: list[tuple[str, str, float]],
     notes: list[tuple[str, str]],
 ) -> dict[str, pd.DataFrame]:
-    """RMSE/Pearson against the truth per gene, and marker specificity; appends their summary rows.
+    """RMSE/Pearson against the truth per gene, marker specificity and border half-width; appends their summary
+    rows.
 
     The truth's ``X`` may be sparse (the Visium HD truth is). Marker specificity needs the regions that the
     markers mark among the truth's ``obs['domain']``; markers of cell types that are not regions (Visium HD:
@@ -476,7 +677,8 @@ def _truth_tables(
     truth = align_truth(corrected, truth)
     shared = truth.var_names
     columns = corrected.var_names.get_indexer(shared)
-    true_field = _dense(truth.X[np.flatnonzero(tissue)])  # rows first: a sparse truth stays sparse till then
+    # Rows first: a sparse truth stays sparse till then.
+    true_field = as_dense(truth.X[np.flatnonzero(tissue)])
     table = pd.DataFrame(index=pd.Index(shared, name="gene"))
     for stage, values in stages.items():
         estimate = values[tissue][:, columns]
@@ -501,7 +703,7 @@ def _truth_tables(
             marker_genes = marker_genes[marker_genes.isin(set(regions))]
             marker_columns = corrected.var_names.get_indexer(marker_genes.index)
             fields = {stage: values[:, marker_columns] for stage, values in stages.items()}
-            fields[TRUTH] = _dense(truth[:, marker_genes.index].X)
+            fields[TRUTH] = as_dense(truth[:, marker_genes.index].X)
             markers = pd.DataFrame(
                 {"region": marker_genes.to_numpy()}, index=pd.Index(marker_genes.index, name="gene")
             )
@@ -509,8 +711,51 @@ def _truth_tables(
                 share = marker_specificity(values, regions, marker_genes.to_numpy(), tissue=tissue)
                 markers[f"specificity_{stage}"] = share
                 summary.append(("marker_specificity", stage, float(share.mean())))
+            coords = pitch_coordinates(corrected)[tissue]
+            widths = _border_halfwidths(coords, regions[tissue], marker_genes.to_numpy(), fields, tissue)
+            for stage, width in widths.items():
+                undefined = np.isnan(width)
+                topic = f"border_halfwidth_{stage}"
+                if undefined.all():
+                    notes.append((topic, "not computed: no marker rises across a border of its region"))
+                    continue
+                if undefined.any():
+                    notes.append(
+                        (
+                            topic,
+                            f"{int(undefined.sum())} of {undefined.size} markers do not rise across a "
+                            f"border of their region; their half-width is shown as {BORDER_REACH:g} "
+                            "pitches, the edge of the window measured",
+                        )
+                    )
+                markers[f"halfwidth_{stage}"] = np.where(undefined, BORDER_REACH, width)
+                summary.append(("border_halfwidth", stage, float(np.median(width[~undefined]))))
             tables["markers"] = markers
     return tables
+
+
+def _border_halfwidths(
+    coords: np.ndarray,
+    regions: np.ndarray,
+    marker_regions: np.ndarray,
+    fields: Mapping[str, np.ndarray],
+    tissue: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """:func:`border_halfwidth` of each marker across the border of its region, among the tissue spots.
+
+    ``coords`` and ``regions`` are those of the tissue spots; ``fields`` are ``(N, G)`` on all spots. A
+    marker whose region covers no tissue spot, or all of them, has no border: NaN.
+    """
+    widths = {stage: np.full(marker_regions.shape[0], np.nan) for stage in fields}
+    for region in np.unique(marker_regions):
+        inside = regions == region
+        if inside.all() or not inside.any():
+            continue
+        columns = marker_regions == region
+        distance = signed_border_distance(coords, inside)
+        for stage, values in fields.items():
+            widths[stage][columns] = border_halfwidth(values[tissue][:, columns], distance)
+    return widths
 
 
 def summary_dict(summary: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -554,17 +799,13 @@ def read_metrics(outdir: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def _dense(matrix) -> np.ndarray:
-    return np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=np.float64)
-
-
 def _as_2d(values) -> np.ndarray:
-    values = _dense(values)
+    values = as_dense(values)
     return values[:, None] if values.ndim == 1 else values
 
 
 def _pair(estimate, reference) -> tuple[np.ndarray, np.ndarray]:
-    estimate, reference = _dense(estimate), _dense(reference)
+    estimate, reference = as_dense(estimate), as_dense(reference)
     if estimate.shape != reference.shape:
         raise ValueError(f"shapes differ: {estimate.shape} vs {reference.shape}")
     return estimate, reference

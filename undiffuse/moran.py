@@ -30,9 +30,11 @@ import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
+from .arrays import as_dense
 from .atomic import atomic_path
 from .errors import InputError
-from .spatial import adjacency, pitch_coordinates
+from .genes import selected_genes
+from .spatial import FIRST_RING_RADIUS, adjacency, pitch_coordinates, tissue_spots
 
 #: Candidate quantiles of the initialisation scan: 0.00, 0.05, ..., 0.95.
 DEFAULT_QUANTILE_GRID: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(20))
@@ -100,7 +102,7 @@ class SpatialWeights:
 def spatial_weights(
     data: AnnData | np.ndarray,
     *,
-    radius: float = 1.2,
+    radius: float = FIRST_RING_RADIUS,
     row_normalise: bool = True,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
@@ -113,7 +115,7 @@ def spatial_weights(
         An AnnData with ``obsm['spatial']`` (converted to spot pitches with
         :func:`undiffuse.spatial.pitch_coordinates`), or ``(N, 2)`` coordinates already in spot pitches.
     radius
-        Neighbour radius in spot pitches; the default 1.2 keeps exactly the first ring.
+        Neighbour radius in spot pitches; the default keeps exactly the first ring.
     row_normalise
         Divide each row by its number of neighbours (spots without neighbours keep an empty row).
     """
@@ -291,11 +293,11 @@ def scan_quantiles(
     DataFrame with columns ``gene``, ``q_init``, ``moran_at_q_init``, ``moran_raw``, one row per gene in
     ``genes`` order.
     """
-    genes = _default_genes(adata) if genes is None else list(genes)
+    genes = selected_genes(adata) if genes is None else list(genes)
     quantiles = np.asarray(grid, dtype=np.float64)
     if quantiles.ndim != 1 or quantiles.size == 0 or np.any((quantiles < 0) | (quantiles > 1)):
         raise ValueError(f"the quantile grid must be a non-empty list of values in [0, 1], got {list(grid)}")
-    tissue = _tissue_mask(adata, tissue_key)
+    tissue = tissue_spots(adata, key=tissue_key)
     weights = spatial_weights(adata)
     n_edges = max(1, weights.source.shape[0])
     batch_size = batch_size or max(1, SCAN_BATCH_ELEMENTS // (n_edges * quantiles.size))
@@ -331,26 +333,8 @@ def quantile_grid(*, start: float = 0.0, stop: float = 0.95, step: float = 0.05)
     return tuple(round(start + k * step, 9) for k in range(count))
 
 
-def _default_genes(adata: AnnData) -> list[str]:
-    if "selected" in adata.var:
-        return list(adata.var_names[adata.var["selected"].to_numpy(dtype=bool)])
-    return list(adata.var_names)
-
-
-def _tissue_mask(adata: AnnData, tissue_key: str | None) -> np.ndarray:
-    key = tissue_key or ("tissue" if "tissue" in adata.obs else "in_tissue")
-    if key not in adata.obs:
-        raise KeyError(f"adata.obs has no tissue column {key!r}")
-    mask = adata.obs[key].to_numpy(dtype=bool)
-    if not mask.any():
-        raise ValueError(f"the tissue column {key!r} selects no spot")
-    return mask
-
-
 def _dense_columns(values: np.ndarray | sp.spmatrix | sp.sparray, columns: slice) -> np.ndarray:
-    block = values[:, columns]
-    block = block.toarray() if sp.issparse(block) else np.asarray(block)
-    return np.ascontiguousarray(block, dtype=np.float64)
+    return np.ascontiguousarray(as_dense(values[:, columns]))
 
 
 #: Columns of ``quantiles.tsv``, in order.

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -498,8 +498,3 @@ def _with_fits(decay: pd.DataFrame, fits: dict[str, DecayFit]) -> pd.DataFrame:
     for kind, fit in fits.items():
         table[f"fit_{kind}"] = fit.predict(table["distance"].to_numpy(dtype=np.float64))
     return table
-
-
-def estimate_as_dict(estimate: DiffusionEstimate) -> dict[str, object]:
-    """The estimate as plain scalars."""
-    return asdict(estimate)

@@ -474,10 +474,11 @@ class ReportInputs:
 
     def header(self) -> str:
         """Markdown title and one line on the sample's size."""
-        from .metrics import corrected_gene_mask, tissue_mask
+        from .metrics import corrected_gene_mask
+        from .spatial import tissue_spots
 
         n_tissue, n_corrected = (
-            int(tissue_mask(self.corrected).sum()),
+            int(tissue_spots(self.corrected).sum()),
             int(corrected_gene_mask(self.corrected).sum()),
         )
         return (

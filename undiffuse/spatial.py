@@ -1,4 +1,5 @@
-"""Spot geometry: pitch, coordinates in spot pitches, neighbour pairs within a radius.
+"""The spatial layer: which spots are tissue, spot pitch, coordinates in spot pitches, neighbour pairs within a
+radius and the first-ring graph.
 
 Every distance the package uses is measured in spot pitches (centre-to-centre distance of adjacent spots:
 100 um on Visium, the bin size on Visium HD), so that kernels and cutoffs transfer between platforms.
@@ -13,7 +14,49 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scipy.spatial import cKDTree
 
+from .errors import InputError
+
 SPATIAL_KEY = "spatial"
+
+#: Neighbour radius (spot pitches) of the first ring: 6 neighbours at 1 pitch on the hexagonal Visium grid, 4 on
+#: square bins, and none of the next ring (sqrt(2) or sqrt(3) pitches away).
+FIRST_RING_RADIUS = 1.2
+
+#: ``obs`` columns of the tissue mask, by preference: the mask ``undiffuse prepare`` makes, then Space
+#: Ranger's calls.
+TISSUE_KEYS = ("tissue", "in_tissue")
+
+
+def tissue_spots(adata: AnnData, *, key: str | None = None, source: str | None = None) -> np.ndarray:
+    """``(N,)`` boolean tissue mask of the spots: ``obs[key]``, by default the first of :data:`TISSUE_KEYS`.
+
+    Parameters
+    ----------
+    adata
+        Spots x genes.
+    key
+        ``obs`` column to read instead of the default.
+    source
+        File named in errors; default ``uns['undiffuse']['source']``.
+
+    Raises
+    ------
+    InputError
+        The column is missing, or it selects no spot.
+    """
+    if source is None:
+        source = adata.uns.get("undiffuse", {}).get("source")
+    keys = (key,) if key else TISSUE_KEYS
+    found = next((k for k in keys if k in adata.obs), None)
+    if found is None:
+        wanted = " or ".join(f"obs[{k!r}]" for k in keys)
+        raise InputError(source, f"no tissue calls ({wanted}); run `undiffuse prepare` on the sample first")
+    mask = adata.obs[found].to_numpy().astype(bool)
+    if not mask.any():
+        raise InputError(
+            source, f"no spot is in tissue (obs[{found!r}] is false everywhere); check the tissue calls"
+        )
+    return mask
 
 
 def spot_pitch(coords: np.ndarray) -> float:
@@ -120,7 +163,9 @@ def neighbour_pairs(
     return NeighbourPairs(source[order], target[order], distance[order], n)
 
 
-def adjacency(coords: np.ndarray, *, radius: float = 1.2, row_normalise: bool = False) -> sp.csr_matrix:
+def adjacency(
+    coords: np.ndarray, *, radius: float = FIRST_RING_RADIUS, row_normalise: bool = False
+) -> sp.csr_matrix:
     """Binary spatial weights between spots within ``radius`` (default: the first ring), no self pairs.
 
     With coordinates in spot pitches and the default radius this is the 6-neighbour hexagonal ring on Visium

@@ -65,6 +65,7 @@ from anndata import AnnData
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from .arrays import as_dense
 from .errors import InputError
 
 #: Super-resolution factors the workflow and the benchmark report by default (pixels per spot pitch).
@@ -478,7 +479,7 @@ def spot_inputs(
     InputError
         Missing genes, coordinates or tissue calls, or values that are negative or not finite.
     """
-    from .spatial import spot_pitch
+    from .spatial import spot_pitch, tissue_spots
 
     source = _source(adata)
     if "spatial" not in adata.obsm:
@@ -495,15 +496,10 @@ def spot_inputs(
         raise InputError(source, f"no layer {layer!r}; use one of {list(adata.layers)} or X")
     view = adata[:, genes]
     matrix = view.X if layer is None else view.layers[layer]
-    values = np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=np.float64)
+    values = as_dense(matrix)
     if not np.all(np.isfinite(values)) or (values < 0).any():
         raise InputError(source, "spot values must be finite and non-negative; pass the corrected sample")
-    column = "tissue" if "tissue" in adata.obs else "in_tissue" if "in_tissue" in adata.obs else None
-    if column is None:
-        raise InputError(source, "no tissue calls (obs['tissue'] or obs['in_tissue']); run undiffuse prepare")
-    tissue = adata.obs[column].to_numpy(dtype=bool)
-    if not tissue.any():
-        raise InputError(source, "no spot is in tissue; check the tissue calls of the sample")
+    tissue = tissue_spots(adata, source=source)
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     pitch = adata.uns.get("undiffuse", {}).get("spot_pitch_px") or spot_pitch(coords)
     diameter = None
@@ -933,10 +929,7 @@ def most_changed_genes(adata: AnnData, genes: Sequence[str], n: int) -> list[str
     if "counts" not in adata.layers or "corrected" not in adata.layers:
         return genes[:n]
     view = adata[:, genes]
-    before, after = (
-        np.asarray(m.toarray() if sp.issparse(m) else m, np.float64)
-        for m in (view.layers["counts"], view.layers["corrected"])
-    )
+    before, after = (as_dense(m) for m in (view.layers["counts"], view.layers["corrected"]))
     order = np.argsort(-relative_change(before, after), kind="stable")
     return [genes[k] for k in order[:n]]
 

@@ -396,7 +396,7 @@ def check_sample(
     tissue
         Whether to check the tissue mask (``prepare`` checks the mask it makes instead).
     """
-    from .spatial import SPATIAL_KEY
+    from .spatial import SPATIAL_KEY, tissue_spots
 
     if source is None:
         source = adata.uns.get("undiffuse", {}).get("source")
@@ -421,11 +421,11 @@ def check_sample(
         raise InputError(source, "obsm['spatial'] must hold finite (x, y) pixel coordinates of every spot")
     if not tissue:
         return None
-    key = tissue_key or ("tissue" if "tissue" in adata.obs else "in_tissue")
-    if key not in adata.obs:
-        raise InputError(source, f"obs lacks {key!r}, the tissue mask")
     return check_tissue(
-        adata.obs[key].to_numpy(dtype=bool), counts, source, allow_degenerate=allow_degenerate_tissue
+        tissue_spots(adata, key=tissue_key, source=source),
+        counts,
+        source,
+        allow_degenerate=allow_degenerate_tissue,
     )
 
 

@@ -96,10 +96,11 @@ def correction_config(args: argparse.Namespace) -> CorrectionConfig:
 def run(args: argparse.Namespace) -> None:
     import tempfile
 
+    from ..arrays import as_dense
     from ..atomic import atomic_path, check_output_path
     from ..correct import correct
     from ..errors import InputError
-    from ..genes import read_gene_list
+    from ..genes import read_gene_list, selected_genes
     from ..io.h5ad import is_prepared, read_prepared
     from ..validate import check_genes, pass_through_failed_genes
 
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> None:
     if genes is not None:
         genes = check_genes(genes, adata, gene_source, what=gene_what)
     else:
-        genes = adata.var_names[adata.var["selected"].to_numpy(bool)].tolist()
+        genes = selected_genes(adata)
         if not genes:
             raise InputError(
                 args.input, "selects no gene to correct (var['selected'] is false everywhere); give --genes"
@@ -148,8 +149,7 @@ def run(args: argparse.Namespace) -> None:
             raise InputError(args.quantiles, "q_init values must lie in [0, 1]")
 
     result = correct(adata, genes=genes, q_init=q_init, config=config)
-    raw = adata[:, genes].X
-    raw = raw.toarray() if hasattr(raw, "toarray") else raw
+    raw = as_dense(adata[:, genes].X, dtype=None)
     result.corrected, passed = pass_through_failed_genes(result.corrected, raw, genes)
     output = result.to_anndata(adata)
     if passed:

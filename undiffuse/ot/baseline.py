@@ -22,10 +22,11 @@ import ot
 import torch
 from anndata import AnnData
 
-from ..geometry import correction_tissue_mask, qc_reach
+from ..arrays import as_dense
+from ..geometry import qc_reach
 from ..model import SoftStart
 from ..sparse_ops import column_sums
-from ..spatial import neighbour_pairs, pitch_coordinates
+from ..spatial import neighbour_pairs, pitch_coordinates, tissue_spots
 from .sinkhorn import sinkhorn_log
 
 #: Largest number of spots whose dense ``N x N`` cost POT is given (float64: 8 N^2 bytes).
@@ -68,11 +69,8 @@ def balanced_ot_baseline(
     """
     info = adata.uns.get("undiffuse", {})
     coords = pitch_coordinates(adata)
-    tissue = torch.as_tensor(correction_tissue_mask(adata))
-    matrix = adata[:, list(genes)].X
-    counts = torch.as_tensor(
-        np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix), dtype=torch.float64
-    )
+    tissue = torch.as_tensor(tissue_spots(adata))
+    counts = torch.as_tensor(as_dense(adata[:, list(genes)].X))
     levels = torch.as_tensor(np.broadcast_to(np.asarray(q, dtype=np.float64), (counts.shape[1],)).copy())
     soft = SoftStart(counts, tissue, beta).soft(levels)
     if reg is None:

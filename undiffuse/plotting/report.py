@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 import matplotlib
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
@@ -24,6 +23,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from ..arrays import as_dense
 from ..qc import is_visium_hd
 from ..spatial import SPATIAL_KEY, spot_pitch
 from ..tissue import pick_image
@@ -457,7 +457,7 @@ def _frame(ax: Axes, coords: np.ndarray, diameter: float, image: np.ndarray | No
 def _column(adata: AnnData, gene: str, layer: str | None) -> np.ndarray:
     view = adata[:, gene]
     matrix = view.X if layer is None else view.layers[layer]
-    return np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=np.float64).reshape(-1)
+    return as_dense(matrix).reshape(-1)
 
 
 def _diagonal(ax: Axes) -> None:
