@@ -25,6 +25,7 @@ include: "rules/correct.smk"
 include: "rules/merge.smk"
 include: "rules/superres.smk"
 include: "rules/spatialdata.smk"
+include: "rules/aggregate.smk"
 
 
 if REPORT_RULES.exists():
@@ -38,3 +39,4 @@ rule all:
         all_outputs(),
         SUPERRES_TARGETS,
         SPATIALDATA_TARGETS,
+        AGGREGATE_TARGETS,

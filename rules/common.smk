@@ -31,6 +31,7 @@ from undiffuse.config import (
     validate_config,
 )
 from undiffuse.errors import InputError
+from undiffuse.io.visium_hd import folder_bin_size
 
 # The package's one config validator, so that errors name the config file(s) as they do from the CLI.
 CONFIG_FILES = list(dict.fromkeys(str(Path(f).resolve()) for f in workflow.configfiles))
@@ -134,6 +135,37 @@ def input_location(sample):
 def optional_sheet_path(sample, column):
     value = sheet_value(sample, column)
     return None if value is None else str(resolve_path(value))
+
+
+def hd_bin_size(sample):
+    """Bin size in microns of a Visium HD sample (sheet bin_size, or a square_XXXum/ input); None otherwise."""
+    size = bin_size(sample)
+    if size is None and not is_simulated(sample):
+        size = folder_bin_size(Path(sheet_value(sample, "input")))
+    return size
+
+
+def aggregate_targets(bin_sizes):
+    """Every sample's aggregated files (rules aggregate_bins and aggregate_cells): each of ``bin_sizes`` that is a larger multiple of its bin size, and
+    its cells when the sheet names a segmentation."""
+    targets = []
+    for sample in SAMPLES:
+        size = hd_bin_size(sample)
+        if sheet_value(sample, "cells") is not None:
+            if size is None:
+                raise InputError(
+                    SAMPLE_SHEET,
+                    f"sample {sample} has a cells segmentation but is not a Visium HD sample with a known "
+                    "bin size; set its bin_size, or leave cells empty",
+                )
+            targets.append(f"{RESULTS}/{sample}/aggregated/cells.h5ad")
+        if size is not None:
+            targets += [
+                f"{RESULTS}/{sample}/aggregated/square_{coarse:03d}um.h5ad"
+                for coarse in bin_sizes
+                if coarse > size and coarse % size == 0
+            ]
+    return targets
 
 
 # ---------------------------------------------------------------------------------------------------------

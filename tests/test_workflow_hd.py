@@ -89,13 +89,14 @@ def test_bad_simulation_hd_values_are_rejected(section, message):
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
-        ("hd\tsimulate_hd\t4\n", "row 1: .*bin_size.*'4' is not one of"),
-        ("demo\tsimulate\t8\n", "bin_size is set for the Visium sample\\(s\\) demo"),
+        ("hd\tsimulate_hd\t4\t\n", "row 1: .*bin_size.*'4' is not one of"),
+        ("demo\tsimulate\t8\t\n", "bin_size is set for the Visium sample\\(s\\) demo"),
+        ("demo\tsimulate\t\tcells.tsv\n", "cells is set for the Visium sample\\(s\\) demo"),
     ],
 )
 def test_bad_bin_sizes_are_refused_naming_the_sheet(tmp_path, rows, message):
     sheet = tmp_path / "samples.tsv"
-    sheet.write_text("sample\tinput\tbin_size\n" + rows)
+    sheet.write_text("sample\tinput\tbin_size\tcells\n" + rows)
     with pytest.raises(InputError, match=message) as caught:
         read_sample_sheet(sheet)
     assert str(sheet) in str(caught.value) and "\n" not in str(caught.value)
@@ -143,3 +144,31 @@ def test_dry_run_reads_the_square_folder_of_the_bin_size(tmp_path):
     assert "results/sim/simulated/outs/binned_outputs/square_016um/raw_feature_bc_matrix.h5" in output
     assert "results/sim/simulated/truth/square_016um.h5ad" in output
     assert "results/sim/simulated/markers.tsv" in output
+
+
+def test_dry_run_aggregates_hd_bins_into_coarser_bins_and_cells(tmp_path):
+    """aggregate.bin_sizes gives every larger multiple of a HD sample's bin size; a sheet segmentation gives
+    its cells; Visium samples get neither."""
+    binned = tmp_path / "data" / "binned_outputs"
+    (binned / "square_002um").mkdir(parents=True)
+    cells = tmp_path / "cells.tsv"
+    cells.write_text("barcode\tcell_id\n")
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text(
+        f"sample\tinput\tbin_size\tcells\nreal\t{binned}\t2\t{cells}\nsim\tsimulate_hd\t8\t\nvis\tsimulate\t\t\n"
+    )
+    config = tmp_path / "config.yaml"
+    text = TEST_CONFIG.read_text().replace("config/test/samples.tsv", str(sheet))
+    config.write_text(text.replace("bin_sizes: [16]", "bin_sizes: [4, 8, 16]"))
+    output = dry_run(tmp_path, config)
+    for planned in (
+        "real/aggregated/square_004um",
+        "real/aggregated/square_008um",
+        "real/aggregated/square_016um",
+    ):
+        assert f"results/{planned}.h5ad" in output
+    assert "results/real/aggregated/cells.h5ad" in output and str(cells) in output
+    assert "results/sim/aggregated/square_016um.h5ad" in output
+    assert "results/sim/aggregated/square_008um.h5ad" not in output
+    assert "results/sim/aggregated/square_004um.h5ad" not in output
+    assert "results/vis/aggregated" not in output

@@ -175,12 +175,14 @@ def check_sample_sheet(frame: pd.DataFrame, path: str | PathLike[str]) -> None:
     repeated = sorted(set(frame["sample"][frame["sample"].duplicated()]))
     if repeated:
         raise InputError(path, f"sample names must be unique; repeated: {', '.join(repeated)}")
-    if "bin_size" in frame.columns:
-        visium = frame["bin_size"].notna() & frame["input"].str.strip().eq(SIMULATED_INPUT)
+    for column in ("bin_size", "cells"):
+        if column not in frame.columns:
+            continue
+        visium = frame[column].notna() & frame["input"].str.strip().eq(SIMULATED_INPUT)
         if visium.any():
             raise InputError(
                 path,
-                f"bin_size is set for the Visium sample(s) {', '.join(frame['sample'][visium])}, whose input "
+                f"{column} is set for the Visium sample(s) {', '.join(frame['sample'][visium])}, whose input "
                 f"is {SIMULATED_INPUT!r}; leave it empty, or use {SIMULATED_HD_INPUT!r} for a Visium HD sample",
             )
 
