@@ -3,7 +3,6 @@ corrected.h5ad, the images and the super-resolved maps where spatialdata and spa
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -35,7 +34,6 @@ pytest.importorskip("spatialdata_io", reason="the spatialdata extra is not insta
 
 REAL = "visium_mouse_brain_raw_top100"
 #: Small enough for seconds, with a background rim (as in test_hd.py).
-SMALL_HD = dict(width_um=512.0, height_um=512.0, n_genes=8, seed=3)
 
 
 def dense(matrix) -> np.ndarray:
@@ -83,22 +81,9 @@ def test_spatialdata_io_reads_the_real_sample_as_undiffuse_does(shared_data):
 
 
 @pytest.fixture(scope="module")
-def hd_outs(tmp_path_factory):
-    """``outs/`` of a small simulated Visium HD sample, with the ``feature_slice.h5`` spatialdata-io reads.
-
-    Space Ranger writes ``feature_slice.h5`` at the top of ``outs/``; spatialdata-io takes the file format of
-    the layout from its ``metadata_json`` attribute. The simulator writes the bin folders only (undiffuse's
-    reader needs nothing else), so the test adds that attribute as Space Ranger would.
-    """
-    import h5py
-
-    from undiffuse.simulate_hd import simulate_hd_sample
-
-    root = tmp_path_factory.mktemp("hd_sample")
-    simulate_hd_sample(root, **SMALL_HD)
-    with h5py.File(root / "outs" / HD_FEATURE_SLICE, "w") as handle:
-        handle.attrs["metadata_json"] = json.dumps({"hd_layout_json": json.dumps({"file_format": "1.0"})})
-    return root / "outs"
+def hd_outs(hd_sample):
+    """``outs/`` of the small simulated Visium HD sample (with the ``feature_slice.h5`` spatialdata-io reads)."""
+    return hd_sample / "outs"
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .diffusion import KernelKind, diffuse
-from .io.visium_hd import hd_barcodes
+from .io.visium_hd import HD_FEATURE_SLICE, hd_barcodes
 from .simulate import (
     BACKGROUND,
     _Anatomy,
@@ -1092,7 +1092,7 @@ def write_hd_sample(outdir: str | PathLike[str], sample: SimulatedHDSample) -> P
     -------
     The ``binned_outputs`` folder.
     """
-    from .io.writers import write_hd_bin_folder
+    from .io.writers import write_hd_bin_folder, write_hd_feature_slice
 
     outdir = output_folder(outdir)
     library_id = sample.cells.uns["simulation"]["sample_id"]
@@ -1118,6 +1118,7 @@ def write_hd_sample(outdir: str | PathLike[str], sample: SimulatedHDSample) -> P
                     lowres_image=sample.lowres_image,
                     library_id=library_id,
                 )
+            write_hd_feature_slice(outs_tmp / HD_FEATURE_SLICE)
     if sample.visium is None and (outdir / "visium").is_dir():
         shutil.rmtree(outdir / "visium")  # the view of an earlier sample, not of this one
     return outdir / "outs" / "binned_outputs"

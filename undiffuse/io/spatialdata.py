@@ -34,7 +34,7 @@ from ..validate import check_registration
 from .canonical import build_canonical
 from .images import read_scalefactors
 from .layout import SampleFiles, locate_sample
-from .visium_hd import folder_bin_size
+from .visium_hd import HD_FEATURE_SLICE, folder_bin_size
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -44,8 +44,6 @@ TABLE = "table"
 #: ``obs`` columns that link the table to the spots' shapes.
 REGION_KEY = "region"
 INSTANCE_KEY = "spot_id"
-#: Space Ranger's file at the top of a Visium HD ``outs/``, whose layout metadata spatialdata-io reads.
-HD_FEATURE_SLICE = "feature_slice.h5"
 #: Image element names of spatialdata-io: ``{sample_id}_hires_image``, ``{sample_id}_lowres_image``.
 _IMAGE_ELEMENT = re.compile(r"_(hires|lowres)_image$")
 

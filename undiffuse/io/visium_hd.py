@@ -19,6 +19,8 @@ from .images import SCALEFACTORS_FILE, read_scalefactors
 
 #: The positions file Space Ranger writes into every HD bin folder.
 HD_POSITIONS_FILE = "tissue_positions.parquet"
+#: The file at the top of an HD ``outs/`` whose ``metadata_json`` attribute names the layout's file format.
+HD_FEATURE_SLICE = "feature_slice.h5"
 
 _BIN_FOLDER = re.compile(r"^square_(\d+)um$")
 #: Bin barcodes name their size: ``s_008um_00012_00034-1``.

@@ -261,6 +261,21 @@ def write_spaceranger_outs(
 
 #: Chemistry written into the matrices of a Visium HD sample.
 HD_CHEMISTRY = "Visium HD v1"
+#: File format of the HD layout that Space Ranger 3 declares in ``feature_slice.h5``.
+HD_LAYOUT_FORMAT = "1.0"
+
+
+def write_hd_feature_slice(path: str | PathLike[str]) -> Path:
+    """Write ``outs/feature_slice.h5`` with its ``metadata_json`` attribute only.
+
+    Space Ranger also stores the 2 um matrix there in slices; the simulator writes just the metadata that
+    names the layout's file format, which is what readers of the bin folders (spatialdata-io) check.
+    """
+    path = Path(path)
+    metadata = {"hd_layout_json": json.dumps({"file_format": HD_LAYOUT_FORMAT})}
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.attrs["metadata_json"] = json.dumps(metadata)
+    return path
 
 
 def write_hd_bin_folder(
