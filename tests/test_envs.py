@@ -147,6 +147,7 @@ def env_files() -> list[Path]:
     return sorted(ENVS.glob("*.yaml"))
 
 
+@pytest.mark.slow
 def test_every_rule_that_runs_something_names_an_existing_env(rule_envs):
     assert {"prepare", "correct_chunk", "merge", "report"} <= set(rule_envs), sorted(rule_envs)
     for name, env in rule_envs.items():
@@ -155,6 +156,7 @@ def test_every_rule_that_runs_something_names_an_existing_env(rule_envs):
         assert env.parent == ENVS, f"rule {name}: env {env} is not under envs/"
 
 
+@pytest.mark.slow
 def test_every_env_is_used_and_the_gpu_env_belongs_to_correct_chunk(rule_envs):
     used = {env.name for env in rule_envs.values() if env is not None}
     unused = sorted({path.name for path in env_files()} - used)
@@ -162,6 +164,7 @@ def test_every_env_is_used_and_the_gpu_env_belongs_to_correct_chunk(rule_envs):
     assert rule_envs["correct_chunk"] == ENVS / GPU_ENV
 
 
+@pytest.mark.slow
 def test_workflow_sets_the_root_that_the_envs_install(loaded_workflow):
     # The envs' pip line `-e ${UNDIFFUSE_ROOT}` needs the variable when Snakemake creates them.
     root = loaded_workflow["root"]

@@ -76,6 +76,7 @@ def chunked(prepared, quantiles, correction):
 
 
 @pytest.mark.parametrize("chunk_size", [2, 3])
+@pytest.mark.slow
 def test_merged_equals_direct_correction_whatever_the_chunk_size(prepared, direct, chunked, chunk_size):
     merged = merge_chunks(prepared, chunked[chunk_size])
     corrected = merged[:, direct.genes].X.toarray()
@@ -89,6 +90,7 @@ def test_merged_equals_direct_correction_whatever_the_chunk_size(prepared, direc
     )
 
 
+@pytest.mark.slow
 def test_unselected_genes_pass_through_as_raw_counts(prepared, chunked):
     merged = merge_chunks(prepared, chunked[2])
     passed = ~prepared.var["selected"].to_numpy()
@@ -102,6 +104,7 @@ def test_unselected_genes_pass_through_as_raw_counts(prepared, chunked):
     assert merged.var_names.equals(prepared.var_names) and merged.obs_names.equals(prepared.obs_names)
 
 
+@pytest.mark.slow
 def test_merged_annotations(prepared, chunked):
     merged = merge_chunks(prepared, chunked[3])
     assert sp.issparse(merged.X) and merged.X.dtype == np.float32
@@ -117,6 +120,7 @@ def test_merged_annotations(prepared, chunked):
     assert "wall_time_s" not in merged.uns["correction"]
 
 
+@pytest.mark.slow
 def test_merged_genes_can_be_rediffused_like_a_direct_result(prepared, direct, chunked):
     from undiffuse.correct import rediffuse
 
@@ -127,6 +131,7 @@ def test_merged_genes_can_be_rediffused_like_a_direct_result(prepared, direct, c
     np.testing.assert_allclose(from_merged, from_direct, rtol=1e-4, atol=1e-4 * np.abs(from_direct).max())
 
 
+@pytest.mark.slow
 def test_merged_output_works_with_scanpy_and_squidpy(prepared, chunked, tmp_path):
     import matplotlib
 
@@ -160,6 +165,7 @@ def sample_files(tmp_path, prepared, quantiles, chunked):
     return paths
 
 
+@pytest.mark.slow
 def test_merge_sample_writes_outputs_with_provenance(sample_files, tmp_path):
     from undiffuse import __version__
     from undiffuse.config import load_config
@@ -194,6 +200,7 @@ def test_merge_sample_writes_outputs_with_provenance(sample_files, tmp_path):
     np.testing.assert_allclose(table["q"], merged.var["q"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_merge_sample_refuses_incomplete_or_foreign_chunks(sample_files, prepared, tmp_path):
     out, table = tmp_path / "corrected.h5ad", tmp_path / "parameters.tsv"
     args = (sample_files["prepared"], sample_files["quantiles"], out, table)
@@ -210,6 +217,7 @@ def test_merge_sample_refuses_incomplete_or_foreign_chunks(sample_files, prepare
     assert not out.exists() and not table.exists()
 
 
+@pytest.mark.slow
 def test_merge_refuses_non_finite_values(prepared, chunked, tmp_path):
     from undiffuse.merge import write_outputs
 
@@ -230,6 +238,7 @@ def test_merge_with_no_selected_gene_passes_everything_through(prepared):
     np.testing.assert_array_equal(merged.X.toarray(), prepared.X.toarray())
 
 
+@pytest.mark.slow
 def test_cli_merge_and_its_errors(sample_files, tmp_path, capsys):
     from undiffuse.cli import main
 
@@ -242,6 +251,7 @@ def test_cli_merge_and_its_errors(sample_files, tmp_path, capsys):
     assert "do not cover its genes" in error and str(sample_files["quantiles"]) in error
 
 
+@pytest.mark.slow
 def test_sparse_chunks_merge_like_dense_ones_and_stay_sparse(prepared, chunked):
     """Chunks whose corrected values are stored sparse (as a Visium HD chunk may be) merge to the same
     matrix; off-tissue zeros of corrected genes are not stored, and the raw counts are kept beside."""

@@ -96,6 +96,7 @@ def test_checkout_paths_link_to_the_one_copy_in_the_package():
     assert SIMULATED_MARKERS.is_file()
 
 
+@pytest.mark.slow  # builds and installs a wheel
 def test_installed_package_is_imported_with_its_data(installed, elsewhere):
     result = run_installed(installed, elsewhere, sys.executable, "-c", WHERE)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -107,6 +108,7 @@ def test_installed_package_is_imported_with_its_data(installed, elsewhere):
         assert path.read_bytes() == packaged.read_bytes()
 
 
+@pytest.mark.slow  # builds and installs a wheel
 def test_installed_command_validates_a_config_and_corrects(installed, elsewhere, tiny_sample):
     bad = elsewhere / "bad.yaml"
     bad.write_text(yaml.safe_dump({"correct": {"epochs": 0}}))
