@@ -39,6 +39,30 @@ WHERE = (
     " data.SUMMARY_NOTEBOOK, data.SIMULATED_MARKERS)), sep='\\n')"
 )
 
+#: Modules that only the extras (report, workflow, dev) install: the library imports none of them up front.
+EXTRA_MODULES = (
+    "papermill",
+    "nbconvert",
+    "nbformat",
+    "ipykernel",
+    "IPython",
+    "jinja2",
+    "snakemake",
+    "squidpy",
+)
+#: Imports every module of the package, and runs the command line's help, with the extras' modules hidden.
+IMPORT_WITHOUT_EXTRAS = """
+import sys, importlib, pkgutil
+for name in sys.argv[1:]:
+    sys.modules[name] = None  # `import name` now raises ImportError
+import undiffuse
+for module in pkgutil.walk_packages(undiffuse.__path__, "undiffuse."):
+    if module.name != "undiffuse.__main__":  # which would run the command line
+        importlib.import_module(module.name)
+from undiffuse.cli import main
+main(["--help"])
+"""
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
@@ -94,6 +118,19 @@ def test_checkout_paths_link_to_the_one_copy_in_the_package():
         assert path.is_symlink(), f"{visible} should link to {packaged}, not hold a copy"
         assert path.resolve() == packaged.resolve()
     assert SIMULATED_MARKERS.is_file()
+
+
+@pytest.mark.slow  # imports the whole package in a new interpreter
+def test_core_dependencies_suffice_to_import_the_library_and_its_command(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_WITHOUT_EXTRAS, *EXTRA_MODULES],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "correct" in result.stdout  # the help lists the subcommands
 
 
 @pytest.mark.slow  # builds and installs a wheel
