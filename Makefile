@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   the whole workflow on the built-in simulated sample; prints where the report is
 #   make test   the test suite (what CI runs)
+#   make test-fast  the tests that take seconds, for development
 # Both create .venv on first use and are fast when it is already up to date.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 CORES ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup system-deps lint clean
+.PHONY: demo test test-fast setup system-deps lint clean
 
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
@@ -19,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The fast tier for developers (README, Developing): no workflow, SLURM or slow test.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not workflow and not slurm and not slow" $(PYTEST_ARGS)
 
 setup: $(STAMP)
 

@@ -2,15 +2,14 @@
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import pandas as pd
 
-# The workflow runs the library of its own checkout, whatever is installed in the environment running snakemake.
-sys.path.insert(0, str(Path(workflow.basedir)))
-# envs/*.yaml install that checkout with `pip install -e ${UNDIFFUSE_ROOT}`; declared so that snakemake hands
-# it on to remote jobs.
+# The workflow imports the undiffuse package installed in the environment that runs snakemake
+# (`pip install -e ".[workflow]"`, or `make setup`), and its jobs the one installed in theirs: envs/*.yaml
+# install this checkout with `pip install -e ${UNDIFFUSE_ROOT}`, declared so that snakemake hands it on to
+# remote jobs.
 os.environ["UNDIFFUSE_ROOT"] = str(Path(workflow.basedir).resolve())
 
 
@@ -18,6 +17,13 @@ envvars:
     "UNDIFFUSE_ROOT",
 
 
+try:
+    import undiffuse.package_data
+except ImportError as err:
+    raise ImportError(
+        f"the environment running snakemake has no undiffuse package ({err}): "
+        f'install it with `pip install -e "{workflow.basedir}[workflow]"` (or `make setup` in the checkout)'
+    ) from None
 from undiffuse.chunks import n_chunks, read_quantile_genes
 from undiffuse.config import (
     DEFAULT_BIN_SIZE_UM,
@@ -201,9 +207,7 @@ def truth_file(wildcards):
 
 
 #: Marker table of the report's cell-type maps when the config's report.markers is not set (simulated samples).
-SIMULATED_MARKERS = str(
-    Path(workflow.basedir) / "resources" / "markers" / "simulated.tsv"
-)
+SIMULATED_MARKERS = str(undiffuse.package_data.SIMULATED_MARKERS)
 
 
 def report_markers(sample):

@@ -1,12 +1,9 @@
 """Reports: per-sample metrics, executed notebook and HTML (rule report); one summary across samples."""
 
-#: Notebook templates; inputs of the rules, so that editing a template reruns the reports.
-REPORT_TEMPLATE = str(
-    Path(workflow.basedir) / "resources" / "notebooks" / "report.ipynb"
-)
-SUMMARY_TEMPLATE = str(
-    Path(workflow.basedir) / "resources" / "notebooks" / "summary.ipynb"
-)
+#: Notebook templates of the installed package (the ones the reports run); inputs of the rules, so that
+#: editing a template reruns the reports.
+REPORT_TEMPLATE = str(undiffuse.package_data.REPORT_NOTEBOOK)
+SUMMARY_TEMPLATE = str(undiffuse.package_data.SUMMARY_NOTEBOOK)
 
 
 #: Marker table of each sample's cell-type maps (report_markers in rules/common.smk).

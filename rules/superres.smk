@@ -8,11 +8,7 @@ SUPERRES_MARKERS = {
     sample: (
         str(resolve_path(config["report"]["markers"]))
         if config["report"].get("markers")
-        else (
-            str(Path(workflow.basedir) / "resources" / "markers" / "simulated.tsv")
-            if is_simulated(sample)
-            else []
-        )
+        else (SIMULATED_MARKERS if is_simulated(sample) else [])
     )
     for sample in SAMPLES
 }

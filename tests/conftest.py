@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,10 @@ from anndata import AnnData
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# The tests' subprocesses (the command line, snakemake and its jobs) import this checkout's package, as the
+# tests themselves do, also where the environment has another checkout installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 #: A sample small enough for unit tests, big enough to have background spots all round the tissue.
 TINY_SAMPLE = dict(n_rows=24, n_cols=20, n_genes=24, seed=7)

@@ -184,6 +184,7 @@ def test_cli_exits_nonzero_and_names_the_file(outs, tmp_path, case, capsys):
     assert not outdir.exists()
 
 
+@pytest.mark.slow
 def test_filtered_matrix_is_accepted_when_allowed(outs, tmp_path):
     source, _, _ = filtered_matrix(outs)
     adata = prepare_sample(source, tmp_path / "out", min_counts=1, allow_filtered=True)
@@ -194,6 +195,7 @@ def test_filtered_matrix_is_accepted_when_allowed(outs, tmp_path):
     assert (tmp_path / "out" / "prepared.h5ad").is_file()
 
 
+@pytest.mark.slow
 def test_unknown_genes_in_gene_list(outs, tmp_path):
     gene_file = tmp_path / "genes.txt"
     known = read_sample(outs).var_names[:2].tolist()
@@ -222,6 +224,7 @@ def test_fullres_image_of_another_size(outs, tmp_path):
     assert caught.value.path == str(small) and "does not fit" in str(caught.value)
 
 
+@pytest.mark.slow
 def test_failure_while_writing_leaves_nothing(outs, tmp_path, monkeypatch):
     import undiffuse.prepare as prepare_module
 
@@ -235,6 +238,7 @@ def test_failure_while_writing_leaves_nothing(outs, tmp_path, monkeypatch):
     assert not outdir.exists()
 
 
+@pytest.mark.slow
 def test_console_script_exit_status(tmp_path):
     missing = tmp_path / "nowhere"
     result = subprocess.run(
@@ -247,6 +251,7 @@ def test_console_script_exit_status(tmp_path):
     assert str(missing) in result.stderr and "does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_degenerate_tissue_is_an_error_unless_allowed(outs, tmp_path, capsys):
     def edit(table: pd.DataFrame) -> pd.DataFrame:
         tissue = np.flatnonzero(table["in_tissue"].to_numpy() == "1")
@@ -270,6 +275,7 @@ def test_degenerate_tissue_is_an_error_unless_allowed(outs, tmp_path, capsys):
 FAST_CORRECTION = "correct:\n  epochs: 1\n  em_iterations: 5\n  tail_iterations: 1\n  weights: {image: 0.0}\n"
 
 
+@pytest.mark.slow
 def test_correct_passes_a_failed_gene_through_and_removes_stale_leftovers(
     outs, tmp_path, capsys, monkeypatch
 ):
@@ -305,6 +311,7 @@ def test_correct_passes_a_failed_gene_through_and_removes_stale_leftovers(
     assert not stale.exists()
 
 
+@pytest.mark.slow
 def test_workflow_sample_sheet_errors_name_the_sheet(tmp_path):
     """The workflow parses the sheet with undiffuse.config.read_sample_sheet: the error names the sheet."""
     from conftest import REPO

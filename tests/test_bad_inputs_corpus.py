@@ -16,7 +16,7 @@ from bad_inputs.corpus import CASE_BUILDERS, Case, build_corpus
 from undiffuse.cli import main
 from undiffuse.errors import ConfigError, InputError
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 #: Cases without a command of their own: correct()'s in-memory check and the workflow's sample sheet.
 LIBRARY_ONLY = {"prepared_h5ad_nan_in_memory", "sample_sheet_without_sample_column"}

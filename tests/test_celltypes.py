@@ -9,7 +9,6 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from undiffuse.celltypes import (
-    MARKERS_DIR,
     assign_types,
     compare_cell_types,
     localise_cell_types,
@@ -19,6 +18,7 @@ from undiffuse.celltypes import (
     type_scores,
 )
 from undiffuse.errors import InputError
+from undiffuse.package_data import MARKERS_DIR
 
 MARKERS = pd.DataFrame({"cell_type": ["A", "A", "B"], "gene": ["a1", "a2", "b1"]})
 

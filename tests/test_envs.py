@@ -8,12 +8,12 @@ besides the package itself.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,102 +38,69 @@ GPU_ENV = "correct.yaml"
 #: What every env installs with pip: the workflow's own checkout, and nothing from PyPI.
 PIP_SECTION = ["-e ${UNDIFFUSE_ROOT}"]
 
-RULE_HEADER = re.compile(r"^(?:rule|checkpoint)\s+(\w+)\s*:", re.MULTILINE)
-USE_RULE = re.compile(r"^use\s+rule\s+(\w+)\s+as\s+(\w+)", re.MULTILINE)
-CONDA_DIRECTIVE = re.compile(
-    r"^[ \t]+conda:[ \t]*(?:\n[ \t]*)?(?:\"([^\"\n]+)\"|'([^'\n]+)'|(\S.*))", re.MULTILINE
-)
-RUNS_SOMETHING = re.compile(r"^[ \t]+(shell|script|notebook|wrapper|cwl):", re.MULTILINE)
-TOP_LEVEL = re.compile(r"^\S", re.MULTILINE)
 CONDA_SPEC = re.compile(
     r"^(?P<name>[A-Za-z0-9_.-]+)\s*(?:(?P<op>==|=)\s*(?P<version>[^=\s]+)(?:=(?P<build>\S+))?)?$"
 )
 
+#: Loads the workflow with Snakemake's API (what `snakemake --list-rules` reads) and prints, as JSON, every
+#: rule with the conda env file Snakemake resolves for it, and UNDIFFUSE_ROOT as the workflow left it in
+#: Snakemake's environment, which is what conda and pip see when they create the envs.
+LOAD_WORKFLOW = """
+import json, os, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import (
+    ConfigSettings, DeploymentSettings, OutputSettings, ResourceSettings, StorageSettings,
+)
 
-@dataclass(frozen=True)
-class RuleSource:
-    """Where a rule is defined and what its ``conda:`` directive says (None when it has none)."""
-
-    name: str
-    file: Path
-    conda: str | None
-    runs_something: bool
-
-    @property
-    def env_path(self) -> Path | None:
-        # Snakemake resolves a relative conda path against the file that defines the rule.
-        return None if self.conda is None else (self.file.parent / self.conda).resolve()
-
-
-def workflow_files() -> list[Path]:
-    snakefile = REPO / "Snakefile"
-    if not snakefile.is_file():
-        pytest.fail(f"{snakefile} is missing: the workflow has no Snakefile")
-    return [snakefile, *sorted((REPO / "rules").glob("*.smk"))]
-
-
-def parse_rules(path: Path) -> dict[str, RuleSource]:
-    """Rules defined in one Snakemake file, with their ``conda:`` directive, read from the source text."""
-    text = path.read_text()
-    starts = [m.start() for m in TOP_LEVEL.finditer(text)] + [len(text)]
-    rules: dict[str, RuleSource] = {}
-    for header in RULE_HEADER.finditer(text):
-        end = next(s for s in starts if s > header.start())
-        body = text[header.end() : end]
-        conda = CONDA_DIRECTIVE.search(body)
-        literal = None
-        if conda is not None:
-            literal = conda.group(1) or conda.group(2)
-            if literal is None:
-                pytest.fail(
-                    f"{path}: rule {header.group(1)}: conda: is not a string literal: {conda.group(3)}"
-                )
-        rules[header.group(1)] = RuleSource(
-            header.group(1), path, literal, RUNS_SOMETHING.search(body) is not None
-        )
-    for use in USE_RULE.finditer(text):
-        base = rules.get(use.group(1))
-        if base is not None:
-            rules[use.group(2)] = RuleSource(use.group(2), path, base.conda, base.runs_something)
-    return rules
-
-
-@pytest.fixture(scope="module")
-def workflow_rules() -> dict[str, RuleSource]:
-    rules: dict[str, RuleSource] = {}
-    for path in workflow_files():
-        rules.update(parse_rules(path))
-    return rules
-
-
-#: Runs `snakemake --list-rules` and, once Snakemake has read the workflow, prints UNDIFFUSE_ROOT as the
-#: workflow left it in Snakemake's environment, which is what conda and pip see when they create the envs.
-LIST_RULES = """
-import atexit, os, sys
-from snakemake.cli import main
-atexit.register(lambda: print("UNDIFFUSE_ROOT=" + os.environ.get("UNDIFFUSE_ROOT", "")))
-sys.argv = ["snakemake", "--list-rules", "--workflow-profile", "none"]
-main()
+snakefile, workdir = map(Path, sys.argv[1:])
+with SnakemakeApi(OutputSettings()) as api:
+    loaded = api.workflow(
+        snakefile=snakefile,
+        workdir=workdir,
+        config_settings=ConfigSettings(),
+        resource_settings=ResourceSettings(),
+        storage_settings=StorageSettings(),
+        deployment_settings=DeploymentSettings(),
+    )
+    rules = {}
+    # The API's workflow object: its rules after includes and config, as Snakemake runs them.
+    for rule in loaded._workflow.rules:
+        env = rule.expand_conda_env({})
+        rules[rule.name] = {
+            "runs_something": not rule.norun and not rule.is_run,
+            "conda": None if env is None else str(env.file.get_path_or_uri(secret_free=True)),
+        }
+print("WORKFLOW=" + json.dumps({"root": os.environ.get("UNDIFFUSE_ROOT", ""), "rules": rules}))
 """
 
 
 @pytest.fixture(scope="module")
-def snakemake_listing() -> list[str]:
-    """Lines of `snakemake --list-rules`, run without UNDIFFUSE_ROOT in the environment."""
+def loaded_workflow(tmp_path_factory) -> dict:
+    """``{"root": UNDIFFUSE_ROOT, "rules": {name: {"runs_something", "conda"}}}`` as Snakemake loads the
+    workflow, run without UNDIFFUSE_ROOT in the environment."""
     env = {key: value for key, value in os.environ.items() if key != "UNDIFFUSE_ROOT"}
+    workdir = tmp_path_factory.mktemp("workdir")
     result = subprocess.run(
-        [sys.executable, "-c", LIST_RULES], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", LOAD_WORKFLOW, str(REPO / "Snakefile"), str(workdir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert result.returncode == 0, f"snakemake --list-rules failed:\n{result.stderr[-3000:]}"
-    return result.stdout.splitlines()
+    assert result.returncode == 0, f"Snakemake could not load the workflow:\n{result.stderr[-3000:]}"
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("WORKFLOW=")]
+    return json.loads(line.removeprefix("WORKFLOW="))
 
 
 @pytest.fixture(scope="module")
-def listed_rules(snakemake_listing) -> list[str]:
-    """The rules as Snakemake itself sees them (after includes and config), not as the parser above does."""
-    # One rule a line: its name, then its docstring in parentheses, whose further lines are indented.
-    names = [re.match(r"(\w+)(?: \(|$)", line) for line in snakemake_listing]
-    return [name.group(1) for name in names if name is not None]
+def rule_envs(loaded_workflow) -> dict[str, Path | None]:
+    """Conda env file of every rule that runs something (None when it names none)."""
+    return {
+        name: None if rule["conda"] is None else Path(rule["conda"]).resolve()
+        for name, rule in loaded_workflow["rules"].items()
+        if rule["runs_something"]
+    }
 
 
 def load_env(path: Path) -> dict:
@@ -154,11 +121,22 @@ def project_table() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 
-def package_pins() -> dict[str, str]:
-    """pyproject.toml's direct dependencies as {conda name: exact version}."""
+#: The extras of pyproject.toml that the workflow's jobs run (besides the core dependencies).
+WORKFLOW_EXTRAS = ("report", "workflow")
+
+
+def pyproject_pins(*, extras: tuple[str, ...]) -> dict[str, str]:
+    """pyproject.toml's direct dependencies and those of ``extras`` as {conda name: exact version}; an extra's
+    reference to another extra of undiffuse itself is left out."""
+    project = project_table()
+    lines = list(project["dependencies"])
+    for extra in extras:
+        lines += project["optional-dependencies"][extra]
     pins = {}
-    for line in project_table()["dependencies"]:
+    for line in lines:
         requirement = Requirement(line)
+        if requirement.name == project["name"]:
+            continue
         (specifier,) = requirement.specifier
         assert specifier.operator == "==", f"pyproject.toml: {line} is not pinned exactly"
         pins[CONDA_NAME.get(requirement.name.lower(), requirement.name.lower())] = specifier.version
@@ -169,29 +147,27 @@ def env_files() -> list[Path]:
     return sorted(ENVS.glob("*.yaml"))
 
 
-def test_every_rule_that_runs_something_names_an_existing_env(workflow_rules, listed_rules):
-    assert listed_rules, "snakemake --list-rules listed no rule"
-    missed = sorted(set(listed_rules) - set(workflow_rules))
-    assert not missed, f"rules that Snakemake lists but this test could not find in the source: {missed}"
-    for name in listed_rules:
-        rule = workflow_rules[name]
-        if not rule.runs_something:
-            continue
-        assert rule.conda is not None, f"{rule.file}: rule {name} has no conda: directive"
-        assert rule.env_path.is_file(), f"{rule.file}: rule {name}: conda env {rule.conda} does not exist"
-        assert rule.env_path.parent == ENVS, f"{rule.file}: rule {name}: env {rule.conda} is not under envs/"
+@pytest.mark.slow
+def test_every_rule_that_runs_something_names_an_existing_env(rule_envs):
+    assert {"prepare", "correct_chunk", "merge", "report"} <= set(rule_envs), sorted(rule_envs)
+    for name, env in rule_envs.items():
+        assert env is not None, f"rule {name} has no conda: directive"
+        assert env.is_file(), f"rule {name}: conda env {env} does not exist"
+        assert env.parent == ENVS, f"rule {name}: env {env} is not under envs/"
 
 
-def test_every_env_is_used_and_the_gpu_env_belongs_to_correct_chunk(workflow_rules):
-    used = {rule.env_path.name for rule in workflow_rules.values() if rule.env_path is not None}
+@pytest.mark.slow
+def test_every_env_is_used_and_the_gpu_env_belongs_to_correct_chunk(rule_envs):
+    used = {env.name for env in rule_envs.values() if env is not None}
     unused = sorted({path.name for path in env_files()} - used)
     assert not unused, f"envs that no rule names: {unused}"
-    assert workflow_rules["correct_chunk"].env_path == ENVS / GPU_ENV
+    assert rule_envs["correct_chunk"] == ENVS / GPU_ENV
 
 
-def test_workflow_sets_the_root_that_the_envs_install(snakemake_listing):
+@pytest.mark.slow
+def test_workflow_sets_the_root_that_the_envs_install(loaded_workflow):
     # The envs' pip line `-e ${UNDIFFUSE_ROOT}` needs the variable when Snakemake creates them.
-    (root,) = [line.split("=", 1)[1] for line in snakemake_listing if line.startswith("UNDIFFUSE_ROOT=")]
+    root = loaded_workflow["root"]
     assert root, "the workflow does not set UNDIFFUSE_ROOT (envs/*.yaml install ${UNDIFFUSE_ROOT} with pip)"
     assert Path(root).resolve() == REPO
 
@@ -202,11 +178,16 @@ def test_env_pins_agree_with_pyproject(path):
     assert env["channels"][:2] == ["conda-forge", "bioconda"], f"{path.name}: channels {env['channels']}"
     assert "defaults" not in env["channels"]
     pins = conda_pins(env)
-    for name, version in package_pins().items():
-        assert name in pins, f"{path.name}: {name} (pinned {version} in pyproject.toml) is missing"
-        assert pins[name]["version"] == version, (
-            f"{path.name}: {name} is pinned to {pins[name]['version']}, pyproject.toml says {version}"
+    for name in pyproject_pins(extras=WORKFLOW_EXTRAS).keys() - pins.keys():
+        pytest.fail(
+            f"{path.name}: {name} (pinned in pyproject.toml, needed by the workflow's jobs) is missing"
         )
+    # Whatever else an env pins that pyproject.toml pins too (an extra of the tests, say) agrees with it.
+    for name, version in pyproject_pins(extras=tuple(project_table()["optional-dependencies"])).items():
+        if name in pins:
+            assert pins[name]["version"] == version, (
+                f"{path.name}: {name} is pinned to {pins[name]['version']}, pyproject.toml says {version}"
+            )
     assert pins["python"]["version"] in SpecifierSet(project_table()["requires-python"]), (
         f"{path.name}: python {pins['python']['version']}"
     )

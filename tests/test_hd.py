@@ -55,6 +55,7 @@ def _truth(sample: Path, bin_um: int) -> anndata.AnnData:
 
 
 @pytest.mark.parametrize("bin_um", BIN_SIZES_UM)
+@pytest.mark.slow
 def test_bin_folders_read_as_square_bins(hd_sample, bin_um):
     folder = _bins(hd_sample, bin_um)
     adata = read_sample(folder)
@@ -76,6 +77,7 @@ def test_bin_folders_read_as_square_bins(hd_sample, bin_um):
     assert positions["barcode"].iat[5] == f"s_{bin_um:03d}um_{row:05d}_{col:05d}-1"
 
 
+@pytest.mark.slow
 def test_coarse_bins_are_sums_of_2um_bins(hd_sample):
     fine = read_sample(_bins(hd_sample, 2))
     fine_truth = _truth(hd_sample, 2)
@@ -88,6 +90,7 @@ def test_coarse_bins_are_sums_of_2um_bins(hd_sample):
         assert np.allclose((aggregate @ fine_truth.X).toarray(), truth.X.toarray(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_truth_lives_in_cells_and_diffusion_keeps_gene_totals(hd_sample):
     fine = _truth(hd_sample, 2)
     truth = fine.X.tocsr()
@@ -112,6 +115,7 @@ def test_truth_lives_in_cells_and_diffusion_keeps_gene_totals(hd_sample):
     assert summary["background_share"] == pytest.approx(summary["expected_background_share"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_markers_are_expressed_in_their_cell_type_only(hd_sample):
     cells = anndata.read_h5ad(hd_sample / "truth" / "cells.h5ad")
     markers = cells.var.index[cells.var["gene_type"] == "marker"]
@@ -124,6 +128,7 @@ def test_markers_are_expressed_in_their_cell_type_only(hd_sample):
         assert values[own].min() > 0 and values[~own].max() == 0
 
 
+@pytest.mark.slow
 def test_image_shows_the_nuclei(hd_sample):
     folder = _bins(hd_sample, 2)
     image = np.asarray(Image.open(folder / "spatial" / "tissue_hires_image.png"), dtype=np.float64)
@@ -141,6 +146,7 @@ def test_image_shows_the_nuclei(hd_sample):
     assert np.median(at_nuclei) < np.median(between) - 30 < glass - 30
 
 
+@pytest.mark.slow
 def test_renderer_is_reusable_on_coarser_grids():
     """A 10 um grid sampled at 2 um is the sum of the 2 um rendering (the later Visium view's base)."""
     sample = simulate_hd(HDSimulationParams(width_um=320.0, height_um=320.0, n_genes=6, seed=1))
@@ -151,6 +157,7 @@ def test_renderer_is_reusable_on_coarser_grids():
     assert np.allclose(coarse.toarray(), (SquareGrid(2.0, 160, 160).aggregation(5) @ fine).toarray())
 
 
+@pytest.mark.slow
 def test_one_seed_gives_one_sample_and_another_seed_another():
     small = dict(width_um=256.0, height_um=256.0, n_genes=6)
     first, again = simulate_hd(HDSimulationParams(**small)), simulate_hd(HDSimulationParams(**small))
@@ -179,6 +186,7 @@ def test_params_reject_bad_sizes_and_unknown_keys():
     assert HDSimulationParams.from_dict(preset="full").width_um == 6496.0
 
 
+@pytest.mark.slow
 def test_cli_simulates_hd_and_rejects_visium_options(tmp_path, capsys):
     out = tmp_path / "hd"
     args = ["simulate", str(out), "--platform", "visium_hd", "--width-um", "256", "--height-um", "256"]
@@ -204,6 +212,7 @@ def prepared_hd(hd_sample, tmp_path_factory) -> tuple[anndata.AnnData, Path]:
     return adata, outdir
 
 
+@pytest.mark.slow
 def test_prepare_keeps_background_bins_and_sparse_counts(prepared_hd, hd_sample):
     adata, outdir = prepared_hd
     assert sp.issparse(adata.X) and adata.n_obs == 64 * 64
@@ -215,11 +224,13 @@ def test_prepare_keeps_background_bins_and_sparse_counts(prepared_hd, hd_sample)
     assert sp.issparse(anndata.read_h5ad(outdir / "prepared.h5ad").X)
 
 
+@pytest.mark.slow
 def test_image_tissue_mask_recovers_the_simulated_tissue(prepared_hd):
     qc = prepared_hd[0].uns["undiffuse"]["qc"]
     assert qc["mask_jaccard"] > 0.95
 
 
+@pytest.mark.slow
 def test_decay_is_fitted_in_microns_and_finds_the_simulated_kernel(prepared_hd, hd_sample):
     adata, outdir = prepared_hd
     qc = adata.uns["undiffuse"]["qc"]
@@ -234,6 +245,7 @@ def test_decay_is_fitted_in_microns_and_finds_the_simulated_kernel(prepared_hd, 
     assert decay["mean_umis"].iloc[0] > 3 * decay["mean_umis"].iloc[-5:].mean()
 
 
+@pytest.mark.slow
 def test_decay_agrees_across_bin_sizes(hd_sample, tmp_path):
     """The same tissue binned at 2 and 8 um gives one diffusion length in microns."""
     fine = prepare_sample(_bins(hd_sample, 2), tmp_path / "fine", min_counts=1)
@@ -243,6 +255,7 @@ def test_decay_agrees_across_bin_sizes(hd_sample, tmp_path):
     assert fine_um == pytest.approx(coarse_um, rel=0.3)
 
 
+@pytest.mark.slow
 def test_hd_figures_are_rasters(prepared_hd):
     from undiffuse.plotting.qc import plot_tissue_mask, plot_total_counts
     from undiffuse.qc import spot_totals
@@ -329,6 +342,7 @@ def bins_with_neighbours(hd_sample, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("case", BAD_HD, ids=[case.__name__ for case in BAD_HD])
+@pytest.mark.slow
 def test_bad_hd_input_names_the_file_and_leaves_nothing(bins_with_neighbours, tmp_path, case, capsys):
     culprit, phrase = case(bins_with_neighbours)
     outdir = tmp_path / "results" / "sample"
@@ -354,6 +368,7 @@ def test_hdf5_barcodes_pass_through_as_bytes(tmp_path):
         assert handle["matrix/barcodes"][:].tolist() == barcodes.tolist()
 
 
+@pytest.mark.slow
 def test_visium_view_captures_the_2um_bins_under_each_spot(tmp_path):
     """The Visium view: the same molecules, summed over the 2 um bins under each 55 um spot."""
     sample = simulate_hd(
@@ -386,6 +401,7 @@ def test_visium_view_captures_the_2um_bins_under_each_spot(tmp_path):
     assert (write / "visium" / "truth_grid_010um.h5ad").is_file()
 
 
+@pytest.mark.slow
 def test_cli_reads_the_hd_section_of_a_params_file(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(

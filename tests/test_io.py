@@ -80,6 +80,7 @@ def test_mouse_brain_reads_as_documented(shared_data):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_mouse_brain_plots_with_scanpy(shared_data):
     import matplotlib.pyplot as plt
     import scanpy as sc
@@ -208,6 +209,7 @@ def test_h5ad_round_trip(shared_data, tmp_path):
     assert again.uns["undiffuse"]["spot_pitch_px"] == adata.uns["undiffuse"]["spot_pitch_px"]
 
 
+@pytest.mark.slow
 def test_scanpy_style_h5ad_with_counts_layer(tiny_sample, tmp_path):
     adata = read_sample(tiny_sample / "outs")
     normalised = adata.copy()
@@ -222,6 +224,7 @@ def test_scanpy_style_h5ad_with_counts_layer(tiny_sample, tmp_path):
     assert list(again.obs.columns) == ["in_tissue", "array_row", "array_col"]
 
 
+@pytest.mark.slow
 def test_simulated_sample_round_trip(tiny_sample):
     """The reader gives back exactly what the simulator wrote: counts, barcodes, genes, tissue labels."""
     outs = tiny_sample / "outs"
@@ -251,6 +254,7 @@ def test_simulated_sample_round_trip(tiny_sample):
     assert adata.uns["undiffuse"]["sample_id"] == tiny_sample.name
 
 
+@pytest.mark.slow
 def test_fullres_image_becomes_hires(tiny_sample, tmp_path):
     adata = read_sample(tiny_sample)
     library = adata.uns["spatial"][adata.uns["undiffuse"]["sample_id"]]
@@ -274,6 +278,7 @@ def test_fullres_image_becomes_hires(tiny_sample, tmp_path):
     assert np.corrcoef(at_spots(library), at_spots(new_library))[0, 1] > 0.95
 
 
+@pytest.mark.slow
 def test_reads_scanpy_read_visium_output(tiny_sample, tmp_path):
     import scanpy as sc
 

@@ -170,6 +170,7 @@ def test_fast_fft_size():
     assert [fast_fft_size(n) for n in (1, 11, 97, 121)] == [1, 12, 98, 125]
 
 
+@pytest.mark.slow
 def test_accelerated_em_reaches_the_likelihood_of_plain_em_sooner():
     coords = hex_lattice(24, 20)
     tissue = disc_tissue(coords, 6.0)

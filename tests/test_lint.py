@@ -18,6 +18,7 @@ SNAKEFILES = [
 
 
 @pytest.mark.parametrize("configfile", ["config/config.yaml", "config/test/config.yaml"])
+@pytest.mark.slow
 def test_snakemake_lint_is_clean(tmp_path, configfile):
     result = subprocess.run(
         [

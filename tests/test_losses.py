@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import kornia
+import pytest
 import torch
 
 from undiffuse.losses import ImageTarget, image_loss
@@ -21,6 +22,7 @@ def kornia_image_loss(expression: torch.Tensor, intensity: torch.Tensor) -> torc
     return (1.0 - ssim) + gradient.mean(dim=(1, 2, 3, 4)) + (tv - tv_target).abs()
 
 
+@pytest.mark.slow
 def test_image_loss_matches_kornia_and_has_its_gradient():
     generator = torch.Generator().manual_seed(0)
     intensity = torch.rand((1, 1, 23, 31), generator=generator, dtype=torch.float64)

@@ -76,6 +76,7 @@ def chunked(prepared, quantiles, correction):
 
 
 @pytest.mark.parametrize("chunk_size", [2, 3])
+@pytest.mark.slow
 def test_merged_equals_direct_correction_whatever_the_chunk_size(prepared, direct, chunked, chunk_size):
     merged = merge_chunks(prepared, chunked[chunk_size])
     corrected = merged[:, direct.genes].X.toarray()
@@ -89,17 +90,21 @@ def test_merged_equals_direct_correction_whatever_the_chunk_size(prepared, direc
     )
 
 
+@pytest.mark.slow
 def test_unselected_genes_pass_through_as_raw_counts(prepared, chunked):
     merged = merge_chunks(prepared, chunked[2])
     passed = ~prepared.var["selected"].to_numpy()
     assert merged.var["passed_through"].to_numpy().tolist() == passed.tolist()
     np.testing.assert_array_equal(merged.X[:, passed].toarray(), prepared.X[:, passed].toarray())
     np.testing.assert_array_equal(merged.layers["counts"].toarray(), prepared.X.toarray())
-    np.testing.assert_array_equal(merged.layers["corrected"].toarray(), merged.X.toarray())
+    np.testing.assert_array_equal(
+        merged.layers["corrected"][:, passed].toarray(), prepared.X[:, passed].toarray()
+    )
     assert (merged.var.loc[passed, list(PARAMETER_COLUMNS)] == 0).all().all()  # the identity model
     assert merged.var_names.equals(prepared.var_names) and merged.obs_names.equals(prepared.obs_names)
 
 
+@pytest.mark.slow
 def test_merged_annotations(prepared, chunked):
     merged = merge_chunks(prepared, chunked[3])
     assert sp.issparse(merged.X) and merged.X.dtype == np.float32
@@ -115,6 +120,7 @@ def test_merged_annotations(prepared, chunked):
     assert "wall_time_s" not in merged.uns["correction"]
 
 
+@pytest.mark.slow
 def test_merged_genes_can_be_rediffused_like_a_direct_result(prepared, direct, chunked):
     from undiffuse.correct import rediffuse
 
@@ -125,6 +131,7 @@ def test_merged_genes_can_be_rediffused_like_a_direct_result(prepared, direct, c
     np.testing.assert_allclose(from_merged, from_direct, rtol=1e-4, atol=1e-4 * np.abs(from_direct).max())
 
 
+@pytest.mark.slow
 def test_merged_output_works_with_scanpy_and_squidpy(prepared, chunked, tmp_path):
     import matplotlib
 
@@ -134,9 +141,14 @@ def test_merged_output_works_with_scanpy_and_squidpy(prepared, chunked, tmp_path
 
     merged = merge_chunks(prepared, chunked[3])
     gene = merged.var_names[~merged.var["passed_through"].to_numpy()][0]
-    sc.pl.spatial(merged, color=gene, show=False)
+    (axes,) = sc.pl.spatial(merged, color=gene, show=False)
+    assert axes.get_title() == gene and axes.images  # the spots over the sample's H&E image
+    # squidpy's Moran's I of the corrected layer, on its own hexagonal graph, is what merge recorded.
     sq.gr.spatial_neighbors(merged, coord_type="grid", n_neighs=6)
-    assert merged.obsp["spatial_connectivities"].nnz > 0
+    reference = sq.gr.spatial_autocorr(merged, mode="moran", layer="corrected", n_perms=None, copy=True)["I"]
+    finite = reference.dropna()
+    assert len(finite) >= merged.n_vars - 1
+    np.testing.assert_allclose(merged.var.loc[finite.index, "moran_after"], finite, atol=1e-5)
 
 
 @pytest.fixture()
@@ -153,6 +165,7 @@ def sample_files(tmp_path, prepared, quantiles, chunked):
     return paths
 
 
+@pytest.mark.slow
 def test_merge_sample_writes_outputs_with_provenance(sample_files, tmp_path):
     from undiffuse import __version__
     from undiffuse.config import load_config
@@ -187,6 +200,7 @@ def test_merge_sample_writes_outputs_with_provenance(sample_files, tmp_path):
     np.testing.assert_allclose(table["q"], merged.var["q"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_merge_sample_refuses_incomplete_or_foreign_chunks(sample_files, prepared, tmp_path):
     out, table = tmp_path / "corrected.h5ad", tmp_path / "parameters.tsv"
     args = (sample_files["prepared"], sample_files["quantiles"], out, table)
@@ -203,6 +217,7 @@ def test_merge_sample_refuses_incomplete_or_foreign_chunks(sample_files, prepare
     assert not out.exists() and not table.exists()
 
 
+@pytest.mark.slow
 def test_merge_refuses_non_finite_values(prepared, chunked, tmp_path):
     from undiffuse.merge import write_outputs
 
@@ -223,6 +238,7 @@ def test_merge_with_no_selected_gene_passes_everything_through(prepared):
     np.testing.assert_array_equal(merged.X.toarray(), prepared.X.toarray())
 
 
+@pytest.mark.slow
 def test_cli_merge_and_its_errors(sample_files, tmp_path, capsys):
     from undiffuse.cli import main
 
@@ -235,6 +251,7 @@ def test_cli_merge_and_its_errors(sample_files, tmp_path, capsys):
     assert "do not cover its genes" in error and str(sample_files["quantiles"]) in error
 
 
+@pytest.mark.slow
 def test_sparse_chunks_merge_like_dense_ones_and_stay_sparse(prepared, chunked):
     """Chunks whose corrected values are stored sparse (as a Visium HD chunk may be) merge to the same
     matrix; off-tissue zeros of corrected genes are not stored, and the raw counts are kept beside."""

@@ -93,6 +93,7 @@ def test_weights_are_the_row_normalised_first_ring():
     np.testing.assert_allclose(np.asarray(matrix.sum(axis=1)).ravel(), 1.0)
 
 
+@pytest.mark.slow
 def test_agrees_with_squidpy_on_a_simulated_sample(tiny_sample):
     squidpy = pytest.importorskip("squidpy")
     from undiffuse.io import read_sample
@@ -107,6 +108,7 @@ def test_agrees_with_squidpy_on_a_simulated_sample(tiny_sample):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_agrees_with_squidpy_on_real_mouse_brain(shared_data):
     squidpy = pytest.importorskip("squidpy")
     sample_dir = shared_data / "visium_mouse_brain_raw_top100"

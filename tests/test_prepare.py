@@ -57,6 +57,7 @@ def assert_outputs(outdir, adata) -> dict:
     return qc
 
 
+@pytest.mark.slow
 def test_prepare_simulated_sample(tiny_sample, tmp_path):
     outdir = tmp_path / "results" / "tiny"
     adata = prepare_sample(tiny_sample / "outs", outdir, min_counts=1, n_top_genes=10, sample_id="tiny")
@@ -74,6 +75,7 @@ def test_prepare_simulated_sample(tiny_sample, tmp_path):
     assert qc["mask_jaccard"] > 0.9 and qc["tissue_source"] == "in_tissue"
 
 
+@pytest.mark.slow
 def test_simulated_diffusion_scale_is_recovered(tiny_sample, tmp_path):
     """The Gaussian-equivalent scale from the background decay matches the simulator's kernel."""
     adata = prepare_sample(tiny_sample, tmp_path / "out", min_counts=1)
@@ -86,6 +88,7 @@ def test_simulated_diffusion_scale_is_recovered(tiny_sample, tmp_path):
     assert info["diffusion_cutoff"] >= 2 * info["diffusion_scale"]
 
 
+@pytest.mark.slow
 def test_cli_prepare(tiny_sample, tmp_path, capsys):
     genes = tmp_path / "genes.txt"
     names = read_sample(tiny_sample).var_names[:3].tolist()
@@ -100,6 +103,7 @@ def test_cli_prepare(tiny_sample, tmp_path, capsys):
     assert qc["tissue_source"] == "image" and qc["refine_mask"] is True and qc["gene_list"] == str(genes)
 
 
+@pytest.mark.slow
 def test_rerun_replaces_outputs(tiny_sample, tmp_path):
     outdir = tmp_path / "out"
     prepare_sample(tiny_sample, outdir, min_counts=1, n_top_genes=5)
@@ -111,6 +115,7 @@ def test_rerun_replaces_outputs(tiny_sample, tmp_path):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_mouse_brain_qc(shared_data, tmp_path):
     source = shared_data / "visium_mouse_brain_raw_top100"
     outdir = tmp_path / "mouse_brain"

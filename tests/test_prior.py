@@ -147,6 +147,7 @@ def test_em_with_prior_keeps_totals_and_confinement(lattice):
     assert roughness[1] < roughness[0]
 
 
+@pytest.mark.slow
 def test_prior_beats_maximum_likelihood_with_the_true_kernel():
     """Poisson data at modest depth: MAP EM is closer to the truth than ML EM, in RMSE and in correlation."""
     adata, truth = hex_sample(n_genes=4, depth=20.0, seed=2)

@@ -218,6 +218,7 @@ def embedded_pngs(soup: BeautifulSoup) -> list[Image.Image]:
     return images
 
 
+@pytest.mark.slow
 def test_report_outputs_are_complete(built):
     outputs, _, _ = built
     assert report.notebook_errors(outputs.notebook) == []
@@ -236,6 +237,7 @@ def test_report_outputs_are_complete(built):
     assert "metrics.json" in names
 
 
+@pytest.mark.slow
 def test_report_html_is_self_contained_with_rendered_figures(built):
     outputs, _, _ = built
     text = outputs.html.read_text(encoding="utf-8")
@@ -252,6 +254,7 @@ def test_report_html_is_self_contained_with_rendered_figures(built):
         assert any(section in heading for heading in headings), section
 
 
+@pytest.mark.slow
 def test_report_prints_the_metrics_of_the_files(built):
     outputs, _, _ = built
     soup = soup_of(outputs.html)
@@ -273,6 +276,7 @@ def test_report_prints_the_metrics_of_the_files(built):
                 assert_printed(printed, table.loc[gene, column])
 
 
+@pytest.mark.slow
 def test_report_consistency_with_the_known_kernel_beats_the_undiffused_field(built):
     outputs, _, _ = built
     summary = read_metrics(outputs.metrics_dir)["summary"].set_index(["metric", "stage"])["value"]
@@ -281,6 +285,7 @@ def test_report_consistency_with_the_known_kernel_beats_the_undiffused_field(bui
     assert summary["truth_rmse", "corrected"] < summary["truth_rmse", "raw"]
 
 
+@pytest.mark.slow
 def test_summary_html_tabulates_every_sample(built):
     _, summary_html, metrics_dirs = built
     soup = soup_of(summary_html)
@@ -308,6 +313,7 @@ def chromium_binary() -> str | None:
     return found
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(built, tmp_path):
     outputs, _, _ = built
     chromium = chromium_binary()
@@ -341,6 +347,7 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
     assert grey.std() > 20
 
 
+@pytest.mark.slow
 def test_failed_notebook_leaves_no_output(tmp_path):
     import nbformat
     from nbformat.v4 import new_code_cell, new_notebook
@@ -367,6 +374,7 @@ def test_report_rejects_a_file_that_is_not_a_corrected_sample(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_report_names_a_truth_that_does_not_fit(built, tmp_path):
     inputs = Path(built[0].html).parents[2] / "inputs"
     wrong = tmp_path / "truth.h5ad"

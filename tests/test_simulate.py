@@ -168,12 +168,14 @@ def test_markers_file_matches_the_simulator():
     assert set(table["cell_type"]) == set(SimulationParams().domains)
 
 
+@pytest.mark.slow
 def test_background_share_grows_with_bleeding_share():
     shares = [simulate(SimulationParams(**SMALL, bleed=bleed)).truth.uns["summary"] for bleed in (0.1, 0.5)]
     assert shares[0]["expected_background_share"] < shares[1]["expected_background_share"]
     assert shares[0]["background_share"] < shares[1]["background_share"]
 
 
+@pytest.mark.slow
 def test_one_seed_gives_identical_files(tiny_sample, tmp_path):
     simulate_sample(tmp_path, **TINY_SAMPLE)
     again = _file_hashes(tmp_path)
@@ -188,6 +190,7 @@ def test_one_seed_gives_identical_files(tiny_sample, tmp_path):
     assert again == _file_hashes(tiny_sample)
 
 
+@pytest.mark.slow
 def test_another_seed_gives_another_sample():
     first, second = (simulate(SimulationParams(**SMALL, seed=seed)) for seed in (1, 2))
     assert (first.counts != second.counts).nnz > 0
@@ -211,6 +214,7 @@ def test_params_reject_unknown_keys_and_bad_values():
     assert SimulationParams.from_dict({"depth": 5000}, bleed=0.2).depth == 5000.0
 
 
+@pytest.mark.slow
 def test_cli_writes_a_sample_with_options_over_a_params_file(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"simulation": {**SMALL, "distal": 0.05, "seed": 1}}))
@@ -229,6 +233,7 @@ def test_cli_writes_a_sample_with_options_over_a_params_file(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_parameters(tmp_path, capsys):
     out = tmp_path / "sample"
     assert main(["simulate", str(out), *_small_options(), "--bleed", "1.5"]) == 2
@@ -255,6 +260,7 @@ def test_cli_rejects_bad_parameters(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_exits_non_zero_on_bad_parameters(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "undiffuse", "simulate", str(tmp_path / "x"), "--n-rows", "5"],

@@ -279,6 +279,7 @@ def test_workflow_profile_retries_and_reruns_incomplete_jobs():
 
 
 @pytest.mark.parametrize("name", ["local", "slurm"])
+@pytest.mark.slow
 def test_profile_installed_by_name_is_accepted_by_snakemake(name, tmp_path):
     # Installed as ~/.config/snakemake/NAME (here $XDG_CONFIG_HOME/snakemake/NAME), `--profile NAME` works
     # from any directory. A dry run parses the profile, with the workflow profile merged in, into

@@ -143,6 +143,7 @@ def test_anndata_output_plots_with_scanpy_layout(result_5x):
     np.testing.assert_array_equal(out.X, result.maps)
 
 
+@pytest.mark.slow
 def test_image_guides_the_maps_beyond_bicubic():
     """Expression that follows the H&E discs: the learned maps find the discs inside and between spots."""
     probe = _sample(n_genes=4)

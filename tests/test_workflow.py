@@ -134,6 +134,7 @@ def workflow_run(interrupted_run) -> Path:
 
 
 @pytest.mark.parametrize("configfile", [REPO / "config" / "config.yaml", TEST_CONFIG])
+@pytest.mark.slow
 def test_dry_run_plans_every_step(tmp_path, configfile):
     from undiffuse.config import load_config, read_sample_sheet
 
@@ -148,6 +149,7 @@ def test_dry_run_plans_every_step(tmp_path, configfile):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_dry_run_mixes_real_and_simulated_samples(tmp_path, shared_data):
     real = shared_data / "visium_mouse_brain_raw_top100" / "outs"
     if not real.is_dir():
@@ -163,6 +165,7 @@ def test_dry_run_mixes_real_and_simulated_samples(tmp_path, shared_data):
     assert str(real) in output  # prepare reads the sheet's folder
 
 
+@pytest.mark.slow
 def test_bad_config_stops_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TEST_CONFIG.read_text() + "\ninit_quantiles:\n  grid: {step: -1}\n")

@@ -128,6 +128,7 @@ def test_hd_bin_folder_errors_name_the_folder_and_the_fix(tmp_path):
         hd_bin_folder(tmp_path, 2)
 
 
+@pytest.mark.slow
 def test_dry_run_reads_the_square_folder_of_the_bin_size(tmp_path):
     """A real HD sample named by its binned_outputs/ folder: prepare reads the square of the sheet's bin size;
     a simulated one runs simulate_hd, and its report compares with the truth of its bin size."""

@@ -12,7 +12,7 @@ the type's score at spot :math:`i` is the mean over its markers, :math:`s_t^i = 
 :math:`s^i_{\max} = \max_t s_t^i`. Applied before and after correction, it shows whether the correction
 sharpens the anatomy.
 
-Marker lists live in ``resources/markers/*.tsv``: a tab-separated table with the header ``cell_type	gene``,
+Marker lists ship in ``undiffuse/markers/*.tsv``: a tab-separated table with the header ``cell_type	gene``,
 one marker per row.
 """
 
@@ -32,9 +32,6 @@ from .spatial import tissue_spots
 
 #: Columns of a marker table.
 MARKER_COLUMNS = ("cell_type", "gene")
-
-#: Folder of the marker lists shipped with the repository.
-MARKERS_DIR = Path(__file__).resolve().parents[1] / "resources" / "markers"
 
 
 def read_markers(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Workflow configuration: load a YAML config, validate it against ``config/schemas/`` and fill in defaults.
+"""Workflow configuration: load a YAML config, validate it against the package's schemas and fill in defaults.
 
 The Snakefile validates with ``snakemake.utils.validate(..., set_default=True)``; this module applies the same
 schemas the same way for the command line and for notebooks, so that ``undiffuse <step> --config FILE`` and
@@ -19,14 +19,11 @@ import jsonschema
 import yaml
 
 from .errors import ConfigError, InputError
+from .package_data import CONFIG_SCHEMA, SAMPLES_SCHEMA
 
 if TYPE_CHECKING:
     import pandas as pd
 
-#: The schemas live in the repository beside the package (``config/schemas/``).
-SCHEMA_DIR = Path(__file__).resolve().parents[1] / "config" / "schemas"
-CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
-SAMPLES_SCHEMA = SCHEMA_DIR / "samples.schema.yaml"
 
 #: Keys of the ``correct`` section that steer the workflow, not the correction itself.
 WORKFLOW_ONLY_CORRECT_KEYS = frozenset({"chunk_size", "gpu"})
@@ -274,7 +271,7 @@ def simulation_hd_options(
 @cache
 def _load_schema(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise InputError(path, "schema not found: undiffuse.config needs the repository's config/schemas/")
+        raise InputError(path, "schema not found: this undiffuse installation lacks its package data")
     return yaml.safe_load(path.read_text())
 
 

@@ -4,7 +4,7 @@ A report is built in three steps, each usable on its own:
 
 1. :func:`write_sample_metrics` evaluates ``corrected.h5ad`` (:func:`undiffuse.metrics.evaluate_sample`) and
    writes ``metrics/*.tsv`` and ``metrics/metrics.json``;
-2. :func:`execute_notebook` runs the parameterised notebook ``resources/notebooks/report.ipynb`` with
+2. :func:`execute_notebook` runs the parameterised notebook ``undiffuse/notebooks/report.ipynb`` with
    papermill in a kernel of the running interpreter, so the executed notebook is a real output;
 3. :func:`notebook_to_html` converts it to one self-contained HTML file: code hidden, figures embedded as
    base64 PNG, no script fetched from the network.
@@ -35,11 +35,7 @@ from .atomic import atomic_path
 from .errors import InputError
 from .merge import PARAMETER_COLUMNS
 from .metrics import Rediffuse
-
-#: Folder of the notebook templates shipped with the repository.
-NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "resources" / "notebooks"
-REPORT_NOTEBOOK = NOTEBOOKS_DIR / "report.ipynb"
-SUMMARY_NOTEBOOK = NOTEBOOKS_DIR / "summary.ipynb"
+from .package_data import REPORT_NOTEBOOK, SUMMARY_NOTEBOOK
 
 #: Kernel name recorded in the executed notebooks; it always runs the interpreter that builds the report.
 KERNEL_NAME = "python3"
@@ -97,7 +93,7 @@ def build_report(
     truth
         The simulator's ``truth.h5ad``, when the sample is simulated.
     markers
-        Marker table (``resources/markers/*.tsv``) for the cell-type maps.
+        Marker table (e.g. ``undiffuse/markers/*.tsv``) for the cell-type maps.
     sample
         Name shown in the report (default: the name of ``outdir``).
     rediffuse

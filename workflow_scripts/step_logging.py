@@ -1,6 +1,7 @@
-"""Shared start of the workflow scripts: the checkout's library on the path, output to the job's log file.
+"""Shared start of the workflow scripts: output to the job's log file.
 
-Snakemake puts this folder on ``sys.path`` for ``script:`` jobs, so the scripts import this module by name.
+Snakemake puts this folder on ``sys.path`` for ``script:`` jobs, so the scripts import this module by name;
+they import the undiffuse package installed in the job's environment (rules/common.smk explains).
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
-
-# The workflow runs the library of its own checkout, whatever the job's environment has installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @contextmanager
