@@ -18,7 +18,7 @@ envvars:
     "UNDIFFUSE_ROOT",
 
 
-from undiffuse.chunks import n_chunks, read_gene_list
+from undiffuse.chunks import n_chunks
 from undiffuse.config import (
     DEFAULT_BIN_SIZE_UM,
     SIMULATED_HD_INPUT,
@@ -31,6 +31,7 @@ from undiffuse.config import (
     validate_config,
 )
 from undiffuse.errors import InputError
+from undiffuse.quantiles import quantile_genes
 
 # The package's one config validator, so that errors name the config file(s) as they do from the CLI.
 CONFIG_FILES = list(dict.fromkeys(str(Path(f).resolve()) for f in workflow.configfiles))
@@ -198,7 +199,7 @@ def simulation_params(wildcards):
 def sample_chunk_count(sample):
     """Number of correct_chunk jobs of a sample, known once the checkpoint init_quantiles has run."""
     quantiles = checkpoints.init_quantiles.get(sample=sample).output.quantiles
-    return n_chunks(len(read_gene_list(quantiles)), config["correct"]["chunk_size"])
+    return n_chunks(len(quantile_genes(quantiles)), config["correct"]["chunk_size"])
 
 
 def chunk_outputs(wildcards):
