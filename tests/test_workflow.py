@@ -350,7 +350,8 @@ def test_hd_sample_runs_through_the_whole_workflow(hd_run):
     genes = corrected.var["undiffuse_corrected"].to_numpy()
     assert genes.sum() == 10
     background = ~corrected.obs["tissue"].to_numpy(dtype=bool)
-    assert corrected.layers["corrected"][background][:, genes].nnz == 0  # corrected expression stays inside the tissue
+    # Corrected expression stays inside the tissue.
+    assert corrected.layers["corrected"][background][:, genes].nnz == 0
     assert (workdir / "logs" / "benchmarks" / "hd" / "simulate_hd.tsv").is_file()
 
     # The report compares with the 8 um truth: the correction moves the counts closer to it.
