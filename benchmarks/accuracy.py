@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from previous import run_previous
 
-from undiffuse.correct import CorrectionConfig, correct, deconvolve_known_kernel
+from undiffuse.correct import CorrectionConfig, correct, deconvolve_known_kernel, parameter_table
 from undiffuse.metrics import marker_specificity, out_of_tissue_fraction, pearson, pooled_rmse
 from undiffuse.moran import scan_quantiles
 from undiffuse.ot.baseline import balanced_ot_baseline
@@ -141,10 +141,12 @@ def main() -> None:
     learned = {}
     for name, options in runs.items():
         started = time.perf_counter()
-        result = correct(adata, genes=genes, q_init=q_init, config=replace(config, **options))
+        out = correct(adata, genes=genes, q_init=q_init, config=replace(config, **options), copy=True)
         timings[name] = time.perf_counter() - started
-        figures[name] = score(result.corrected.astype(np.float64), truth, tissue, genes)
-        learned[name] = result.params
+        figures[name] = score(
+            out[:, genes].layers["corrected"].toarray().astype(np.float64), truth, tissue, genes
+        )
+        learned[name] = parameter_table(out, genes)
     if args.previous:
         options = {} if args.epochs is None else {"epochs": args.epochs}
         previous = run_previous(args.previous, root / "prepared" / "prepared.h5ad", genes, q_init, options)

@@ -19,20 +19,29 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Versions before the AnnData-first API return a result object; later ones write into the AnnData.
 _CHILD = """
 import json, resource, sys, time
 import anndata as ad, numpy as np, pandas as pd
 from undiffuse.correct import correct
 args = json.loads(sys.argv[1])
 adata = ad.read_h5ad(args["prepared"])
-q_init = pd.read_csv(args["q_init"], sep="\\t", index_col=0)["q_init"]
+q_init = pd.read_csv(args["q_init"], sep="\\t", index_col=0, keep_default_na=False)["q_init"]
 started = time.perf_counter()
 result = correct(adata, genes=args["genes"], q_init=q_init, progress=False, **args["options"])
 seconds = time.perf_counter() - started
-np.save(args["out"], result.corrected)
-result.params.to_csv(args["params"], sep="\\t")
+if result is None:
+    corrected = adata[:, args["genes"]].layers["corrected"]
+    corrected = corrected.toarray() if hasattr(corrected, "toarray") else np.asarray(corrected)
+    from undiffuse.correct import parameter_table
+    params = parameter_table(adata, args["genes"])
+    config = adata.uns["undiffuse"]["correction"]["config"]
+else:
+    corrected, params, config = result.corrected, result.params, result.config
+np.save(args["out"], corrected)
+params.to_csv(args["params"], sep="\\t")
 peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-json.dump({"seconds": seconds, "peak_rss_mb": peak_mb, "config": result.config}, open(args["timing"], "w"), default=str)
+json.dump({"seconds": seconds, "peak_rss_mb": peak_mb, "config": config}, open(args["timing"], "w"), default=str)
 """
 
 
@@ -71,7 +80,7 @@ def run_previous(
             timing = json.loads((root / "timing.json").read_text())
             return {
                 "corrected": np.load(root / "corrected.npy"),
-                "params": pd.read_csv(root / "params.tsv", sep="\t", index_col=0),
+                "params": pd.read_csv(root / "params.tsv", sep="\t", index_col=0, keep_default_na=False),
                 "seconds": timing["seconds"],
                 "peak_rss_mb": timing["peak_rss_mb"],
                 "config": timing["config"],

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from previous import run_previous
 
-from undiffuse.correct import rediffuse
+from undiffuse.correct import rediffuse, store_correction
 from undiffuse.metrics import pearson
 from undiffuse.moran import gene_morans_i, scan_quantiles
 from undiffuse.prepare import prepare_sample
@@ -57,13 +57,16 @@ def main() -> None:
     tissue = adata.obs["tissue"].to_numpy(bool)
     counts = np.asarray(adata[:, genes].X.toarray(), dtype=np.float64)
     corrected = run["corrected"].astype(np.float64)
-    # rediffuse needs the corrected layer, the learned parameters in var and the settings in uns.
+    # rediffuse reads the correction in undiffuse.correct's layout, as the child's correct() wrote it.
     subset = adata[:, genes].copy()
-    subset.layers["corrected"] = corrected.astype(np.float32)
-    subset.var = subset.var.join(run["params"], rsuffix="_learned")
-    subset.uns["correction"] = {
-        k: ("none" if v is None else v) for k, v in run["config"].items() if k != "weights"
-    }
+    store_correction(
+        subset,
+        corrected=corrected.astype(np.float32),
+        params=run["params"],
+        provenance={"layer": "corrected", "counts": "X", "config": run["config"]},
+        counts=subset.X,
+        key_added="corrected",
+    )
     again = rediffuse(subset)
     params = run["params"]
     report = {

@@ -63,15 +63,16 @@ def measure(prepared: Path, epochs: int | None) -> dict[str, float]:
     )
     before = peak_rss_mb()
     started = time.perf_counter()
-    result = correct(adata, genes=genes, config=config)
+    correct(adata, genes=genes, config=config)
     seconds = time.perf_counter() - started
     peak = peak_rss_mb()
+    resolved = adata.uns["undiffuse"]["correction"]["config"]
     return {
         "n_spots": int(adata.n_obs),
         "n_tissue_spots": int(adata.obs["in_tissue"].sum()),
         "n_genes": len(genes),
-        "cutoff_pitches": float(result.config["cutoff"]),
-        "epochs": int(result.config["epochs"]),
+        "cutoff_pitches": float(resolved["cutoff"]),
+        "epochs": int(resolved["epochs"]),
         "seconds": seconds,
         "peak_rss_mb": peak,
         "peak_rss_before_correct_mb": before,

@@ -24,7 +24,7 @@ except ImportError as err:
         f"the environment running snakemake has no undiffuse package ({err}): "
         f'install it with `pip install -e "{workflow.basedir}[workflow]"` (or `make setup` in the checkout)'
     ) from None
-from undiffuse.chunks import n_chunks, read_quantile_genes
+from undiffuse.chunks import n_chunks
 from undiffuse.config import (
     DEFAULT_BIN_SIZE_UM,
     SIMULATED_HD_INPUT,
@@ -38,6 +38,7 @@ from undiffuse.config import (
 )
 from undiffuse.errors import InputError
 from undiffuse.io.visium_hd import folder_bin_size
+from undiffuse.quantiles import quantile_genes
 
 # The package's one config validator, so that errors name the config file(s) as they do from the CLI.
 CONFIG_FILES = list(dict.fromkeys(str(Path(f).resolve()) for f in workflow.configfiles))
@@ -234,9 +235,7 @@ def simulation_params(wildcards):
 def sample_chunk_count(sample):
     """Number of correct_chunk jobs of a sample, known once the checkpoint init_quantiles has run."""
     quantiles = checkpoints.init_quantiles.get(sample=sample).output.quantiles
-    return n_chunks(
-        len(read_quantile_genes(quantiles)), config["correct"]["chunk_size"]
-    )
+    return n_chunks(len(quantile_genes(quantiles)), config["correct"]["chunk_size"])
 
 
 def chunk_outputs(wildcards):

@@ -26,9 +26,7 @@ rule report:
     key figures of one sample."""
     input:
         corrected=f"{RESULTS}/{{sample}}/corrected.h5ad",
-        prepared=f"{RESULTS}/{{sample}}/prepared.h5ad",
         qc=f"{RESULTS}/{{sample}}/qc/qc.json",
-        quantiles=f"{RESULTS}/{{sample}}/quantiles.tsv",
         truth=truth_file,
         markers=lambda wildcards: REPORT_MARKERS[wildcards.sample],
         template=REPORT_TEMPLATE,

@@ -10,7 +10,7 @@ SPATIALDATA_TARGETS = (
 
 
 rule spatialdata:
-    """corrected.zarr: the corrected table (raw counts in layer counts), the spots, the H&E images and, when
+    """corrected.zarr: the corrected table (raw counts in X, corrected values in layer corrected), the spots, the H&E images and, when
     rule superres is on, the super-resolved maps as images."""
     input:
         corrected=f"{RESULTS}/{{sample}}/corrected.h5ad",

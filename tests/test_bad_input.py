@@ -226,12 +226,12 @@ def test_fullres_image_of_another_size(outs, tmp_path):
 
 @pytest.mark.slow
 def test_failure_while_writing_leaves_nothing(outs, tmp_path, monkeypatch):
-    import undiffuse.prepare as prepare_module
+    from anndata import AnnData
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(prepare_module.AnnData, "write_h5ad", broken)
+    monkeypatch.setattr(AnnData, "write_h5ad", broken)
     outdir = tmp_path / "results" / "sample"
     with pytest.raises(OSError, match="disk full"):
         prepare_sample(outs, outdir, min_counts=1)
@@ -282,17 +282,17 @@ def test_correct_passes_a_failed_gene_through_and_removes_stale_leftovers(
     """A gene whose correction is not finite keeps its raw counts (never zeroed) and is reported."""
     import anndata as ad
 
-    import undiffuse.correct as correct_module
+    from undiffuse.trainer import KernelTrainer
 
     prepared = prepare_sample(outs, tmp_path / "prepared", min_counts=1)
-    real_correct = correct_module.correct
+    real_final = KernelTrainer.final
 
-    def failing_first_gene(*args, **kwargs):
-        result = real_correct(*args, **kwargs)
-        result.corrected[:, 0] = np.nan
-        return result
+    def failing_first_gene(self, *args, **kwargs):
+        field, table, profile = real_final(self, *args, **kwargs)
+        field[:, 0] = float("nan")
+        return field, table, profile
 
-    monkeypatch.setattr(correct_module, "correct", failing_first_gene)
+    monkeypatch.setattr(KernelTrainer, "final", failing_first_gene)
     config = tmp_path / "config.yaml"
     config.write_text(FAST_CORRECTION)
     output = tmp_path / "corrected.h5ad"
@@ -305,9 +305,9 @@ def test_correct_passes_a_failed_gene_through_and_removes_stale_leftovers(
     assert f"({genes[0]})" in err and "passed through uncorrected" in err
     corrected = ad.read_h5ad(output)
     raw = prepared[:, genes[0]].X.toarray().ravel()
-    np.testing.assert_array_equal(np.asarray(corrected[:, genes[0]].X).ravel(), raw)
-    assert raw.sum() > 0 and np.isfinite(np.asarray(corrected.X)).all()
-    assert corrected.var["passed_through"].tolist() == [True, False]
+    np.testing.assert_array_equal(corrected[:, genes[0]].layers["corrected"].toarray().ravel(), raw)
+    assert raw.sum() > 0 and np.isfinite(corrected.layers["corrected"].data).all()
+    assert corrected.var.loc[genes, "undiffuse_corrected"].tolist() == [False, True]
     assert not stale.exists()
 
 

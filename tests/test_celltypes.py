@@ -66,10 +66,10 @@ def toy_sample() -> AnnData:
     raw.loc["bg"] = [40.0, 40.0, 40.0]
     obs = pd.DataFrame({"tissue": [True] * 6 + [False]}, index=corrected.index)
     return AnnData(
-        X=corrected.to_numpy(),
+        X=sp.csr_matrix(raw.to_numpy()),
         obs=obs,
         var=pd.DataFrame(index=TOY.columns),
-        layers={"counts": sp.csr_matrix(raw.to_numpy()), "corrected": corrected.to_numpy()},
+        layers={"corrected": corrected.to_numpy()},
     )
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from undiffuse.chunks import chunk_bounds, chunk_genes, n_chunks, read_quantile_genes, split_genes
+from undiffuse.chunks import chunk_bounds, chunk_genes, n_chunks, split_genes
 from undiffuse.errors import InputError
+from undiffuse.quantiles import quantile_genes, read_quantile_table
 
 GENES = [f"gene{k:03d}" for k in range(23)]
 
@@ -41,26 +42,37 @@ def test_edge_cases_and_errors():
         split_genes(["a", "b", "a"], 2)
 
 
-def test_read_quantile_genes_keeps_file_order_and_odd_names(tmp_path):
+def test_quantile_table_reader_keeps_file_order_and_odd_names(tmp_path):
+    """The one reader of quantiles.tsv: the Snakefile's gene count and the jobs' table agree, and a gene called
+    NA or nan stays a name."""
     path = tmp_path / "quantiles.tsv"
     path.write_text(
         "gene\tq_init\tmoran_at_q_init\tmoran_raw\nNA\t0.1\t0.5\t0.4\nnan\t0\t0.2\t0.2\nActb\t0\t0.1\t0.1\n"
     )
-    assert read_quantile_genes(path) == ["NA", "nan", "Actb"]
+    assert quantile_genes(path) == ["NA", "nan", "Actb"]
+    table = read_quantile_table(path)
+    assert table.index.tolist() == ["NA", "nan", "Actb"]
+    assert table.loc["NA", "moran_at_q_init"] == 0.5
     (tmp_path / "bad.tsv").write_text("name\tq_init\nA\t0\n")
-    with pytest.raises(InputError, match="no 'gene' column"):
-        read_quantile_genes(tmp_path / "bad.tsv")
+    with pytest.raises(InputError, match="missing columns"):
+        quantile_genes(tmp_path / "bad.tsv")
+    (tmp_path / "twice.tsv").write_text("gene\tq_init\tmoran_at_q_init\tmoran_raw\nA\t0\t0\t0\nA\t0\t0\t0\n")
+    with pytest.raises(InputError, match="twice"):
+        quantile_genes(tmp_path / "twice.tsv")
+    (tmp_path / "text.tsv").write_text("gene\tq_init\tmoran_at_q_init\tmoran_raw\nA\thigh\t0\t0\n")
+    with pytest.raises(InputError, match="not a number"):
+        read_quantile_table(tmp_path / "text.tsv")
 
 
-def test_chunks_module_needs_only_the_standard_library():
+@pytest.mark.parametrize("module", ["chunks", "quantiles"])
+def test_module_needs_only_the_standard_library(module):
     # The Snakefile imports it at start-up, where only snakemake's own dependencies can be relied on.
     import ast
+    import importlib
     import sys
     from pathlib import Path
 
-    import undiffuse.chunks
-
-    tree = ast.parse(Path(undiffuse.chunks.__file__).read_text())
+    tree = ast.parse(Path(importlib.import_module(f"undiffuse.{module}").__file__).read_text())
     top_level = {
         (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else alias.name.split(".")[0]
         for node in tree.body

@@ -9,10 +9,18 @@ import scipy.sparse as sp
 import torch
 from conftest import hex_sample, mean_pearson, tissue_rmse
 
-from undiffuse.correct import CorrectionConfig, _geometry, correct, rediffuse
+from undiffuse import __version__
+from undiffuse.correct import (
+    PARAMETER_COLUMNS,
+    CorrectionConfig,
+    _geometry,
+    correct,
+    parameter_table,
+    rediffuse,
+)
 from undiffuse.errors import ConfigError, InputError
-from undiffuse.merge import PARAMETER_COLUMNS
 from undiffuse.ot.baseline import balanced_ot_baseline
+from undiffuse.ot.cost import N_RADIAL_BASIS
 from undiffuse.trainer import KernelTrainer
 
 FAST = dict(epochs=8, em_iterations=30, progress=False)
@@ -54,37 +62,75 @@ def test_image_loss_gradient_reaches_q(toy):
     assert torch.isfinite(batch.q_logit.grad).all() and batch.q_logit.grad.abs().sum() > 0
 
 
+def corrected_values(adata, genes=None, layer="corrected"):
+    """Dense ``(N, g)`` values of a layer that correct() wrote."""
+    view = adata if genes is None else adata[:, list(genes)]
+    values = view.layers[layer]
+    return values.toarray() if sp.issparse(values) else np.asarray(values)
+
+
 @pytest.mark.slow
 def test_deconvolve_improves_on_raw_and_keeps_totals(toy):
     adata, truth = toy
-    result = correct(adata, epochs=30, progress=False)
+    out = correct(adata, epochs=30, progress=False, copy=True)
+    corrected = corrected_values(out)
     counts = adata.X.toarray()
     tissue = adata.obs["in_tissue"].to_numpy()
-    assert tissue_rmse(result.corrected, truth, tissue) < 0.8 * tissue_rmse(counts, truth, tissue)
-    assert mean_pearson(result.corrected, truth, tissue) >= mean_pearson(counts, truth, tissue) - 0.01
-    np.testing.assert_allclose(result.corrected.sum(0), counts.sum(0), rtol=1e-4)
-    assert result.corrected[~tissue].sum() == 0
-    assert np.isfinite(result.corrected).all()
-    assert set(result.loss_history.columns) == {
-        "epoch",
-        "total",
-        "image",
-        "out_of_tissue",
-        "moran",
-        "poisson",
-    }
-    assert len(result.loss_history) == 30
-    assert result.loss_history["poisson"].iloc[-1] < result.loss_history["poisson"].iloc[0]
+    assert tissue_rmse(corrected, truth, tissue) < 0.8 * tissue_rmse(counts, truth, tissue)
+    assert mean_pearson(corrected, truth, tissue) >= mean_pearson(counts, truth, tissue) - 0.01
+    np.testing.assert_allclose(corrected.sum(0), counts.sum(0), rtol=1e-4)
+    assert corrected[~tissue].sum() == 0
+    assert np.isfinite(corrected).all()
+    history = out.uns["undiffuse"]["correction"]["loss_history"]
+    assert set(history.columns) == {"epoch", "total", "image", "out_of_tissue", "moran", "poisson"}
+    assert len(history) == 30
+    assert history["poisson"].iloc[-1] < history["poisson"].iloc[0]
+
+
+@pytest.mark.slow
+def test_writes_into_adata_in_scanpy_conventions(toy):
+    """layers[key_added] holds every gene (the uncorrected ones raw), var/varm/uns the parameters and the
+    provenance; copy=True leaves the input as it was; layer= reads the counts from a layer."""
+    adata, _ = toy
+    given = adata.copy()
+    genes = list(adata.var_names[:2])
+    out = correct(given, genes=genes, key_added="fixed", copy=True, **FAST)
+    assert "fixed" not in given.layers and "undiffuse_corrected" not in given.var
+    assert out.shape == adata.shape
+    fixed = corrected_values(out, layer="fixed")
+    counts = adata.X.toarray()
+    np.testing.assert_array_equal(fixed[:, 2:], counts[:, 2:])
+    assert not np.allclose(fixed[:, :2], counts[:, :2])
+    np.testing.assert_array_equal(out.X.toarray(), counts)  # X keeps the raw counts
+    assert out.var["undiffuse_corrected"].tolist() == [True, True] + [False] * (adata.n_vars - 2)
+    assert (out.var.loc[genes, "undiffuse_r"] > 0).all()
+    assert (out.var.iloc[2:][[f"undiffuse_{name}" for name in PARAMETER_COLUMNS]] == 0).all().all()
+    assert out.varm["undiffuse_phi"].shape == (adata.n_vars, N_RADIAL_BASIS + 1)
+    provenance = out.uns["undiffuse"]["correction"]
+    assert provenance["layer"] == "fixed" and provenance["counts"] == "X"
+    assert provenance["version"] == __version__
+    assert provenance["config"]["operator"] in ("lattice", "pairs")
+    assert {"distance", "weight", "q25", "q75"} <= set(provenance["kernel_profile"].columns)
+    table = parameter_table(out, genes)
+    assert list(table.columns[: len(PARAMETER_COLUMNS)]) == list(PARAMETER_COLUMNS)
+    assert table["corrected"].all()
+
+    layered = adata.copy()
+    layered.layers["raw"] = layered.X.copy()
+    layered.X = sp.csr_matrix(layered.X.shape, dtype=np.float32)
+    assert correct(layered, layer="raw", genes=genes, **FAST) is None
+    np.testing.assert_array_equal(corrected_values(layered), fixed)
+    assert layered.uns["undiffuse"]["correction"]["counts"] == "raw"
 
 
 @pytest.mark.slow
 def test_result_does_not_depend_on_batching(toy):
     adata, _ = toy
-    together = correct(adata, **FAST, batch_genes=6)
-    split = correct(adata, **FAST, batch_genes=4)
-    np.testing.assert_allclose(together.corrected, split.corrected, rtol=1e-4, atol=1e-3)
-    alone = correct(adata, genes=["gene3"], **FAST)
-    np.testing.assert_allclose(alone.corrected[:, 0], together.corrected[:, 3], rtol=1e-4, atol=1e-3)
+    together = corrected_values(correct(adata, **FAST, batch_genes=6, copy=True))
+    split = corrected_values(correct(adata, **FAST, batch_genes=4, copy=True))
+    np.testing.assert_allclose(together, split, rtol=1e-4, atol=1e-3)
+    alone = corrected_values(correct(adata, genes=["gene3"], **FAST, copy=True), ["gene3"])
+    np.testing.assert_allclose(alone[:, 0], together[:, 3], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -92,21 +138,22 @@ def test_training_on_a_window_deconvolves_the_whole_slide(toy):
     """A kernel learned on a window around the tissue boundary corrects every spot, keeps totals and
     confinement, and improves on the raw counts."""
     adata, truth = toy
-    result = correct(adata, **FAST, train_spots=150)
-    assert result.config["trained_on_spots"] < adata.n_obs
+    out = correct(adata, **FAST, train_spots=150, copy=True)
+    assert out.uns["undiffuse"]["correction"]["config"]["trained_on_spots"] < adata.n_obs
+    corrected = corrected_values(out)
     counts = adata.X.toarray()
     tissue = adata.obs["in_tissue"].to_numpy()
-    np.testing.assert_allclose(result.corrected.sum(0), counts.sum(0), rtol=1e-4)
-    assert result.corrected[~tissue].sum() == 0
-    assert tissue_rmse(result.corrected, truth, tissue) < tissue_rmse(counts, truth, tissue)
+    np.testing.assert_allclose(corrected.sum(0), counts.sum(0), rtol=1e-4)
+    assert corrected[~tissue].sum() == 0
+    assert tissue_rmse(corrected, truth, tissue) < tissue_rmse(counts, truth, tissue)
 
 
 @pytest.mark.slow
 def test_same_seed_same_result(toy):
     adata, _ = toy
-    first = correct(adata, **FAST)
-    second = correct(adata, **FAST)
-    np.testing.assert_array_equal(first.corrected, second.corrected)
+    first = corrected_values(correct(adata, **FAST, copy=True))
+    second = corrected_values(correct(adata, **FAST, copy=True))
+    np.testing.assert_array_equal(first, second)
 
 
 @pytest.mark.slow
@@ -132,28 +179,25 @@ def test_robust_to_zero_genes_huge_counts_and_tiny_r():
     counts[:, 0] = 0
     counts[:, 1] *= 1e5
     adata.X = sp.csr_matrix(counts)
-    result = correct(adata, **FAST, r_init=1e-6)
-    assert np.isfinite(result.corrected).all()
-    assert np.isfinite(result.params.to_numpy(dtype=float)).all()
-    assert result.corrected[:, 0].sum() == 0
-    np.testing.assert_allclose(result.corrected[:, 1].sum(), counts[:, 1].sum(), rtol=1e-3)
+    correct(adata, **FAST, r_init=1e-6)
+    corrected = corrected_values(adata)
+    assert np.isfinite(corrected).all()
+    assert np.isfinite(parameter_table(adata).drop(columns="corrected").to_numpy(dtype=float)).all()
+    assert corrected[:, 0].sum() == 0
+    np.testing.assert_allclose(corrected[:, 1].sum(), counts[:, 1].sum(), rtol=1e-3)
 
 
 @pytest.mark.slow
-def test_to_anndata_and_rediffuse(toy):
+def test_rediffuse_explains_the_observation(toy):
     adata, _ = toy
-    result = correct(adata, **FAST)
-    out = result.to_anndata(adata)
-    assert out.shape == (adata.n_obs, adata.n_vars)
-    np.testing.assert_array_equal(out.layers["counts"], adata.X.toarray())
-    np.testing.assert_array_equal(out.layers["corrected"], result.corrected)
-    assert set(PARAMETER_COLUMNS) <= set(out.var.columns)
+    out = correct(adata, **FAST, copy=True)
     again = rediffuse(out)
+    corrected = corrected_values(out)
     assert again.shape == out.shape
-    np.testing.assert_allclose(again.sum(0), out.X.sum(0), rtol=1e-5)
+    np.testing.assert_allclose(again.sum(0), corrected.sum(0), rtol=1e-5)
     # Re-applying the learned diffusion explains the observations better than the corrected field does.
     observed = adata.X.toarray()
-    assert np.abs(again - observed).sum() < np.abs(out.X - observed).sum()
+    assert np.abs(again - observed).sum() < np.abs(corrected - observed).sum()
 
 
 def test_bad_options_and_inputs(toy):
@@ -183,7 +227,7 @@ def test_cuda_device_runs_where_there_is_one_and_is_refused_elsewhere(toy):
 
 @pytest.mark.slow
 def test_cli_prepares_raw_input_then_corrects(tiny_sample, tmp_path):
-    """`undiffuse correct` accepts a Space Ranger folder and writes counts and corrected layers."""
+    """`undiffuse correct` accepts a Space Ranger folder and writes the prepared sample with its correction."""
     import anndata as ad
 
     from undiffuse.cli import main
@@ -192,12 +236,12 @@ def test_cli_prepares_raw_input_then_corrects(tiny_sample, tmp_path):
     status = main(["correct", str(tiny_sample / "outs"), str(out), "--epochs", "2", "--quiet"])
     assert status == 0
     corrected = ad.read_h5ad(out)
-    assert {"counts", "corrected"} <= set(corrected.layers)
-    values, counts = np.asarray(corrected.layers["corrected"]), np.asarray(corrected.layers["counts"])
+    selected = corrected.var["selected"].to_numpy(bool)
+    assert corrected.var["undiffuse_corrected"].to_numpy(bool).tolist() == selected.tolist()
+    values = corrected_values(corrected)
+    raw = corrected.X.toarray()
     assert np.isfinite(values).all()
-    # Every gene keeps its total, and molecules move from background spots back into the tissue.
-    np.testing.assert_allclose(values.sum(axis=0), counts.sum(axis=0), rtol=1e-3)
-    background = ~corrected.obs["in_tissue"].to_numpy()
-    assert values[background].sum() < 0.5 * counts[background].sum()
+    np.testing.assert_array_equal(values[:, ~selected], raw[:, ~selected])
+    assert not np.allclose(values[:, selected], raw[:, selected])
     assert main(["correct", str(tmp_path / "missing"), str(tmp_path / "x.h5ad")]) == 2
     assert not (tmp_path / "x.h5ad").exists()

@@ -136,10 +136,10 @@ def known_kernel_sample(n_rows: int = 14, n_cols: int = 12) -> tuple[AnnData, An
         {"in_tissue": tissue, "tissue": tissue, "array_row": rows, "array_col": cols}, index=barcodes
     )
     corrected = AnnData(
-        X=corrected_field.astype(np.float32),
+        X=sp.csr_matrix(observed),
         obs=obs,
-        var=pd.DataFrame({"passed_through": passed}, index=genes),
-        layers={"counts": sp.csr_matrix(observed), "corrected": corrected_field},
+        var=pd.DataFrame({"undiffuse_corrected": ~passed}, index=genes),
+        layers={"corrected": corrected_field},
         obsm={"spatial": pitch_xy * 100.0},
     )
     corrected.uns["undiffuse"] = {"sample_id": "known", "spot_pitch_px": 100.0}
@@ -196,7 +196,7 @@ def test_evaluate_sample_truth_metrics(known_sample):
         table.loc[["left_a", "left_b", "right_a"], "pearson_corrected"], 1.0, atol=1e-6
     )
     tissue = corrected.obs["tissue"].to_numpy()
-    raw = corrected.layers["counts"].toarray()[tissue]
+    raw = corrected.X.toarray()[tissue]
     expected = metrics.rmse(raw, truth.X[tissue])
     np.testing.assert_allclose(table["rmse_raw"], expected, rtol=1e-6)
     assert summary_value(tables, "truth_rmse", "raw") == pytest.approx(
@@ -245,7 +245,7 @@ def test_evaluate_sample_before_after_tables(known_sample):
     corrected, _, tables = known_sample
     genes = tables["genes"]
     tissue = corrected.obs["tissue"].to_numpy()
-    raw = corrected.layers["counts"].toarray()
+    raw = corrected.X.toarray()
     np.testing.assert_allclose(genes["out_of_tissue_raw"], metrics.out_of_tissue_fraction(raw, tissue))
     np.testing.assert_allclose(
         genes["out_of_tissue_corrected"], [0, 0, 0, 0, genes["out_of_tissue_raw"]["pass"]]
@@ -268,11 +268,22 @@ def test_evaluate_sample_cell_types_against_the_regions(known_sample):
     assert summary_value(tables, "cell_type_accuracy", "corrected") == 1.0
 
 
+def test_evaluate_sample_reads_morans_i_the_merge_stored():
+    """Moran's I is computed once, by the merge: the metrics read it from var instead of computing it again."""
+    corrected, _, _ = known_kernel_sample(8, 8)
+    corrected.var["undiffuse_moran_raw"] = np.arange(5.0)
+    corrected.var["undiffuse_moran_corrected"] = np.arange(5.0) + 10
+    tables = metrics.evaluate_sample(corrected, rediffuse=lambda a: np.asarray(a.layers["corrected"]))
+    np.testing.assert_array_equal(tables["genes"]["moran_raw"], np.arange(5.0))
+    np.testing.assert_array_equal(tables["genes"]["moran_corrected"], np.arange(5.0) + 10)
+    assert summary_value(tables, "moran_i_mean", "corrected") == pytest.approx(11.5)
+
+
 def test_evaluate_sample_without_the_learned_model_notes_the_gap():
     corrected, _, _ = known_kernel_sample(8, 8)
 
     def incomplete_model(adata: AnnData) -> np.ndarray:
-        return adata.uns["correction"]  # what correct.rediffuse needs and a bare AnnData lacks
+        return adata.uns["undiffuse"]["correction"]  # what correct.rediffuse needs and a bare AnnData lacks
 
     with pytest.warns(UserWarning, match="consistency"):
         tables = metrics.evaluate_sample(corrected, rediffuse=incomplete_model)

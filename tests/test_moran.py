@@ -17,11 +17,10 @@ from undiffuse.moran import (
     morans_i,
     morans_i_numpy,
     quantile_grid,
-    read_quantile_table,
     scan_quantiles,
     spatial_weights,
-    write_quantile_table,
 )
+from undiffuse.quantiles import read_quantile_table, write_quantile_table
 
 
 def path_weights(n: int) -> SpatialWeights:

@@ -35,7 +35,7 @@ MARKER_OF = ["cortex", "cortex", "white_matter", "white_matter", "ventricle", ""
 
 
 def write_sample(root: Path, *, seed: int = 0, n_rows: int = 20, n_cols: int = 18):
-    """Write corrected.h5ad, prepared.h5ad, qc/, quantiles.tsv, truth.h5ad and markers.tsv, as the workflow.
+    """Write corrected.h5ad, qc/, truth.h5ad and markers.tsv, as the workflow.
 
     The raw counts are Poisson draws of the truth diffused with a known kernel; the correction is the truth
     rescaled plus noise. Returns ``root`` and the re-diffusion with the known kernel.
@@ -99,28 +99,30 @@ def write_sample(root: Path, *, seed: int = 0, n_rows: int = 20, n_cols: int = 1
     var = pd.DataFrame(
         {
             "selected": ~passed,
-            "q_init": rng.uniform(0, 0.9, len(GENES)),
-            "q": rng.uniform(0, 0.9, len(GENES)),
-            "r": rng.uniform(0.5, 2, len(GENES)),
-            "diffusion_length": np.where(passed, 0.0, rng.uniform(1, 3, len(GENES))),
-            "bleed": np.where(passed, 0.0, BLEED),
-            "distal": np.where(passed, 0.0, DISTAL),
-            "passed_through": passed,
+            "undiffuse_q_init": np.where(passed, 0.0, 0.5),
+            "undiffuse_q": rng.uniform(0, 0.9, len(GENES)),
+            "undiffuse_r": rng.uniform(0.5, 2, len(GENES)),
+            "undiffuse_diffusion_length": np.where(passed, 0.0, rng.uniform(1, 3, len(GENES))),
+            "undiffuse_bleed": np.where(passed, 0.0, BLEED),
+            "undiffuse_distal": np.where(passed, 0.0, DISTAL),
+            "undiffuse_corrected": ~passed,
+            "undiffuse_moran_at_q_init": np.where(passed, 0.0, 0.6),
+            "undiffuse_moran_raw": rng.uniform(0.2, 0.5, len(GENES)),
+            "undiffuse_moran_corrected": rng.uniform(0.4, 0.7, len(GENES)),
         },
         index=GENES,
     )
+    correction = {"layer": "corrected", "loss_history": loss, "kernel_profile": kernel}
     adata = AnnData(
-        X=sp.csr_matrix(corrected.astype(np.float32)),
+        X=sp.csr_matrix(counts),
         obs=obs,
         var=var,
         obsm={"spatial": xy},
-        layers={"counts": sp.csr_matrix(counts), "corrected": sp.csr_matrix(corrected.astype(np.float32))},
-        uns={**uns, "loss_history": loss, "kernel_profile": kernel},
+        layers={"corrected": sp.csr_matrix(corrected.astype(np.float32))},
+        uns={**uns, "undiffuse": {**uns["undiffuse"], "correction": correction}},
     )
     root.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(root / "corrected.h5ad")
-    prepared = AnnData(X=sp.csr_matrix(counts), obs=obs, var=var[["selected"]], obsm={"spatial": xy}, uns=uns)
-    prepared.write_h5ad(root / "prepared.h5ad")
     AnnData(
         X=truth.astype(np.float32),
         obs=pd.DataFrame({"domain": domain}, index=barcodes),
@@ -133,15 +135,6 @@ def write_sample(root: Path, *, seed: int = 0, n_rows: int = 20, n_cols: int = 1
         fig = Figure(figsize=(3, 2))
         fig.subplots().plot([0, 1], [1, 0])
         fig.savefig(qc / name)
-    selected = [gene for gene, kept in zip(GENES, ~passed, strict=True) if kept]
-    pd.DataFrame(
-        {
-            "gene": selected,
-            "q_init": 0.5,
-            "moran_at_q_init": 0.6,
-            "moran_raw": rng.uniform(0.2, 0.5, len(selected)),
-        }
-    ).to_csv(root / "quantiles.tsv", sep="\t", index=False)
     markers = pd.DataFrame(
         {
             "cell_type": [m for m in MARKER_OF if m],
@@ -165,9 +158,7 @@ def built(tmp_path_factory):
     outputs = report.build_report(
         inputs / "corrected.h5ad",
         base / "results" / "sim",
-        prepared=inputs / "prepared.h5ad",
         qc_dir=inputs / "qc",
-        quantiles=inputs / "quantiles.tsv",
         truth=inputs / "truth.h5ad",
         markers=inputs / "markers.tsv",
         sample="sim",
@@ -369,7 +360,7 @@ def test_report_of_a_missing_file_fails_cleanly(tmp_path, capsys):
 def test_report_rejects_a_file_that_is_not_a_corrected_sample(tmp_path):
     path = tmp_path / "prepared.h5ad"
     AnnData(X=np.ones((3, 2)), obs=pd.DataFrame(index=["a", "b", "c"])).write_h5ad(path)
-    with pytest.raises(InputError, match=r"missing layers\['counts'\]"):
+    with pytest.raises(InputError, match=r"missing layers\['corrected'\]"):
         report.build_report(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -465,10 +456,10 @@ def test_kernel_figure_draws_lengths_in_microns_with_the_pitch():
 
 def test_report_inputs_give_diffusion_lengths_in_microns(tmp_path):
     adata, _ = hd_bins()
-    adata.layers["counts"] = adata.X.copy()
-    adata.var["passed_through"] = False
-    adata.var["diffusion_length"] = 1.5
-    adata.var["bleed"] = 0.3
+    adata.layers["corrected"] = adata.X.copy()
+    adata.var["undiffuse_corrected"] = True
+    adata.var["undiffuse_diffusion_length"] = 1.5
+    adata.var["undiffuse_bleed"] = 0.3
     inputs = report.ReportInputs(sample="hd", corrected=adata, metrics={})
     assert inputs.pitch_um() == 8.0
     table = inputs.diffusion_lengths_um()

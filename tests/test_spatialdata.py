@@ -131,15 +131,11 @@ def test_bad_inputs_are_one_line_errors_naming_the_path(tmp_path, shared_data):
 
 @pytest.fixture(scope="module")
 def corrected_file(tmp_path_factory, shared_data):
-    """A corrected.h5ad of the real sample in merge's layout: X the corrected values, raw counts in layer
-    counts. The values are the raw counts scaled per gene, which is all the writer needs: it must copy them."""
+    """A corrected.h5ad of the real sample in merge's layout: X the raw counts, the corrected values in layer
+    corrected. The values are the raw counts scaled per gene, which is all the writer needs: it must copy them."""
     adata = read_sample(shared_data / REAL / "outs")
-    counts = adata.X.copy()
     scale = np.linspace(0.5, 1.0, adata.n_vars, dtype=np.float32)
-    corrected = sp.csr_matrix(counts.multiply(scale[None, :]), dtype=np.float32)
-    adata.X = corrected
-    adata.layers["counts"] = counts
-    adata.layers["corrected"] = corrected.copy()
+    adata.layers["corrected"] = sp.csr_matrix(adata.X.multiply(scale[None, :]), dtype=np.float32)
     adata.obs["tissue"] = adata.obs["in_tissue"].to_numpy(bool)
     path = tmp_path_factory.mktemp("corrected") / "corrected.h5ad"
     adata.write_h5ad(path)
@@ -174,9 +170,7 @@ def test_store_table_equals_corrected_h5ad(store, corrected_file):
     assert set(table.layers) == set(corrected.layers)
     for name in corrected.layers:
         np.testing.assert_array_equal(dense(table.layers[name]), dense(corrected.layers[name]), err_msg=name)
-    np.testing.assert_array_equal(
-        dense(table.layers["counts"]), dense(read_sample(corrected.uns["undiffuse"]["source"]).X)
-    )
+    np.testing.assert_array_equal(dense(table.X), dense(read_sample(corrected.uns["undiffuse"]["source"]).X))
     np.testing.assert_array_equal(table.obsm["spatial"], corrected.obsm["spatial"])
     for column in corrected.obs.columns:
         np.testing.assert_array_equal(table.obs[column].to_numpy(), corrected.obs[column].to_numpy())
@@ -250,25 +244,23 @@ def test_spatialdata_plot_draws_the_store_as_it_is(store, corrected_file):
     table = sdata.tables[TABLE]
     gene = table.var_names[0]
     fig, ax = plt.subplots()
-    sdata.pl.render_shapes(sample_id, color=gene, table_layer="counts").pl.show(
-        coordinate_systems=sample_id, ax=ax
-    )
+    sdata.pl.render_shapes(sample_id, color=gene).pl.show(coordinate_systems=sample_id, ax=ax)
     (patches,) = ax.collections
     assert len(patches.get_paths()) == table.n_obs
     # viridis's green channel rises with the value: the spots are coloured by their raw counts, in order.
     green = patches.get_facecolor()[:, 1]
-    counts = dense(table[:, gene].layers["counts"]).ravel()
+    counts = dense(table[:, gene].X).ravel()
     assert spearmanr(green, counts).statistic > 0.99
     plt.close(fig)
 
 
 @pytest.mark.realdata
-def test_writer_refuses_a_table_without_raw_counts(tmp_path, shared_data):
+def test_writer_refuses_a_table_without_the_corrected_layer(tmp_path, shared_data):
     adata = read_sample(shared_data / REAL / "outs")
     source = tmp_path / "corrected.h5ad"
     with pytest.raises(InputError) as raised:
         write_spatialdata(adata, tmp_path / "corrected.zarr", source=source)
-    assert str(raised.value).startswith(f"{source}: has no layer 'counts' with the raw counts")
+    assert str(raised.value).startswith(f"{source}: has no layer 'corrected' with the corrected values")
     assert not (tmp_path / "corrected.zarr").exists()
 
 
@@ -322,7 +314,7 @@ def test_rule_writes_a_store_whose_table_equals_corrected_h5ad(tmp_path, correct
     table = sdata.tables[TABLE]
     assert table.obs_names.equals(corrected.obs_names) and table.var_names.equals(corrected.var_names)
     np.testing.assert_array_equal(dense(table.X), dense(corrected.X))
-    np.testing.assert_array_equal(dense(table.layers["counts"]), dense(corrected.layers["counts"]))
+    np.testing.assert_array_equal(dense(table.layers["corrected"]), dense(corrected.layers["corrected"]))
     np.testing.assert_array_equal(table.obsm["spatial"], corrected.obsm["spatial"])
     sample_id = corrected.uns["undiffuse"]["sample_id"]
     assert f"{sample_id}_superres_2x" in sdata.images and f"{sample_id}_lowres_image" in sdata.images

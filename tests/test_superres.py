@@ -280,7 +280,6 @@ def test_report_figures_and_most_changed_genes(result_5x, tmp_path):
 
     adata, result = result_5x
     changed = adata.copy()
-    changed.layers["counts"] = adata.X.toarray()
     moved = adata.X.toarray()
     moved[:, 2] *= 3.0
     changed.layers["corrected"] = moved

@@ -22,21 +22,24 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from undiffuse.quantiles import read_quantile_table
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO / "config" / "test" / "config.yaml"
 SAMPLES = ("alpha", "beta")
 #: Every var column merge adds, on top of prepare's.
 MERGED_VAR_COLUMNS = (
-    "q_init",
-    "q",
-    "r",
-    "diffusion_length",
-    "bleed",
-    "distal",
-    "prior_strength",
-    "moran_before",
-    "moran_after",
-    "passed_through",
+    "undiffuse_q_init",
+    "undiffuse_q",
+    "undiffuse_r",
+    "undiffuse_diffusion_length",
+    "undiffuse_bleed",
+    "undiffuse_distal",
+    "undiffuse_prior_strength",
+    "undiffuse_corrected",
+    "undiffuse_moran_raw",
+    "undiffuse_moran_at_q_init",
+    "undiffuse_moran_corrected",
 )
 
 
@@ -180,18 +183,24 @@ def test_two_samples_run_end_to_end(workflow_run):
         folder = workflow_run / "results" / sample
         corrected = ad.read_h5ad(folder / "corrected.h5ad")
         prepared = ad.read_h5ad(folder / "prepared.h5ad")
-        quantiles = pd.read_csv(folder / "quantiles.tsv", sep="\t")
+        quantiles = read_quantile_table(folder / "quantiles.tsv")
         assert corrected.obs_names.equals(prepared.obs_names) and corrected.var_names.equals(
             prepared.var_names
         )
         assert set(MERGED_VAR_COLUMNS) <= set(corrected.var.columns)
-        assert {"counts", "corrected"} <= set(corrected.layers)
-        assert np.isfinite(corrected.X.data).all() and np.isfinite(corrected.layers["corrected"].data).all()
-        corrected_genes = corrected.var_names[~corrected.var["passed_through"].to_numpy()]
-        assert sorted(corrected_genes) == sorted(quantiles["gene"])
+        assert set(corrected.layers) == {"corrected"}
+        assert np.isfinite(corrected.layers["corrected"].data).all()
+        corrected_genes = corrected.var_names[corrected.var["undiffuse_corrected"].to_numpy()]
+        assert sorted(corrected_genes) == sorted(quantiles.index)
         assert 0 < len(corrected_genes) < corrected.n_vars  # some genes pass through
-        passed = corrected.var["passed_through"].to_numpy()
-        np.testing.assert_array_equal(corrected.X[:, passed].toarray(), prepared.X[:, passed].toarray())
+        passed = ~corrected.var["undiffuse_corrected"].to_numpy()
+        np.testing.assert_array_equal(
+            corrected.layers["corrected"][:, passed].toarray(), prepared.X[:, passed].toarray()
+        )
+        np.testing.assert_array_equal(corrected.X.toarray(), prepared.X.toarray())  # X: the raw counts
+        np.testing.assert_array_equal(
+            corrected.var.loc[quantiles.index, "undiffuse_moran_raw"], quantiles["moran_raw"]
+        )  # read from the scan, not computed again
         assert "spatial" in corrected.uns
         provenance = corrected.uns["undiffuse"]["provenance"]
         assert {"prepare", "init_quantiles", "correct_chunk_total"} <= set(provenance["wall_times_s"])
@@ -200,37 +209,38 @@ def test_two_samples_run_end_to_end(workflow_run):
         assert parameters["gene"].tolist() == corrected.var_names.tolist()
         chunks = sorted(folder.glob("chunks/chunk_*.h5ad"))
         assert len(chunks) == 3  # 10 genes in chunks of at most 4
+        for path in chunks:
+            # A chunk holds its corrected columns and parameters only: no raw counts, layers or images.
+            chunk = ad.read_h5ad(path)
+            assert chunk.n_vars <= 4 and chunk.X.nnz <= chunk.n_obs * chunk.n_vars
+            assert not chunk.layers and not chunk.obsm and "spatial" not in chunk.uns
         for log in ("prepare", "init_quantiles", "merge"):
             assert (workflow_run / "logs" / sample / f"{log}.log").is_file()
             assert (workflow_run / "logs" / "benchmarks" / sample / f"{log}.tsv").is_file()
     # The two samples were simulated with different seeds.
     alpha, beta = (ad.read_h5ad(workflow_run / "results" / s / "corrected.h5ad") for s in SAMPLES)
-    assert alpha.layers["counts"].sum() != beta.layers["counts"].sum()
+    assert alpha.X.sum() != beta.X.sum()
 
 
 @pytest.mark.workflow
 def test_merged_equals_a_direct_correction(workflow_run):
     from undiffuse.config import correction_options
     from undiffuse.correct import CorrectionConfig, correct
-    from undiffuse.moran import read_quantile_table
 
     folder = workflow_run / "results" / "alpha"
     prepared = ad.read_h5ad(folder / "prepared.h5ad")
     quantiles = read_quantile_table(folder / "quantiles.tsv")
     merged = ad.read_h5ad(folder / "corrected.h5ad")
     options = correction_options(resolved_config(merged))
-    direct = correct(
+    correct(
         prepared, genes=list(quantiles.index), q_init=quantiles["q_init"], config=CorrectionConfig(**options)
     )
-    scale = np.abs(direct.corrected).max()
+    direct = prepared.layers["corrected"].toarray()
     np.testing.assert_allclose(
-        merged[:, direct.genes].X.toarray(), direct.corrected, rtol=0, atol=1e-5 * scale
+        merged.layers["corrected"].toarray(), direct, rtol=0, atol=1e-5 * np.abs(direct).max()
     )
-    np.testing.assert_allclose(
-        merged.var.loc[direct.genes, "q"].to_numpy(),
-        direct.params.loc[direct.genes, "q"].to_numpy(),
-        rtol=1e-5,
-    )
+    np.testing.assert_allclose(merged.var["undiffuse_q"], prepared.var["undiffuse_q"], rtol=1e-5)
+    assert merged.var["undiffuse_corrected"].equals(prepared.var["undiffuse_corrected"])
 
 
 @pytest.mark.workflow
@@ -273,7 +283,7 @@ def test_a_lost_chunk_is_recomputed_alone_and_identically(workflow_run):
     check(snakemake(workflow_run, *targets("alpha"), *targets("beta")))
     assert {path: result_files(workflow_run)[path] for path in untouched} == untouched
     after = ad.read_h5ad(folder / "corrected.h5ad")
-    np.testing.assert_array_equal(after.X.toarray(), before.X.toarray())
+    np.testing.assert_array_equal(after.layers["corrected"].toarray(), before.layers["corrected"].toarray())
     pd.testing.assert_frame_equal(after.var, before.var)
     assert (folder / "parameters.tsv").read_text() == before_parameters
     assert planned_jobs(check(snakemake(workflow_run, *targets("alpha"), *targets("beta"), "-n"))) == {}
@@ -310,7 +320,9 @@ def test_resumed_output_equals_an_uninterrupted_computation(workflow_run, tmp_pa
     uninterrupted = merge_sample(
         folder / "prepared.h5ad", chunks, folder / "quantiles.tsv", tmp_path / "c.h5ad", tmp_path / "p.tsv"
     )
-    np.testing.assert_array_equal(resumed.X.toarray(), uninterrupted.X.toarray())
+    np.testing.assert_array_equal(
+        resumed.layers["corrected"].toarray(), uninterrupted.layers["corrected"].toarray()
+    )
     pd.testing.assert_frame_equal(resumed.var, uninterrupted.var)
 
 
@@ -337,11 +349,12 @@ def test_hd_sample_runs_through_the_whole_workflow(hd_run):
     assert corrected.n_obs == 128 * 128  # the 1 mm ci capture area in 8 um bins
     # Written sparse, raw counts kept.
     assert sp.issparse(corrected.X) and sp.issparse(corrected.layers["corrected"])
-    np.testing.assert_array_equal(corrected.layers["counts"].toarray(), prepared.X.toarray())
-    genes = ~corrected.var["passed_through"].to_numpy()
+    np.testing.assert_array_equal(corrected.X.toarray(), prepared.X.toarray())
+    genes = corrected.var["undiffuse_corrected"].to_numpy()
     assert genes.sum() == 10
     background = ~corrected.obs["tissue"].to_numpy(dtype=bool)
-    assert corrected.X[background][:, genes].nnz == 0  # corrected expression stays inside the tissue
+    # Corrected expression stays inside the tissue.
+    assert corrected.layers["corrected"][background][:, genes].nnz == 0
     assert (workdir / "logs" / "benchmarks" / "hd" / "simulate_hd.tsv").is_file()
 
     # The report compares with the 8 um truth: the correction moves the counts closer to it.

@@ -6,6 +6,8 @@ The public functions are imported lazily, so that ``import undiffuse`` does not 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -17,11 +19,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 _EXPORTS = {
     "simulate_sample": "simulate",
     "read_sample": "io",
+    "prepare": "prepare",
     "prepare_sample": "prepare",
     "scan_quantiles": "moran",
     "morans_i": "moran",
     "correct": "correct",
-    "CorrectionResult": "correct",
     "CorrectionConfig": "correct",
     "InputError": "errors",
 }
@@ -32,7 +34,20 @@ __all__ = ["__version__", *_EXPORTS]
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        # Importing a submodule binds it on the package; `correct` must stay the function, not its module.
         globals()[name] = value
         return value
     raise AttributeError(f"module 'undiffuse' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """The package, whose public functions keep their names when a submodule of the same name is imported."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # The import system binds every submodule it loads on the package: without this, importing
+        # undiffuse.correct or undiffuse.prepare (from anywhere) would turn `undiffuse.correct` into a module.
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

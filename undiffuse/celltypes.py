@@ -180,7 +180,7 @@ def localise_cell_types(
 
 
 def compare_cell_types(corrected: AnnData, markers: pd.DataFrame) -> pd.DataFrame:
-    """Cell types of the tissue spots before and after correction (layers ``counts`` and ``corrected``).
+    """Cell types of the tissue spots before and after correction (``X`` and ``layers['corrected']``).
 
     Returns
     -------
@@ -188,9 +188,8 @@ def compare_cell_types(corrected: AnnData, markers: pd.DataFrame) -> pd.DataFram
     ``score_corrected``.
     """
     tissue = tissue_spots(corrected)
-    corrected_layer = "corrected" if "corrected" in corrected.layers else None
     columns = {}
-    for stage, layer in (("raw", "counts"), ("corrected", corrected_layer)):
+    for stage, layer in (("raw", None), ("corrected", "corrected")):
         typed = localise_cell_types(corrected, markers, layer=layer, spots=tissue)
         columns[f"cell_type_{stage}"] = typed["cell_type"]
         columns[f"score_{stage}"] = typed["score"]

@@ -10,12 +10,16 @@ This module uses the standard library only, so that the Snakefile can import it 
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 
 def n_chunks(n_genes: int, chunk_size: int) -> int:
@@ -56,15 +60,6 @@ def chunk_genes(genes: Sequence[str], chunk_size: int, index: int) -> list[str]:
     return list(genes[start:stop])
 
 
-def read_quantile_genes(quantiles_tsv: str | PathLike[str]) -> list[str]:
-    """The ``gene`` column of a ``quantiles.tsv`` table, in file order."""
-    with open(quantiles_tsv, newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        if reader.fieldnames is None or "gene" not in reader.fieldnames:
-            raise InputError(quantiles_tsv, "no 'gene' column in the header")
-        return [row["gene"] for row in reader]
-
-
 def run_chunk(
     prepared: str | PathLike[str],
     quantiles: str | PathLike[str],
@@ -74,7 +69,7 @@ def run_chunk(
     chunk_size: int,
     options: dict | None = None,
 ) -> list[str]:
-    """Correct chunk ``index`` of a sample and write its AnnData (the ``correct_chunk`` step).
+    """Correct chunk ``index`` of a sample and write its chunk file (the ``correct_chunk`` step).
 
     Parameters
     ----------
@@ -83,8 +78,7 @@ def run_chunk(
     quantiles
         ``quantiles.tsv``: the genes to correct, in chunk order, and their initial quantiles.
     output
-        Chunk ``.h5ad`` to write (atomically): ``CorrectionResult.to_anndata`` without ``uns['spatial']``
-        (the merge takes it from ``prepared.h5ad``), plus ``uns['chunk']`` (index and chunk size).
+        Chunk ``.h5ad`` to write (:func:`write_chunk`).
     index, chunk_size
         Which chunk, of chunks of at most ``chunk_size`` genes.
     options
@@ -94,26 +88,83 @@ def run_chunk(
     -------
     The genes of the chunk.
     """
-    from .atomic import atomic_path
     from .correct import CorrectionConfig, correct
     from .io.h5ad import read_prepared
-    from .moran import read_quantile_table
+    from .quantiles import read_quantile_table
 
     table = read_quantile_table(quantiles)
     genes = chunk_genes(list(table.index), chunk_size, index)
     # prepare has judged the tissue (and its override); the counts are checked again by correct().
     adata = read_prepared(prepared, allow_degenerate_tissue=True)
-    result = correct(
+    # The chunk's genes only: the correction needs the spots' annotations, not the other genes' counts.
+    adata = adata[:, genes].copy()
+    correct(
         adata,
         genes=genes,
         q_init=table.loc[genes, "q_init"],
         config=CorrectionConfig(**(options or {})),
         allow_degenerate_tissue=True,
     )
-    chunk = result.to_anndata(adata)
-    # The merge takes the images from prepared.h5ad; a copy in every chunk would only cost disk and I/O.
-    chunk.uns.pop("spatial", None)
-    chunk.uns["chunk"] = {"index": int(index), "chunk_size": int(chunk_size)}
+    write_chunk(adata, output, index=index, chunk_size=chunk_size)
+    return genes
+
+
+def write_chunk(corrected: AnnData, output: str | PathLike[str], *, index: int, chunk_size: int) -> None:
+    """Write the part of a corrected chunk that the merge assigns: nothing it already has.
+
+    Parameters
+    ----------
+    corrected
+        ``(N, g)`` the chunk's genes after :func:`undiffuse.correct`.
+    output
+        Chunk ``.h5ad`` to write (atomically): ``X`` the ``(N, g)`` corrected values (CSR float32: zero off
+        tissue), the spot names, the ``undiffuse_*`` columns of ``var`` and ``varm``,
+        ``uns['undiffuse']['correction']`` and ``uns['undiffuse']['chunk']`` (index and chunk size). No raw
+        counts, annotations or images: the merge takes those from ``prepared.h5ad``.
+    index, chunk_size
+        Which chunk, of chunks of at most ``chunk_size`` genes.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from .atomic import atomic_path
+    from .correct import KEY
+
+    provenance = corrected.uns[KEY]["correction"]
+    chunk = ad.AnnData(
+        X=sp.csr_matrix(corrected.layers[provenance["layer"]], dtype="float32"),
+        obs=pd.DataFrame(index=corrected.obs_names),
+        var=corrected.var[[c for c in corrected.var.columns if c.startswith(f"{KEY}_")]].copy(),
+        varm={key: value for key, value in corrected.varm.items() if key.startswith(f"{KEY}_")},
+        uns={KEY: {"correction": provenance, "chunk": {"index": int(index), "chunk_size": int(chunk_size)}}},
+    )
     with atomic_path(output) as tmp:
         chunk.write_h5ad(tmp, compression="gzip")
-    return genes
+
+
+def read_chunk(path: str | PathLike[str]) -> AnnData:
+    """Read a chunk file written by :func:`write_chunk`.
+
+    Raises
+    ------
+    InputError
+        The file is missing, is not h5ad, or lacks part of the chunk layout.
+    """
+    import anndata as ad
+
+    from .correct import CORRECTED_COLUMN, KEY, PHI_KEY
+
+    if not Path(path).is_file():
+        raise InputError(path, "chunk not found; rerun its correct_chunk job")
+    try:
+        chunk = ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as err:
+        raise InputError(path, f"cannot read the chunk as h5ad: {err}") from err
+    if (
+        CORRECTED_COLUMN not in chunk.var
+        or PHI_KEY not in chunk.varm
+        or "chunk" not in chunk.uns.get(KEY, {})
+    ):
+        raise InputError(path, "not a chunk file (no undiffuse_* var columns, varm or uns); rerun its job")
+    return chunk

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
@@ -199,80 +200,56 @@ class CorrectionConfig:
         return cls(**{k: v for k, v in values.items() if k in known and v is not None})
 
 
-@dataclass
-class CorrectionResult:
-    """What :func:`correct` returns.
+#: Prefix of everything :func:`correct` writes: ``var`` columns, the ``varm`` key and the ``uns`` key.
+KEY = "undiffuse"
 
-    Attributes
-    ----------
-    corrected
-        ``(N, G)`` float32 corrected counts on all spots, genes in ``genes`` order.
-    genes
-        Corrected gene names.
-    params
-        Per-gene learned parameters, indexed by gene: ``q_init``, ``q``, ``threshold`` (counts), ``r``,
-        ``diffusion_length`` (per-axis RMS displacement of the local kernel, spot pitches), ``bleed``,
-        ``distal``, ``prior_strength``, ``phi_0`` ... ``phi_K`` (cost-function coefficients).
-    kernel_profile
-        Unnormalised Gibbs weight :math:`\\exp(-W(d) d^2 / r)` against distance (pitches), inside tissue:
-        median and quartiles over genes.
-    loss_history
-        Per epoch: the total and each term, averaged over genes.
-    config
-        The resolved configuration, with the operator and the diffusion range used.
-    """
+#: Learned per-gene parameters, stored as ``var[f"undiffuse_{name}"]``.
+PARAMETER_COLUMNS = ("q_init", "q", "threshold", "r", "diffusion_length", "bleed", "distal", "prior_strength")
 
-    corrected: np.ndarray
-    genes: list[str]
-    params: pd.DataFrame
-    kernel_profile: pd.DataFrame
-    loss_history: pd.DataFrame
-    config: dict[str, Any]
+#: ``varm`` key of the coefficients of the cost function f_phi, ``(G, K + 1)``.
+PHI_KEY = f"{KEY}_phi"
 
-    def to_anndata(self, adata: AnnData) -> AnnData:
-        """AnnData of the corrected genes on all spots of ``adata``.
+#: ``var`` column saying which genes were corrected (False: raw values kept).
+CORRECTED_COLUMN = f"{KEY}_corrected"
 
-        ``X`` and ``layers['corrected']`` hold the correction, ``layers['counts']`` the raw counts, ``var`` the
-        learned parameters, ``uns`` the loss history, kernel profile and configuration; ``obs``, ``obsm`` and
-        ``uns['spatial']`` are those of ``adata``.
-        """
-        raw = _dense_counts(adata, self.genes)
-        out = AnnData(
-            X=self.corrected.copy(),
-            obs=adata.obs.copy(),
-            var=self.params.loc[self.genes].copy(),
-            obsm={k: np.asarray(v).copy() for k, v in adata.obsm.items()},
-            layers={"counts": raw, "corrected": self.corrected.copy()},
-        )
-        out.uns["spatial"] = adata.uns.get("spatial", {})
-        out.uns["undiffuse"] = dict(adata.uns.get("undiffuse", {}))
-        out.uns["correction"] = _jsonable(self.config)
-        out.uns["loss_history"] = {k: self.loss_history[k].to_numpy() for k in self.loss_history.columns}
-        out.uns["kernel_profile"] = {
-            k: self.kernel_profile[k].to_numpy() for k in self.kernel_profile.columns
-        }
-        return out
+#: Learned values of a gene that is not corrected: 0, the identity model (nothing bleeds, no threshold).
+NOT_CORRECTED_VALUE = 0.0
+
+
+def parameter_column(name: str) -> str:
+    """The ``var`` column of a learned parameter (:data:`PARAMETER_COLUMNS`)."""
+    return f"{KEY}_{name}"
 
 
 def correct(
     adata: AnnData,
     *,
+    layer: str | None = None,
     genes: Sequence[str] | None = None,
+    key_added: str = "corrected",
+    copy: bool = False,
     image: np.ndarray | None = None,
     q_init: Mapping[str, float] | pd.Series | float | None = None,
     config: CorrectionConfig | None = None,
     allow_degenerate_tissue: bool = False,
     **overrides: Any,
-) -> CorrectionResult:
-    r"""Correct lateral diffusion of the selected genes of a sample.
+) -> AnnData | None:
+    r"""Correct lateral diffusion of the selected genes of a sample, in scanpy's conventions.
 
     Parameters
     ----------
     adata
-        Canonical AnnData (``undiffuse.read_sample`` / ``prepared.h5ad``): raw counts on **all** spots,
-        ``obs['tissue']`` (or ``obs['in_tissue']``), ``obsm['spatial']``.
+        ``(N, G)`` canonical AnnData (``undiffuse.read_sample`` and ``undiffuse.prepare``, or
+        ``prepared.h5ad``): raw counts on **all** spots, ``obs['tissue']`` (or ``obs['in_tissue']``),
+        ``obsm['spatial']``.
+    layer
+        Layer holding the raw counts; default ``X``.
     genes
         Genes to correct; default ``var['selected']`` when present, else all genes.
+    key_added
+        Layer to write the corrected values to.
+    copy
+        Return a corrected copy instead of writing into ``adata``.
     image
         ``(H, W[, 3])`` H&E image aligned with ``obsm['spatial']`` at full resolution; default: the hires, else
         the lowres image of ``uns['spatial']``. Without an image the image loss is left out.
@@ -287,7 +264,19 @@ def correct(
 
     Returns
     -------
-    CorrectionResult
+    None, or the corrected copy when ``copy`` is true. Either way the AnnData gains
+
+    - ``layers[key_added]``: ``(N, G)`` float32 corrected values of all genes (CSR when the counts are
+      sparse); genes that are not corrected keep their raw counts;
+    - ``var['undiffuse_corrected']``: whether each gene was corrected;
+    - ``var['undiffuse_{name}']`` for the learned parameters :data:`PARAMETER_COLUMNS` (``q_init``, ``q``,
+      ``threshold`` in counts, ``r``, ``diffusion_length`` in spot pitches, ``bleed``, ``distal``,
+      ``prior_strength``); 0 for genes that are not corrected, the identity model;
+    - ``varm['undiffuse_phi']``: ``(G, K + 1)`` coefficients of the cost function :math:`f_\phi`;
+    - ``uns['undiffuse']['correction']``: provenance: ``layer`` (``key_added``), ``counts`` (``layer`` or
+      ``X``), ``version``, ``config`` (the resolved options, with the operator and diffusion range used),
+      ``kernel_profile`` (unnormalised Gibbs weight against distance in pitches, inside tissue: median and
+      quartiles over genes) and ``loss_history`` (per epoch, the total and each term, averaged over genes).
 
     Raises
     ------
@@ -300,25 +289,27 @@ def correct(
     Every gene is optimised on its own (the loss is a sum of per-gene terms and Adam acts element-wise), so
     results do not depend on how genes are grouped into chunks or batches. A gene whose correction failed (not
     finite, negative, or zero while the gene has counts: a bug, reported as a warning) keeps its raw counts and
-    is marked ``corrected = False``; nothing is silently zeroed.
+    is marked ``undiffuse_corrected = False``; nothing is silently zeroed.
     """
     config = replace(config or CorrectionConfig(), **overrides)
+    adata = adata.copy() if copy else adata
+    counts_view = _counts_view(adata, layer)
     genes = _resolve_genes(
-        adata, check_correct_input(adata, genes, allow_degenerate_tissue=allow_degenerate_tissue)
+        counts_view, check_correct_input(counts_view, genes, allow_degenerate_tissue=allow_degenerate_tissue)
     )
     device = _resolve_device(config.device)
     torch.manual_seed(config.seed)
     dtype = torch.float32
 
-    geometry = _geometry(adata, config, image=image, device=device, dtype=dtype)
-    counts_all = _dense_counts(adata, genes)
+    geometry = _geometry(counts_view, config, image=image, device=device, dtype=dtype)
+    counts_all = _dense_counts(counts_view, genes)
     levels = _resolve_q_init(q_init, genes)
     batch_genes = _batch_genes(config, geometry, device)
     window = geometry.training_window(config.train_spots or geometry.n_spots)
     trained_on = (
         geometry
         if window.all()
-        else _geometry(adata[window], config, image=image, device=device, dtype=dtype)
+        else _geometry(counts_view[window], config, image=image, device=device, dtype=dtype)
     )
 
     corrected = np.zeros_like(counts_all)
@@ -350,7 +341,6 @@ def correct(
 
     params = pd.concat(param_tables)
     corrected, passed_through = pass_through_failed_genes(corrected, counts_all, genes)
-    params["corrected"] = ~params.index.isin(passed_through)
     loss_history = sum(histories[1:], histories[0]).reset_index().rename(columns={"index": "epoch"})
     profile_samples = np.concatenate(profiles, axis=1)
     kernel_profile = pd.DataFrame(
@@ -375,26 +365,145 @@ def correct(
         "image_loss_used": config.weights["image"] > 0 and geometry.raster is not None,
     }
     logger.info("corrected %d genes in %.1f s on %s", len(genes), elapsed, device)
-    return CorrectionResult(corrected, list(genes), params, kernel_profile, loss_history, resolved)
+    store_correction(
+        adata,
+        corrected=corrected,
+        params=params.assign(corrected=~params.index.isin(passed_through)),
+        provenance={
+            "layer": key_added,
+            "counts": layer or "X",
+            "config": resolved,
+            "kernel_profile": kernel_profile,
+            "loss_history": loss_history,
+        },
+        counts=counts_view.X,
+        key_added=key_added,
+    )
+    return adata if copy else None
 
 
-def rediffuse(corrected: AnnData, *, layer: str = "corrected") -> np.ndarray:
+def store_correction(
+    adata: AnnData,
+    *,
+    corrected: np.ndarray | sp.spmatrix | sp.sparray,
+    params: pd.DataFrame,
+    provenance: Mapping[str, Any],
+    counts: np.ndarray | sp.spmatrix | sp.sparray,
+    key_added: str,
+) -> None:
+    """Write a correction into ``adata`` in :func:`correct`'s layout (the one writer of that layout; the
+    workflow's merge assigns its chunks with it).
+
+    Parameters
+    ----------
+    adata
+        ``(N, G)`` sample to write into.
+    corrected
+        ``(N, g)`` corrected values of the genes of ``params``' index, in that order.
+    params
+        ``(g, ...)`` per gene: the columns of :data:`PARAMETER_COLUMNS`, ``phi_0`` ... ``phi_K`` and
+        ``corrected`` (bool).
+    provenance
+        ``layer``, ``counts``, ``config``, ``kernel_profile``, ``loss_history`` (see :func:`correct`).
+    counts
+        ``(N, G)`` raw counts, which the genes not in ``params`` keep.
+    key_added
+        Layer of the corrected values.
+    """
+    from . import __version__
+
+    position = adata.var_names.get_indexer(params.index)
+    if (position < 0).any():
+        raise ValueError(f"genes not in the data: {list(params.index[position < 0][:5])}")
+    adata.layers[key_added] = _with_columns(counts, position, corrected)
+    phi_columns = [c for c in params.columns if c.startswith("phi_")]
+    for name in PARAMETER_COLUMNS:
+        values = np.full(adata.n_vars, NOT_CORRECTED_VALUE)
+        values[position] = params[name].to_numpy(np.float64)
+        adata.var[parameter_column(name)] = values
+    was_corrected = np.zeros(adata.n_vars, dtype=bool)
+    was_corrected[position] = params["corrected"].to_numpy(bool)
+    adata.var[CORRECTED_COLUMN] = was_corrected
+    phi = np.full((adata.n_vars, len(phi_columns)), NOT_CORRECTED_VALUE)
+    phi[position] = params[phi_columns].to_numpy(np.float64)
+    adata.varm[PHI_KEY] = phi
+    info = dict(adata.uns.get(KEY, {}))
+    info["correction"] = {
+        **provenance,
+        "config": _jsonable(provenance["config"]),
+        "version": __version__,
+    }
+    adata.uns[KEY] = info
+
+
+def parameter_table(adata: AnnData, genes: Sequence[str] | None = None) -> pd.DataFrame:
+    """The learned parameters that :func:`correct` wrote, as one table in :func:`store_correction`'s layout.
+
+    Parameters
+    ----------
+    adata
+        Output of :func:`correct` (or ``corrected.h5ad``, or a chunk file).
+    genes
+        Rows to return; default all genes.
+
+    Returns
+    -------
+    ``(g, ...)`` indexed by gene: :data:`PARAMETER_COLUMNS`, ``phi_0`` ... ``phi_K`` and ``corrected``.
+
+    Raises
+    ------
+    KeyError
+        ``adata`` holds no correction.
+    """
+    view = adata if genes is None else adata[:, list(genes)]
+    table = pd.DataFrame(
+        {name: view.var[parameter_column(name)].to_numpy(np.float64) for name in PARAMETER_COLUMNS},
+        index=view.var_names,
+    )
+    phi = np.asarray(view.varm[PHI_KEY], dtype=np.float64)
+    for k in range(phi.shape[1]):
+        table[f"phi_{k}"] = phi[:, k]
+    table["corrected"] = view.var[CORRECTED_COLUMN].to_numpy(bool)
+    return table
+
+
+def _with_columns(
+    counts: np.ndarray | sp.spmatrix | sp.sparray,
+    positions: np.ndarray,
+    columns: np.ndarray | sp.spmatrix | sp.sparray,
+) -> np.ndarray | sp.csr_matrix:
+    """Float32 ``counts`` with the columns at ``positions`` replaced by ``columns``: CSR when ``counts`` are
+    sparse (corrected values are zero off tissue, and Visium HD holds millions of bins), else dense."""
+    if not sp.issparse(counts):
+        out = np.array(counts, dtype=np.float32)
+        out[:, positions] = columns.toarray() if sp.issparse(columns) else columns
+        return out
+    counts = sp.csc_matrix(counts, dtype=np.float32)
+    kept = np.setdiff1d(np.arange(counts.shape[1]), positions)
+    blocks = sp.hstack([counts[:, kept], sp.csc_matrix(columns, dtype=np.float32)], format="csc")
+    order = np.argsort(np.concatenate([kept, positions]), kind="stable")
+    return blocks[:, order].tocsr()
+
+
+def rediffuse(corrected: AnnData, *, layer: str | None = None) -> np.ndarray:
     """Apply each gene's learned diffusion to its corrected field: the expected observed counts.
 
     Parameters
     ----------
     corrected
-        Output of :meth:`CorrectionResult.to_anndata` (or the merged ``corrected.h5ad``, restricted to corrected
-        genes): needs ``var`` columns ``r``, ``bleed``, ``distal``, ``phi_*`` and ``uns['correction']``.
+        ``(N, g)`` output of :func:`correct` (or the merged ``corrected.h5ad``) restricted to corrected genes:
+        needs ``var['undiffuse_r']``, ``['undiffuse_bleed']``, ``['undiffuse_distal']``,
+        ``varm['undiffuse_phi']`` and ``uns['undiffuse']['correction']``.
     layer
-        Layer holding the corrected field.
+        Layer holding the corrected field; default the one :func:`correct` wrote.
 
     Returns
     -------
-    ``(N, G)`` float64 expected counts under the learned forward model.
+    ``(N, g)`` float64 expected counts under the learned forward model.
     """
-    settings = corrected.uns["correction"]
-    stored = corrected.layers[layer]
+    provenance = corrected.uns[KEY]["correction"]
+    settings = provenance["config"]
+    stored = corrected.layers[layer or provenance["layer"]]
     field_ = torch.as_tensor(as_dense(stored))
     cutoff = settings.get("cutoff", "none")
     config = CorrectionConfig(
@@ -407,13 +516,13 @@ def rediffuse(corrected: AnnData, *, layer: str = "corrected") -> np.ndarray:
     )
     geometry = _geometry(corrected, config, image=None, device=torch.device("cpu"), dtype=torch.float64)
     var = corrected.var
-    phi = torch.as_tensor(var[[c for c in var.columns if c.startswith("phi_")]].to_numpy(np.float64))
-    reg = torch.as_tensor(var["r"].to_numpy(np.float64))
+    learned = {
+        name: torch.as_tensor(var[parameter_column(name)].to_numpy(np.float64))
+        for name in ("r", "bleed", "distal")
+    }
+    phi = torch.as_tensor(np.asarray(corrected.varm[PHI_KEY], dtype=np.float64))
     model = DiffusionModel(
-        geometry,
-        gibbs_log_weights(geometry, phi, reg),
-        torch.as_tensor(var["bleed"].to_numpy(np.float64)),
-        torch.as_tensor(var["distal"].to_numpy(np.float64)),
+        geometry, gibbs_log_weights(geometry, phi, learned["r"]), learned["bleed"], learned["distal"]
     )
     with torch.no_grad():
         return model.forward(field_).numpy()
@@ -562,6 +671,15 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _counts_view(adata: AnnData, layer: str | None) -> AnnData:
+    """``adata`` itself, or for ``layer`` an AnnData sharing its annotations whose ``X`` is that layer."""
+    if layer is None:
+        return adata
+    if layer not in adata.layers:
+        raise InputError(adata.uns.get(KEY, {}).get("source"), f"has no layer {layer!r} of raw counts")
+    return AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var, obsm=dict(adata.obsm), uns=adata.uns)
 
 
 def _dense_counts(adata: AnnData, genes: Sequence[str]) -> np.ndarray:

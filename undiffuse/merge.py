@@ -1,9 +1,10 @@
 """Merge the chunk outputs of a sample into ``corrected.h5ad`` and ``parameters.tsv``.
 
-Each chunk holds the corrected values of its genes on all spots (``CorrectionResult.to_anndata``). The
-merged AnnData has every gene of ``prepared.h5ad``: corrected genes take their corrected values, the others
-pass through as raw counts. Because the correction treats every gene on its own, the merge of any chunking
-equals one direct ``undiffuse.correct`` call on all genes.
+Each chunk holds the corrected values and learned parameters of its genes (:func:`undiffuse.chunks.write_chunk`).
+The merge assigns them into the prepared sample in :func:`undiffuse.correct`'s layout: ``X`` keeps the raw
+counts of every gene, ``layers['corrected']`` holds the corrected genes' values and the others' raw counts.
+Because the correction treats every gene on its own, the merge of any chunking equals one direct
+``undiffuse.correct`` call on the prepared sample.
 """
 
 from __future__ import annotations
@@ -16,107 +17,104 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
 from .atomic import atomic_path
+from .chunks import read_chunk
+from .correct import (
+    CORRECTED_COLUMN,
+    KEY,
+    PARAMETER_COLUMNS,
+    parameter_column,
+    parameter_table,
+    store_correction,
+)
 from .errors import InputError
-from .moran import gene_morans_i, read_quantile_table, spatial_weights
+from .io.h5ad import read_prepared
+from .moran import morans_i_numpy, spatial_weights
+from .quantiles import read_quantile_table
 
-#: Learned per-gene parameters, as in ``CorrectionResult.params``.
-PARAMETER_COLUMNS = ("q_init", "q", "r", "diffusion_length", "bleed", "distal", "prior_strength")
+#: ``var`` columns of Moran's I (all spots, first ring) of the raw counts and of the corrected layer.
+MORAN_RAW, MORAN_CORRECTED = f"{KEY}_moran_raw", f"{KEY}_moran_corrected"
 
-#: Learned values of a gene that passes through: 0, the identity model (nothing bleeds, no threshold).
-PASS_THROUGH_VALUE = 0.0
+#: ``var`` column of Moran's I of the counts thresholded at ``q_init`` (the quantile scan's).
+MORAN_AT_Q_INIT = f"{KEY}_moran_at_q_init"
 
-#: Columns of ``parameters.tsv`` after ``gene``.
+#: Columns of ``parameters.tsv`` after ``gene``: learned parameters, Moran's I before and after, pass-through.
 PARAMETER_TABLE_COLUMNS = (*PARAMETER_COLUMNS, "moran_before", "moran_after", "passed_through")
 
 
-def merge_chunks(prepared: AnnData, chunks: Sequence[AnnData]) -> AnnData:
-    """Put the corrected genes of the chunks back among all genes of the prepared sample.
+def merge_chunks(prepared: AnnData, chunks: Sequence[AnnData], *, quantiles: pd.DataFrame) -> None:
+    """Assign the corrected genes of the chunks into the prepared sample, in place.
 
     Parameters
     ----------
     prepared
-        The prepared sample: raw counts of all genes on all spots.
+        ``(N, G)`` prepared sample: raw counts of all genes on all spots.
     chunks
-        Chunk AnnDatas (``CorrectionResult.to_anndata``) on the same spots in the same order, with disjoint
+        Chunk AnnDatas (:func:`undiffuse.chunks.read_chunk`) on the same spots in the same order, with disjoint
         genes.
+    quantiles
+        ``quantiles.tsv`` (:func:`undiffuse.quantiles.read_quantile_table`): the chunks' genes and the scan's
+        Moran's I, which is read here rather than computed again.
 
-    Returns
-    -------
-    AnnData with all spots and genes of ``prepared``:
-
-    - ``X`` and ``layers['corrected']``: corrected values (raw counts for genes in no chunk), CSR float32;
-    - ``layers['counts']``: raw counts;
-    - ``var``: the prepared columns plus the learned parameters of the chunks (:data:`PARAMETER_COLUMNS` and
-      any other numeric column, e.g. the cost coefficients ``phi_*``; 0 for passed-through genes, which is
-      the identity model), ``moran_before`` and ``moran_after`` (Moran's I of counts and of ``X`` over all
-      spots, first-ring graph) and ``passed_through``;
-    - ``uns``: the prepared ``uns`` (``spatial`` included), ``loss_history`` and ``kernel_profile`` of all
-      chunks with a ``chunk`` column, and the chunks' resolved ``correction`` settings (so that
-      ``undiffuse.correct.rediffuse`` works on the corrected genes).
+    Notes
+    -----
+    ``prepared`` gains what :func:`undiffuse.correct` writes (``layers['corrected']``, the ``undiffuse_*``
+    columns of ``var`` and ``varm['undiffuse_phi']``, ``uns['undiffuse']['correction']``, whose
+    ``loss_history`` and ``kernel_profile`` hold all chunks with a ``chunk`` column), and per gene
+    ``var['undiffuse_moran_raw']`` (the scan's for the scanned genes), ``['undiffuse_moran_at_q_init']`` (0 for
+    the others) and ``['undiffuse_moran_corrected']``: Moran's I of the corrected layer, computed here once;
+    genes the scan did not see are not changed, so their raw I is that one.
     """
-    counts = sp.csc_matrix(prepared.X, dtype=np.float32)
     position = pd.Series(np.arange(prepared.n_vars), index=prepared.var_names)
-    corrected_columns: list[sp.csc_matrix] = []
-    corrected_positions: list[np.ndarray] = []
-    learned: list[pd.DataFrame] = []
-    passed_through = np.ones(prepared.n_vars, dtype=bool)
-
+    seen = np.zeros(prepared.n_vars, dtype=bool)
+    values, params = [], []
     for number, chunk in enumerate(chunks):
         if not chunk.obs_names.equals(prepared.obs_names):
             raise ValueError(f"chunk {number} does not hold the prepared spots in the prepared order")
         unknown = chunk.var_names.difference(prepared.var_names)
         if len(unknown):
             raise ValueError(f"chunk {number} has genes that the prepared sample lacks: {list(unknown[:5])}")
-        missing = [column for column in PARAMETER_COLUMNS if column not in chunk.var]
-        if missing:
-            raise ValueError(f"chunk {number} lacks the parameter columns {missing}")
         where = position[chunk.var_names].to_numpy()
-        if not passed_through[where].all():
+        if seen[where].any():
             raise ValueError(f"chunk {number} repeats genes of an earlier chunk")
-        passed_through[where] = False
-        values = chunk.layers["corrected"] if "corrected" in chunk.layers else chunk.X
-        # Sparse at once: corrected values are zero off tissue, and Visium HD chunks hold millions of bins.
-        corrected_columns.append(sp.csc_matrix(values, dtype=np.float32))
-        corrected_positions.append(where)
-        learned.append(chunk.var.select_dtypes(include=[np.number]).astype(np.float64))
-
-    corrected = _replace_columns(counts, corrected_positions, corrected_columns).tocsr()
-    counts = counts.tocsr()
-    _require_finite(corrected, "corrected values")
-
-    merged = AnnData(
-        X=corrected,
-        obs=prepared.obs.copy(),
-        var=prepared.var.copy(),
-        obsm={key: value.copy() for key, value in prepared.obsm.items()},
-        uns=dict(prepared.uns),
-        layers={"counts": counts, "corrected": corrected.copy()},
+        seen[where] = True
+        values.append(sp.csc_matrix(chunk.X, dtype=np.float32))
+        try:
+            params.append(parameter_table(chunk))
+        except KeyError as err:
+            raise ValueError(f"chunk {number} lacks the learned parameter {err}") from err
+    empty = pd.DataFrame(columns=[*PARAMETER_COLUMNS, "corrected"]).astype({"corrected": bool})
+    table = pd.concat(params) if params else empty
+    corrected = (
+        sp.hstack(values, format="csc") if values else sp.csc_matrix((prepared.n_obs, 0), dtype=np.float32)
     )
-    parameters = pd.concat([pd.DataFrame(columns=list(PARAMETER_COLUMNS), dtype=np.float64), *learned])
-    parameters = parameters.reindex(prepared.var_names).fillna(PASS_THROUGH_VALUE)
-    for column in parameters.columns:
-        merged.var[column] = parameters[column].to_numpy(dtype=np.float64)
-    weights = spatial_weights(merged)
-    merged.var["moran_before"] = gene_morans_i(merged, layer="counts", weights=weights).to_numpy()
-    merged.var["moran_after"] = gene_morans_i(merged, weights=weights).to_numpy()
-    merged.var["passed_through"] = passed_through
-    for key in ("loss_history", "kernel_profile"):
-        frames = [_chunk_frame(chunk, key, number) for number, chunk in enumerate(chunks)]
-        frames = [frame for frame in frames if frame is not None]
-        if frames:
-            merged.uns[key] = pd.concat(frames, ignore_index=True)
-    if chunks and "correction" in chunks[0].uns:
-        settings = dict(chunks[0].uns["correction"])
-        settings.pop("wall_time_s", None)  # per chunk; the provenance has the wall times
-        merged.uns["correction"] = settings
-    return merged
+    _require_finite(corrected, "corrected values")
+    store_correction(
+        prepared,
+        corrected=corrected,
+        params=table,
+        provenance=_merged_provenance(chunks),
+        counts=prepared.X,
+        key_added="corrected",
+    )
+    after = morans_i_numpy(prepared.layers["corrected"], spatial_weights(prepared))
+    scanned = prepared.var_names.get_indexer(quantiles.index)
+    if (scanned < 0).any():
+        raise ValueError(
+            f"quantile table genes not in the prepared sample: {list(quantiles.index[scanned < 0][:5])}"
+        )
+    before = after.copy()
+    before[scanned] = quantiles["moran_raw"].to_numpy(np.float64)
+    at_q_init = np.zeros(prepared.n_vars)
+    at_q_init[scanned] = quantiles["moran_at_q_init"].to_numpy(np.float64)
+    prepared.var[MORAN_RAW] = before
+    prepared.var[MORAN_AT_Q_INIT] = at_q_init
+    prepared.var[MORAN_CORRECTED] = after
 
 
 def merge_sample(
@@ -152,23 +150,24 @@ def merge_sample(
     InputError
         A file is missing or breaks the chunk contract, or the chunks do not cover the genes to correct.
     """
-    prepared_adata = _read_h5ad(prepared, "prepared sample")
-    expected = list(read_quantile_table(quantiles).index)
-    chunk_adatas = [_read_h5ad(path, "chunk") for path in chunks]
+    table = read_quantile_table(quantiles)
+    # prepare has judged the tissue (and its override); the counts are checked again here.
+    merged = read_prepared(prepared, allow_degenerate_tissue=True)
+    chunk_adatas = [read_chunk(path) for path in chunks]
     covered = [gene for chunk in chunk_adatas for gene in chunk.var_names]
-    if sorted(covered) != sorted(expected):
-        missing = sorted(set(expected) - set(covered))
-        extra = sorted(set(covered) - set(expected))
+    if sorted(covered) != sorted(table.index):
+        missing = sorted(set(table.index) - set(covered))
+        extra = sorted(set(covered) - set(table.index))
         raise InputError(
             quantiles,
             f"the {len(chunks)} chunks do not cover its genes: missing {missing[:5]}, unexpected {extra[:5]}",
         )
     try:
-        merged = merge_chunks(prepared_adata, chunk_adatas)
+        merge_chunks(merged, chunk_adatas, quantiles=table)
     except ValueError as err:
         raise InputError(Path(chunks[0]).parent if chunks else prepared, str(err)) from err
-    merged.uns["undiffuse"] = {
-        **dict(merged.uns.get("undiffuse", {})),
+    merged.uns[KEY] = {
+        **dict(merged.uns.get(KEY, {})),
         "provenance": provenance(config=config, wall_times=wall_times),
     }
     write_outputs(merged, output, parameters)
@@ -213,9 +212,13 @@ def read_wall_times(benchmarks: Mapping[str, str | PathLike[str]]) -> dict[str, 
     return times
 
 
-def parameter_table(merged: AnnData) -> pd.DataFrame:
+def parameters_tsv_table(merged: AnnData) -> pd.DataFrame:
     """The per-gene table of ``parameters.tsv``: gene, learned parameters, Moran's I, pass-through flag."""
-    table = merged.var[list(PARAMETER_TABLE_COLUMNS)].copy()
+    var = merged.var
+    table = pd.DataFrame({name: var[parameter_column(name)] for name in PARAMETER_COLUMNS})
+    table["moran_before"] = var[MORAN_RAW]
+    table["moran_after"] = var[MORAN_CORRECTED]
+    table["passed_through"] = ~var[CORRECTED_COLUMN].to_numpy(bool)
     table.index.name = "gene"
     return table.reset_index()
 
@@ -228,7 +231,7 @@ def write_outputs(merged: AnnData, output: str | PathLike[str], parameters: str 
     numeric = merged.var.select_dtypes(include=[np.number])
     if not np.isfinite(numeric.to_numpy(dtype=np.float64)).all():
         raise ValueError("the merged var table holds NaN or Inf")
-    table = parameter_table(merged)
+    table = parameters_tsv_table(merged)
     with atomic_path(output) as tmp:
         merged.write_h5ad(tmp, compression="gzip")
     with atomic_path(parameters) as tmp:
@@ -236,35 +239,23 @@ def write_outputs(merged: AnnData, output: str | PathLike[str], parameters: str 
         table.to_csv(tmp, sep="\t", index=False, float_format="%.7g")
 
 
-def _replace_columns(
-    counts: sp.csc_matrix, positions: Sequence[np.ndarray], columns: Sequence[np.ndarray | sp.spmatrix]
-) -> sp.csc_matrix:
-    """``counts`` with the columns at ``positions`` replaced by the ``columns`` blocks (dense or sparse)."""
-    if not positions:
-        return counts.copy()
-    replaced = np.concatenate(positions)
-    kept = np.setdiff1d(np.arange(counts.shape[1]), replaced)
-    blocks = sp.hstack([counts[:, kept], *(sp.csc_matrix(block) for block in columns)], format="csc")
-    order = np.argsort(np.concatenate([kept, replaced]), kind="stable")
-    return blocks[:, order]
-
-
-def _chunk_frame(chunk: AnnData, key: str, number: int) -> pd.DataFrame | None:
-    frame = chunk.uns.get(key)
-    if frame is None:
-        return None
-    frame = pd.DataFrame(frame).copy()
-    frame.insert(0, "chunk", int(chunk.uns.get("chunk", {}).get("index", number)))
-    return frame
-
-
-def _read_h5ad(path: str | PathLike[str], what: str) -> AnnData:
-    if not Path(path).is_file():
-        raise InputError(path, f"{what} not found")
-    try:
-        return ad.read_h5ad(path)
-    except (OSError, KeyError, ValueError) as err:
-        raise InputError(path, f"cannot read the {what} as h5ad: {err}") from err
+def _merged_provenance(chunks: Sequence[AnnData]) -> dict[str, Any]:
+    """The chunks' correction provenance as one: the first chunk's settings (the same in every chunk), and the
+    loss histories and kernel profiles of all chunks, each with a ``chunk`` column."""
+    if not chunks:
+        return {"layer": "corrected", "counts": "X", "config": {}}
+    merged = dict(chunks[0].uns[KEY]["correction"])
+    for key in ("loss_history", "kernel_profile"):
+        merged[key] = pd.concat(
+            [
+                pd.DataFrame(chunk.uns[KEY]["correction"][key]).assign(
+                    chunk=int(chunk.uns[KEY]["chunk"]["index"])
+                )
+                for chunk in chunks
+            ],
+            ignore_index=True,
+        )
+    return merged
 
 
 def _require_finite(values: np.ndarray | sp.spmatrix | sp.sparray, what: str) -> None:

@@ -1,7 +1,7 @@
 r"""Evaluation of a correction, with and without a ground truth.
 
-Every metric compares two *stages* of a sample: ``raw`` (the observed counts, ``layers['counts']`` of
-``corrected.h5ad``) and ``corrected`` (``layers['corrected']``). Metrics against a ground truth follow the
+Every metric compares two *stages* of a sample: ``raw`` (the observed counts, ``X`` of ``corrected.h5ad``)
+and ``corrected`` (``layers['corrected']``, as :func:`undiffuse.correct` writes it). Metrics against a ground truth follow the
 C3-Diff paper: root mean squared error and Pearson correlation per gene map,
 
 .. math::
@@ -463,24 +463,26 @@ def consistency_table(
     return pd.DataFrame(columns, index=pd.Index(list(genes), name="gene"))
 
 
-def stage_matrices(adata: AnnData) -> tuple[np.ndarray, np.ndarray]:
-    """Dense float64 ``(raw, corrected)``: layers ``counts`` and ``corrected`` of ``corrected.h5ad``."""
-    if "counts" not in adata.layers:
-        raise ValueError("the corrected AnnData has no layers['counts'] with the raw counts")
-    corrected = adata.layers["corrected"] if "corrected" in adata.layers else adata.X
-    return as_dense(adata.layers["counts"]), as_dense(corrected)
+def stage_matrices(adata: AnnData, *, layer: str = "corrected") -> tuple[np.ndarray, np.ndarray]:
+    """Dense float64 ``(N, G)`` ``(raw, corrected)``: ``X`` and ``layers[layer]`` of a corrected sample."""
+    if layer not in adata.layers:
+        raise ValueError(f"the AnnData has no layers[{layer!r}]; run undiffuse.correct first")
+    return as_dense(adata.X), as_dense(adata.layers[layer])
 
 
 def corrected_gene_mask(adata: AnnData) -> np.ndarray:
-    """Boolean ``(G,)``: genes the correction changed (``var['passed_through']`` is False or absent)."""
-    if "passed_through" in adata.var:
-        return ~adata.var["passed_through"].to_numpy(dtype=bool)
-    return np.ones(adata.n_vars, dtype=bool)
+    """Boolean ``(G,)``: the genes the correction changed (``var['undiffuse_corrected']``)."""
+    from .correct import CORRECTED_COLUMN
+
+    if CORRECTED_COLUMN not in adata.var:
+        raise ValueError(f"the AnnData has no var[{CORRECTED_COLUMN!r}]; run undiffuse.correct first")
+    return adata.var[CORRECTED_COLUMN].to_numpy(dtype=bool)
 
 
 def evaluate_sample(
     corrected: AnnData,
     *,
+    layer: str = "corrected",
     truth: AnnData | None = None,
     markers: pd.DataFrame | None = None,
     rediffuse: Rediffuse | None = None,
@@ -490,9 +492,13 @@ def evaluate_sample(
     Parameters
     ----------
     corrected
-        The contents of ``corrected.h5ad``: ``layers['counts']`` (raw) and ``layers['corrected']`` on all
-        spots, ``obs['tissue']``, ``obs['array_row']``/``obs['array_col']``, ``obsm['spatial']``,
-        ``var['passed_through']``.
+        ``(N, G)`` output of :func:`undiffuse.correct` (or ``corrected.h5ad``): raw counts in ``X``, the
+        correction in ``layers[layer]``, ``var['undiffuse_corrected']``, ``obs['tissue']``,
+        ``obs['array_row']``/``obs['array_col']``, ``obsm['spatial']``. Moran's I is read from
+        ``var['undiffuse_moran_raw']`` and ``['undiffuse_moran_corrected']`` when the merge stored it there,
+        and computed otherwise.
+    layer
+        Layer of the corrected values.
     truth
         The simulator's ``truth.h5ad`` (``X`` = undiffused expected counts, ``obs['domain']``,
         ``var['marker_of']``), matched to ``corrected`` by barcode and gene name.
@@ -509,7 +515,7 @@ def evaluate_sample(
 
     - ``summary``: long table ``metric``, ``stage``, ``value`` (see :data:`METRIC_DESCRIPTIONS`);
     - ``genes``: per gene ``passed_through``, ``total_raw``, ``relative_change``,
-      ``out_of_tissue_{raw,corrected}``, ``moran_{raw,corrected}`` (:func:`undiffuse.moran.gene_morans_i`);
+      ``out_of_tissue_{raw,corrected}``, ``moran_{raw,corrected}`` (:func:`undiffuse.moran.morans_i`);
     - ``consistency``: per corrected gene, see :func:`consistency_table`;
     - ``truth`` (with a truth): per gene ``rmse_{raw,corrected}``, ``pearson_{raw,corrected}``;
     - ``markers`` (with a truth): per marker gene ``region``, ``specificity_{raw,corrected,truth}``,
@@ -519,10 +525,9 @@ def evaluate_sample(
     - ``notes``: why a table is missing (e.g. the learned model is incomplete), also issued as warnings.
     """
     # Imported here so that reading and writing metrics does not load torch and scanpy.
-    from .moran import morans_i_numpy, spatial_weights
     from .qc import arc_score
 
-    raw, fixed = stage_matrices(corrected)
+    raw, fixed = stage_matrices(corrected, layer=layer)
     tissue = tissue_spots(corrected)
     is_corrected = corrected_gene_mask(corrected)
     genes = corrected.var_names
@@ -535,14 +540,14 @@ def evaluate_sample(
         )
         summary.append(("arc_score", stage, arc_score(values.sum(axis=1), tissue)))
 
-    weights = spatial_weights(corrected)
+    morans = stage_morans_i(corrected, {RAW: raw, CORRECTED: fixed})
     gene_table = pd.DataFrame(
         {
             "passed_through": ~is_corrected,
             "total_raw": raw.sum(axis=0),
             "relative_change": relative_change(raw, fixed),
             **{f"out_of_tissue_{stage}": out_of_tissue_fraction(v, tissue) for stage, v in stages.items()},
-            **{f"moran_{stage}": morans_i_numpy(v, weights) for stage, v in stages.items()},
+            **{f"moran_{stage}": values for stage, values in morans.items()},
         },
         index=pd.Index(genes, name="gene"),
     )
@@ -578,6 +583,20 @@ def evaluate_sample(
             warnings.warn(f"{topic}: {note}", stacklevel=2)
     tables["summary"] = pd.DataFrame(summary, columns=["metric", "stage", "value"])
     return {name: tables[name] for name in TABLE_NAMES if name in tables}
+
+
+def stage_morans_i(adata: AnnData, stages: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``(G,)`` Moran's I per stage (all spots, first ring): read from the ``var`` columns the merge computed
+    once (``undiffuse_moran_raw`` and ``undiffuse_moran_corrected``), else computed from ``stages``."""
+    from .merge import MORAN_CORRECTED, MORAN_RAW
+
+    stored = {RAW: MORAN_RAW, CORRECTED: MORAN_CORRECTED}
+    if all(stored[stage] in adata.var for stage in stages):
+        return {stage: adata.var[stored[stage]].to_numpy(np.float64) for stage in stages}
+    from .moran import morans_i_numpy, spatial_weights
+
+    weights = spatial_weights(adata)
+    return {stage: morans_i_numpy(values, weights) for stage, values in stages.items()}
 
 
 def _consistency(

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from os import PathLike
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,8 +29,6 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .arrays import as_dense
-from .atomic import atomic_path
-from .errors import InputError
 from .genes import selected_genes
 from .spatial import FIRST_RING_RADIUS, adjacency, pitch_coordinates, tissue_spots
 
@@ -335,35 +331,3 @@ def quantile_grid(*, start: float = 0.0, stop: float = 0.95, step: float = 0.05)
 
 def _dense_columns(values: np.ndarray | sp.spmatrix | sp.sparray, columns: slice) -> np.ndarray:
     return np.ascontiguousarray(as_dense(values[:, columns]))
-
-
-#: Columns of ``quantiles.tsv``, in order.
-QUANTILE_COLUMNS = ("gene", "q_init", "moran_at_q_init", "moran_raw")
-
-
-def write_quantile_table(table: pd.DataFrame, path: str | PathLike[str]) -> None:
-    """Write the scan result as ``quantiles.tsv`` (atomically; refuses NaN or Inf)."""
-    values = table[list(QUANTILE_COLUMNS[1:])].to_numpy(dtype=np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError("the quantile table holds NaN or Inf")
-    with atomic_path(path) as tmp:
-        table[list(QUANTILE_COLUMNS)].to_csv(tmp, sep="\t", index=False, float_format="%.10g")
-
-
-def read_quantile_table(path: str | PathLike[str]) -> pd.DataFrame:
-    """Read ``quantiles.tsv``, indexed by gene (names such as ``NA`` stay text).
-
-    Raises
-    ------
-    InputError
-        The file is missing, lacks a column, or repeats a gene.
-    """
-    if not Path(path).is_file():
-        raise InputError(path, "quantile table not found")
-    table = pd.read_csv(path, sep="\t", dtype={"gene": str}, keep_default_na=False, na_values={"gene": []})
-    missing = [column for column in QUANTILE_COLUMNS if column not in table.columns]
-    if missing:
-        raise InputError(path, f"missing columns {missing}; expected {list(QUANTILE_COLUMNS)}")
-    if table["gene"].duplicated().any():
-        raise InputError(path, "a gene is listed twice")
-    return table.set_index("gene")

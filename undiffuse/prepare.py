@@ -1,7 +1,7 @@
 """The prepare step: read a sample, run QC, mask the tissue, choose the genes to correct, write it all.
 
-``prepare`` works on an AnnData in memory (notebooks); ``prepare_sample`` goes from an input path to the
-per-sample outputs of the workflow::
+``prepare`` works on an AnnData in memory, in scanpy's conventions (notebooks); ``prepare_sample`` goes from
+an input path to the per-sample outputs of the workflow::
 
     OUTDIR/prepared.h5ad
     OUTDIR/qc/qc.json, qc.tsv           scalar QC metrics (one row in the TSV)
@@ -67,8 +67,9 @@ def prepare(
     refine_mask: bool = False,
     allow_filtered: bool = False,
     allow_degenerate_tissue: bool = False,
-) -> Preparation:
-    """QC, tissue mask and gene selection of a canonical AnnData, in place.
+    copy: bool = False,
+) -> AnnData | None:
+    """QC, tissue mask and gene selection of a sample, in scanpy's conventions.
 
     Adds ``obs['tissue']``, ``obs['distance_to_tissue']`` (spot pitches) and scanpy's QC columns;
     ``var['selected']`` and ``var['total_counts']``; ``uns['undiffuse']['qc']`` (the scalars of
@@ -77,7 +78,7 @@ def prepare(
     Parameters
     ----------
     adata
-        Canonical AnnData (:func:`undiffuse.read_sample`).
+        ``(N, G)`` canonical AnnData (:func:`undiffuse.read_sample`) of raw counts on all spots.
     genes
         Genes to correct (list, or file with one per line); overrides ``min_counts`` and ``n_top_genes``.
     min_counts
@@ -92,6 +93,12 @@ def prepare(
     allow_degenerate_tissue
         Accept a tissue mask with very few spots, or tissue spots that hold almost none of the UMIs
         (:func:`undiffuse.validate.check_tissue`), with a warning.
+    copy
+        Return a prepared copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    None, or the prepared copy when ``copy`` is true.
 
     Raises
     ------
@@ -100,6 +107,30 @@ def prepare(
         ``allow_filtered``), degenerate tissue (unless ``allow_degenerate_tissue``), an unknown gene in
         ``genes``, or ``refine_mask`` without an image.
     """
+    adata = adata.copy() if copy else adata
+    _prepare(
+        adata,
+        genes=genes,
+        min_counts=min_counts,
+        n_top_genes=n_top_genes,
+        refine_mask=refine_mask,
+        allow_filtered=allow_filtered,
+        allow_degenerate_tissue=allow_degenerate_tissue,
+    )
+    return adata if copy else None
+
+
+def _prepare(
+    adata: AnnData,
+    *,
+    genes: list[str] | str | Path | None,
+    min_counts: int,
+    n_top_genes: int,
+    refine_mask: bool,
+    allow_filtered: bool,
+    allow_degenerate_tissue: bool,
+) -> Preparation:
+    """:func:`prepare` in place, returning what the QC figures are drawn from."""
     info = adata.uns["undiffuse"]
     source = info.get("source")
     check_sample(adata, tissue=False)
@@ -231,7 +262,7 @@ def prepare_sample(
     elif isinstance(genes, str | Path):
         read_gene_list(genes)
     adata = read_sample(input, image=image, sample_id=sample_id)
-    preparation = prepare(
+    preparation = _prepare(
         adata,
         genes=genes,
         min_counts=min_counts,

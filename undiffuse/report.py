@@ -32,8 +32,8 @@ import pandas as pd
 from anndata import AnnData
 
 from .atomic import atomic_path
+from .correct import PARAMETER_COLUMNS, parameter_column
 from .errors import InputError
-from .merge import PARAMETER_COLUMNS
 from .metrics import Rediffuse
 from .package_data import REPORT_NOTEBOOK, SUMMARY_NOTEBOOK
 
@@ -72,9 +72,7 @@ def build_report(
     corrected: str | os.PathLike[str],
     outdir: str | os.PathLike[str],
     *,
-    prepared: str | os.PathLike[str] | None = None,
     qc_dir: str | os.PathLike[str] | None = None,
-    quantiles: str | os.PathLike[str] | None = None,
     truth: str | os.PathLike[str] | None = None,
     markers: str | os.PathLike[str] | None = None,
     sample: str | None = None,
@@ -88,8 +86,8 @@ def build_report(
         ``results/{sample}/corrected.h5ad``.
     outdir
         Folder of the outputs: ``metrics/``, ``report.ipynb``, ``report.html``, ``figures/*.png``.
-    prepared, qc_dir, quantiles
-        ``prepared.h5ad``, the ``qc/`` folder and ``quantiles.tsv``; sections without their input say so.
+    qc_dir
+        The ``qc/`` folder of the prepare step; without it the QC section says so.
     truth
         The simulator's ``truth.h5ad``, when the sample is simulated.
     markers
@@ -112,9 +110,7 @@ def build_report(
     parameters = {
         "sample": sample or outdir.resolve().name,
         "corrected": _path_parameter(corrected),
-        "prepared": _path_parameter(prepared),
         "qc_dir": _path_parameter(qc_dir),
-        "quantiles": _path_parameter(quantiles),
         "metrics_dir": _path_parameter(outputs.metrics_dir),
         "truth": _path_parameter(truth),
         "markers": _path_parameter(markers),
@@ -222,8 +218,8 @@ def read_corrected(path: str | os.PathLike[str]) -> AnnData:
     """Read ``corrected.h5ad`` and check the parts the report needs (raw counts, mask, positions)."""
     adata = read_h5ad(path, "corrected sample")
     problems = []
-    if "counts" not in adata.layers:
-        problems.append("layers['counts'] (raw counts)")
+    if "corrected" not in adata.layers:
+        problems.append("layers['corrected'] (corrected counts)")
     if not {"tissue", "in_tissue"} & set(adata.obs.columns):
         problems.append("obs['tissue'] (tissue mask)")
     if not {"array_row", "array_col"} <= set(adata.obs.columns):
@@ -432,16 +428,15 @@ def show_image(path: str | os.PathLike[str], *, caption: str | None = None) -> N
 class ReportInputs:
     """Everything the report notebook shows, loaded from the workflow's files of one sample.
 
-    Only ``corrected`` and ``metrics_dir`` are required; a section whose input is absent says so.
+    Only ``corrected`` and ``metrics_dir`` are required; a section whose input is absent says so. Everything
+    per gene (selection, initial quantiles, learned parameters, Moran's I) is read from ``corrected.h5ad``.
     """
 
     sample: str
     corrected: AnnData
     metrics: dict[str, pd.DataFrame]
-    prepared: AnnData | None = None
     qc: dict[str, object] = field(default_factory=dict)
     qc_dir: Path | None = None
-    quantiles: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @classmethod
     def load(
@@ -450,9 +445,7 @@ class ReportInputs:
         sample: str,
         corrected: str,
         metrics_dir: str,
-        prepared: str = "",
         qc_dir: str = "",
-        quantiles: str = "",
     ) -> ReportInputs:
         """Load the inputs; empty strings stand for absent files (papermill parameters are strings)."""
         from .metrics import read_metrics
@@ -462,10 +455,8 @@ class ReportInputs:
             sample=sample,
             corrected=read_corrected(corrected),
             metrics=read_metrics(metrics_dir),
-            prepared=read_h5ad(prepared, "prepared sample") if prepared else None,
             qc=json.loads(qc_path.read_text()) if qc_path is not None and qc_path.is_file() else {},
             qc_dir=Path(qc_dir) if qc_dir else None,
-            quantiles=pd.read_csv(quantiles, sep="\t") if quantiles else pd.DataFrame(),
         )
 
     def header(self) -> str:
@@ -499,22 +490,41 @@ class ReportInputs:
         return pd.DataFrame(rows, columns=["qc metric", "value"]).set_index("qc metric")
 
     def gene_selection(self) -> pd.DataFrame:
-        """How many genes the prepare step read and selected for correction (from ``prepared.h5ad``)."""
-        source = self.prepared if self.prepared is not None else self.corrected
+        """How many genes the prepare step read and selected for correction."""
+        source = self.corrected
         selected = source.var["selected"].astype(bool) if "selected" in source.var else None
         rows = {"genes read": source.n_vars}
         if selected is not None:
             rows["genes selected for correction"] = int(selected.sum())
         return pd.DataFrame({"genes": rows}).rename_axis("")
 
+    def quantiles(self) -> pd.DataFrame:
+        """The quantile scan of the selected genes (``q_init``, ``moran_at_q_init``, ``moran_raw``), as the
+        merge stored it in ``var``; empty when the sample holds no scan."""
+        from .merge import MORAN_AT_Q_INIT, MORAN_RAW
+        from .metrics import corrected_gene_mask
+
+        var = self.corrected.var
+        if MORAN_AT_Q_INIT not in var:
+            return pd.DataFrame()
+        scanned = var["selected"].to_numpy(bool) if "selected" in var else corrected_gene_mask(self.corrected)
+        return pd.DataFrame(
+            {
+                "q_init": var[parameter_column("q_init")],
+                "moran_at_q_init": var[MORAN_AT_Q_INIT],
+                "moran_raw": var[MORAN_RAW],
+            }
+        )[scanned]
+
     def diffusion_lengths(self) -> pd.Series:
         """Learned diffusion length of each corrected gene (pitches)."""
         from .metrics import corrected_gene_mask
 
+        column = parameter_column("diffusion_length")
         var = self.corrected.var
-        if "diffusion_length" not in var:
+        if column not in var:
             return pd.Series(dtype=np.float64)
-        return var.loc[corrected_gene_mask(self.corrected), "diffusion_length"].astype(np.float64)
+        return var.loc[corrected_gene_mask(self.corrected), column].astype(np.float64)
 
     def pitch_um(self) -> float:
         """Centre-to-centre distance of the sample's spots or bins in microns (:func:`undiffuse.qc.spot_pitch_um`)."""
@@ -527,29 +537,31 @@ class ReportInputs:
         from .metrics import corrected_gene_mask
 
         var = self.corrected.var.loc[corrected_gene_mask(self.corrected)]
-        if "diffusion_length" not in var:
+        lengths = self.diffusion_lengths()
+        if lengths.empty:
             return pd.DataFrame(columns=["diffusion_length_um"])
-        table = pd.DataFrame(
-            {"diffusion_length_um": var["diffusion_length"].astype(np.float64) * self.pitch_um()},
-            index=var.index,
-        )
-        for column in ("bleed", "distal"):
-            if column in var:
-                table[column] = var[column].astype(np.float64)
+        table = pd.DataFrame({"diffusion_length_um": lengths * self.pitch_um()}, index=var.index)
+        for name in ("bleed", "distal"):
+            if parameter_column(name) in var:
+                table[name] = var[parameter_column(name)].astype(np.float64)
         table.index.name = "gene"
         return table.sort_values("diffusion_length_um", ascending=False)
 
+    def _correction(self) -> Mapping[str, object]:
+        return self.corrected.uns.get("undiffuse", {}).get("correction", {})
+
     def kernel_profile(self) -> pd.DataFrame:
-        """``uns['kernel_profile']`` as one table (a ``chunk`` column when merged from chunks)."""
-        return _as_table(self.corrected.uns.get("kernel_profile"))
+        """``uns['undiffuse']['correction']['kernel_profile']`` as one table (a ``chunk`` column when merged
+        from chunks)."""
+        return _as_table(self._correction().get("kernel_profile"))
 
     def loss_history(self) -> dict[str, pd.DataFrame]:
-        """``uns['loss_history']`` as ``{chunk: table}``.
+        """``uns['undiffuse']['correction']['loss_history']`` as ``{chunk: table}``.
 
         Accepts the merged layout (one table with a ``chunk`` column), a mapping of chunk to table, or one
         chunk's table (a mapping of column to values).
         """
-        history = self.corrected.uns.get("loss_history")
+        history = self._correction().get("loss_history")
         if (
             isinstance(history, Mapping)
             and history
@@ -566,10 +578,13 @@ class ReportInputs:
         from .metrics import corrected_gene_mask
 
         var = self.corrected.var.loc[corrected_gene_mask(self.corrected)]
-        columns = [c for c in PARAMETER_COLUMNS if c in var]
+        columns = {
+            parameter_column(name): name for name in PARAMETER_COLUMNS if parameter_column(name) in var
+        }
         if var.empty or not columns:
             return pd.DataFrame()
-        table = var[columns].astype(np.float64).describe(percentiles=[0.25, 0.5, 0.75])
+        learned = var[list(columns)].rename(columns=columns).astype(np.float64)
+        table = learned.describe(percentiles=[0.25, 0.5, 0.75])
         return table.loc[["min", "25%", "50%", "75%", "max"]].T
 
     def most_changed_genes(self, n: int) -> list[str]:

@@ -921,15 +921,15 @@ def write_result(result: SuperResResult, adata: AnnData, path: str | Path) -> Pa
 
 
 def most_changed_genes(adata: AnnData, genes: Sequence[str], n: int) -> list[str]:
-    """The ``n`` genes the correction moved most (:func:`undiffuse.metrics.relative_change` between layers
-    ``counts`` and ``corrected``); the first ``n`` of ``genes`` when the layers are absent."""
+    """The ``n`` genes the correction moved most (:func:`undiffuse.metrics.relative_change` between the raw
+    counts ``X`` and ``layers['corrected']``); the first ``n`` of ``genes`` without that layer."""
     from .metrics import relative_change
 
     genes = list(genes)
-    if "counts" not in adata.layers or "corrected" not in adata.layers:
+    if "corrected" not in adata.layers:
         return genes[:n]
     view = adata[:, genes]
-    before, after = (as_dense(m) for m in (view.layers["counts"], view.layers["corrected"]))
+    before, after = (as_dense(m) for m in (view.X, view.layers["corrected"]))
     order = np.argsort(-relative_change(before, after), kind="stable")
     return [genes[k] for k in order[:n]]
 

@@ -8,11 +8,7 @@ with logged_to(snakemake.log[0]) as log:
     import torch
 
     from undiffuse.chunks import run_chunk
-    from undiffuse.io.h5ad import read_prepared
 
-    # The prepared sample is checked like any input (raw counts, names, tissue) before the work; degenerate
-    # tissue was refused or allowed by prepare already.
-    read_prepared(snakemake.input.prepared, allow_degenerate_tissue=True)
     torch.set_num_threads(snakemake.threads)
     index = int(snakemake.wildcards.chunk)
     genes = run_chunk(

@@ -12,9 +12,7 @@ with logged_to(snakemake.log[0]) as log:
     outputs = build_report(
         snakemake.input.corrected,
         snakemake.params.outdir,
-        prepared=snakemake.input.prepared,
         qc_dir=Path(snakemake.input.qc).parent,
-        quantiles=snakemake.input.quantiles,
         truth=snakemake.input.get("truth") or None,
         markers=snakemake.input.get("markers") or None,
         sample=snakemake.wildcards.sample,

@@ -23,9 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="correct lateral diffusion of a sample",
         description=(
             "Correct lateral diffusion. INPUT is a prepared .h5ad (from `undiffuse prepare`) or anything "
-            "`undiffuse prepare` accepts, which is then prepared with default settings first. OUT.h5ad holds the "
-            "same spots and the corrected genes: raw counts in layer 'counts', corrected counts in X and in "
-            "layer 'corrected', learned parameters in var."
+            "`undiffuse prepare` accepts, which is then prepared with default settings first. OUT.h5ad is the "
+            "prepared sample with the correction added (as `undiffuse.correct` writes it): raw counts in X, "
+            "corrected counts of all genes in layer 'corrected' (genes not corrected keep their raw counts), "
+            "learned parameters in var['undiffuse_*'] and varm['undiffuse_phi'], provenance in "
+            "uns['undiffuse']['correction']."
         ),
     )
     parser.add_argument("input", type=Path, metavar="INPUT")
@@ -96,13 +98,12 @@ def correction_config(args: argparse.Namespace) -> CorrectionConfig:
 def run(args: argparse.Namespace) -> None:
     import tempfile
 
-    from ..arrays import as_dense
     from ..atomic import atomic_path, check_output_path
     from ..correct import correct
     from ..errors import InputError
     from ..genes import read_gene_list, selected_genes
     from ..io.h5ad import is_prepared, read_prepared
-    from ..validate import check_genes, pass_through_failed_genes
+    from ..validate import check_genes
 
     # Fail before the work: the output, the config, the gene list and the quantile table first.
     check_output_path(args.output)
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> None:
         genes, gene_source, gene_what = read_gene_list(args.genes_file), args.genes_file, "the gene list"
     q_init = None
     if args.quantiles is not None:
-        from ..moran import read_quantile_table
+        from ..quantiles import read_quantile_table
 
         q_init = read_quantile_table(args.quantiles)["q_init"]
 
@@ -148,12 +149,7 @@ def run(args: argparse.Namespace) -> None:
         if not ((values >= 0) & (values <= 1)).all():
             raise InputError(args.quantiles, "q_init values must lie in [0, 1]")
 
-    result = correct(adata, genes=genes, q_init=q_init, config=config)
-    raw = as_dense(adata[:, genes].X, dtype=None)
-    result.corrected, passed = pass_through_failed_genes(result.corrected, raw, genes)
-    output = result.to_anndata(adata)
-    if passed:
-        output.var["passed_through"] = output.var_names.isin(passed)
+    correct(adata, genes=genes, q_init=q_init, config=config)
     with atomic_path(args.output) as tmp:
-        output.write_h5ad(tmp)
+        adata.write_h5ad(tmp, compression="gzip")
     print(args.output)

@@ -32,7 +32,8 @@ def init_quantiles(
     """
     from ..atomic import check_output_path
     from ..io.h5ad import read_prepared
-    from ..moran import scan_quantiles, write_quantile_table
+    from ..moran import scan_quantiles
+    from ..quantiles import write_quantile_table
 
     check_output_path(output)
     # Degenerate tissue was accepted (or refused) by prepare; the scan itself copes with it.

@@ -20,9 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     report.add_argument("corrected", type=Path, metavar="CORRECTED.h5ad", help="output of `undiffuse merge`")
     report.add_argument("outdir", type=Path, metavar="OUTDIR", help="folder of the report (results/{sample})")
-    report.add_argument("--prepared", type=Path, default=None, help="prepared.h5ad of the sample")
     report.add_argument("--qc-dir", type=Path, default=None, help="qc/ folder of the prepare step")
-    report.add_argument("--quantiles", type=Path, default=None, help="quantiles.tsv of init-quantiles")
     report.add_argument("--truth", type=Path, default=None, help="truth.h5ad of a simulated sample")
     report.add_argument(
         "--markers",
@@ -60,9 +58,7 @@ def _run_report(args: argparse.Namespace) -> None:
     outputs = build_report(
         args.corrected,
         args.outdir,
-        prepared=args.prepared,
         qc_dir=args.qc_dir,
-        quantiles=args.quantiles,
         truth=args.truth,
         markers=args.markers,
         sample=args.sample,

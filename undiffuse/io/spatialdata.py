@@ -240,7 +240,7 @@ def _rgb_float(image: np.ndarray) -> np.ndarray:
 def to_spatialdata(
     adata: AnnData,
     *,
-    counts_layer: str = "counts",
+    layer: str = "corrected",
     superres: Mapping[int, AnnData] | None = None,
     source: str | Path | None = None,
 ) -> SpatialData:
@@ -250,11 +250,12 @@ def to_spatialdata(
     ----------
     adata
         A corrected AnnData in the canonical layout (``corrected.h5ad``): ``obsm['spatial']``,
-        ``uns['spatial'][sample_id]`` with the scale factors and images, and the raw counts in
-        ``layers[counts_layer]``. It becomes the table as it is, except that its images move to image
-        elements (``uns['spatial']`` keeps the scale factors and metadata).
-    counts_layer
-        Layer of the raw counts, which the table must carry.
+        ``uns['spatial'][sample_id]`` with the scale factors and images, the raw counts in ``X`` and the
+        corrected values in ``layers[layer]`` (as :func:`undiffuse.correct` leaves them). It becomes the table
+        as it is, except that its images move to image elements (``uns['spatial']`` keeps the scale factors
+        and metadata).
+    layer
+        Layer of the corrected values, which the table must carry.
     superres
         Super-resolved AnnData (``superres_{factor}x.h5ad``) by factor; each becomes an image element with one
         channel per gene, zero outside tissue.
@@ -264,7 +265,7 @@ def to_spatialdata(
     Raises
     ------
     InputError
-        When ``adata`` lacks the raw counts, coordinates or scale factors, or a super-resolved AnnData lacks
+        When ``adata`` lacks the corrected layer, coordinates or scale factors, or a super-resolved AnnData lacks
         its grid.
     """
     _require("spatialdata")
@@ -274,10 +275,10 @@ def to_spatialdata(
 
     source = source if source is not None else adata.uns.get("undiffuse", {}).get("source")
     sample_id, library = _library(adata, source)
-    if counts_layer not in adata.layers:
+    if layer not in adata.layers:
         raise InputError(
             source,
-            f"has no layer '{counts_layer}' with the raw counts (layers: {', '.join(adata.layers) or 'none'}); "
+            f"has no layer '{layer}' with the corrected values (layers: {', '.join(adata.layers) or 'none'}); "
             "give the corrected.h5ad that undiffuse merge wrote",
         )
     if SPATIAL_KEY not in adata.obsm:
@@ -387,7 +388,7 @@ def write_spatialdata(
     adata: AnnData,
     path: str | Path,
     *,
-    counts_layer: str = "counts",
+    layer: str = "corrected",
     superres: Mapping[int, AnnData] | None = None,
     source: str | Path | None = None,
 ) -> Path:
@@ -403,7 +404,7 @@ def write_spatialdata(
     >>> write_spatialdata(anndata.read_h5ad("results/s1/corrected.h5ad"), "results/s1/corrected.zarr")  # doctest: +SKIP
     >>> spatialdata.read_zarr("results/s1/corrected.zarr")  # doctest: +SKIP
     """
-    sdata = to_spatialdata(adata, counts_layer=counts_layer, superres=superres, source=source)
+    sdata = to_spatialdata(adata, layer=layer, superres=superres, source=source)
     path = Path(path)
     with atomic_path(path, directory=True) as tmp:
         # spatialdata writes a new store only: it refuses to write into the (empty) temporary folder.

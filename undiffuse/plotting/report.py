@@ -176,12 +176,13 @@ def plot_quantiles(quantiles: pd.DataFrame) -> Figure:
     Parameters
     ----------
     quantiles
-        ``quantiles.tsv``: ``gene``, ``q_init``, ``moran_at_q_init``, ``moran_raw``.
+        Per scanned gene ``q_init``, ``moran_at_q_init`` and ``moran_raw``
+        (:meth:`undiffuse.report.ReportInputs.quantiles`).
     """
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     left, right = fig.subplots(1, 2)
     if quantiles.empty or "q_init" not in quantiles:
-        _message(left, "no quantiles.tsv")
+        _message(left, "no quantile scan")
         right.set_axis_off()
         return fig
     left.hist(
@@ -288,7 +289,7 @@ def plot_before_after(adata: AnnData, genes: Sequence[str], *, quantile: float =
     Parameters
     ----------
     adata
-        ``corrected.h5ad``: layers ``counts`` and ``corrected``.
+        ``corrected.h5ad``: raw counts in ``X``, the correction in ``layers['corrected']``.
     genes
         Genes to draw (e.g. the most changed ones).
     quantile
@@ -302,10 +303,9 @@ def plot_before_after(adata: AnnData, genes: Sequence[str], *, quantile: float =
         _message(axes[0, 0], "no corrected gene")
         axes[0, 1].set_axis_off()
         return fig
-    corrected_layer = "corrected" if "corrected" in adata.layers else None
     for row, gene in zip(axes, genes, strict=True):
-        raw = _column(adata, gene, "counts")
-        fixed = _column(adata, gene, corrected_layer)
+        raw = _column(adata, gene, None)
+        fixed = _column(adata, gene, "corrected")
         top = float(np.quantile(np.concatenate([raw, fixed]), quantile))
         for ax, values, stage in ((row[0], raw, "raw"), (row[1], fixed, "corrected")):
             spatial_scatter(
