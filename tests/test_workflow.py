@@ -332,7 +332,11 @@ def hd_run(tmp_path_factory) -> dict:
     report included, in a working directory of its own; the wall time is kept for the record."""
     workdir = tmp_path_factory.mktemp("workflow_hd")
     start = time.monotonic()
-    check(snakemake(workdir, *targets("hd"), "results/hd/report.html"))
+    check(
+        snakemake(
+            workdir, *targets("hd"), "results/hd/report.html", "results/hd/aggregated/square_016um.h5ad"
+        )
+    )
     return {"workdir": workdir, "wall_s": time.monotonic() - start}
 
 
@@ -368,6 +372,18 @@ def test_hd_sample_runs_through_the_whole_workflow(hd_run):
     for figure in ("before_after", "kernel", "cell_types"):
         assert (folder / "figures" / f"{figure}.png").stat().st_size > 10_000
     assert (folder / "qc" / "background_decay.png").is_file()
+
+    # aggregate.bin_sizes [16] of the test config: 2 x 2 blocks of 8 um bins, every total kept.
+    coarse = ad.read_h5ad(folder / "aggregated" / "square_016um.h5ad")
+    assert coarse.n_obs == 64 * 64 and coarse.obs_names[0] == "s_016um_00000_00000-1"
+    for name in ("X", "corrected"):
+        fine_matrix = corrected.X if name == "X" else corrected.layers[name]
+        coarse_matrix = coarse.X if name == "X" else coarse.layers[name]
+        np.testing.assert_allclose(
+            np.asarray(coarse_matrix.sum(axis=0)).ravel(),
+            np.asarray(fine_matrix.sum(axis=0)).ravel(),
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.workflow
