@@ -1,8 +1,9 @@
 r"""A sample's geometry, built once and shared by every gene: spots, tissue, the diffusion operator, and the
 inputs of the losses and of the prior.
 
-What only a loss needs (the image raster, the Moran's I graph) is built on first use, so that applying a
-learned model (:func:`undiffuse.correct.rediffuse`) or deconvolving with a known kernel builds neither.
+What only a loss or the prior needs (the image raster, the Moran's I graph, the prior's neighbour graph) is
+built on first use, so that applying a learned model (:func:`undiffuse.correct.rediffuse`) builds none of them
+and deconvolving with a known kernel builds only the prior's.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class SampleGeometry:
         Range (pitches) of f_phi's radial basis, and of the kernel profiles reported.
     diffusion_scale
         The QC's Gaussian-equivalent diffusion scale (pitches), or ``None`` without QC.
-    neighbours
-        First-ring tissue neighbours (the smoothness prior's graph), weighted alike or bilaterally.
+    prior_weights
+        How the smoothness prior weighs a spot's tissue neighbours (:attr:`neighbours`).
     """
 
     adata: AnnData = field(repr=False)
@@ -78,7 +79,7 @@ class SampleGeometry:
     operator: LatticeOperator | PairOperator
     reach: float
     diffusion_scale: float | None
-    neighbours: TissueNeighbours = field(repr=False)
+    prior_weights: PriorWeights
     image: np.ndarray | None = field(repr=False)
     image_size: int
     device: torch.device
@@ -126,13 +127,7 @@ class SampleGeometry:
             operator=diffusion_operator,
             reach=reach,
             diffusion_scale=info.get("diffusion_scale"),
-            neighbours=TissueNeighbours.build(
-                coords,
-                tissue,
-                profiles=expression_profiles(adata, tissue) if prior_weights == "bilateral" else None,
-                dtype=dtype,
-                device=device,
-            ),
+            prior_weights=prior_weights,
             image=image,
             image_size=image_size,
             device=device,
@@ -160,6 +155,15 @@ class SampleGeometry:
     def features(self, distance: torch.Tensor, crosses: torch.Tensor) -> torch.Tensor:
         """``(M, K + 1)`` inputs of f_phi (:mod:`undiffuse.ot.cost`) at these distances."""
         return pair_features(distance, crosses, self.reach)
+
+    @cached_property
+    def neighbours(self) -> TissueNeighbours:
+        """First-ring tissue neighbours (the smoothness prior's graph), weighted alike or bilaterally."""
+        tissue = self.tissue.cpu().numpy()
+        profiles = expression_profiles(self.adata, tissue) if self.prior_weights == "bilateral" else None
+        return TissueNeighbours.build(
+            self.coords, tissue, profiles=profiles, dtype=self.dtype, device=self.device
+        )
 
     @cached_property
     def moran_weights(self) -> SpatialWeights:
