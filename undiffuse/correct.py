@@ -107,10 +107,10 @@ class CorrectionConfig:
         Strength :math:`\alpha` of the smoothness prior (:mod:`undiffuse.ot.prior`): ``"auto"`` (default)
         estimates it per gene by empirical Bayes; a number sets it for every gene; 0 is maximum-likelihood EM.
     prior_weights
-        How the prior weighs a spot's tissue neighbours: ``"uniform"`` (default) alike; ``"bilateral"`` by the
-        similarity of their expression profiles (computed once per sample from the selected genes' raw
-        counts, :func:`undiffuse.geometry.expression_profiles`), so that the prior does not smooth across
-        tissue domain borders.
+        How the prior weighs a spot's tissue neighbours: ``"bilateral"`` (default) by the similarity of their
+        expression profiles (computed once per sample from the selected genes' raw counts,
+        :func:`undiffuse.geometry.expression_profiles`), so that the prior does not smooth across tissue domain
+        borders; ``"uniform"`` alike.
     image_size
         Longer side of the grid the image loss works on, in pixels.
     batch_genes
@@ -142,7 +142,7 @@ class CorrectionConfig:
     bleed_init: float = 0.3
     distal_init: float = 0.02
     prior_strength: float | str = "auto"
-    prior_weights: PriorWeights = "uniform"
+    prior_weights: PriorWeights = "bilateral"
     image_size: int = 64
     batch_genes: int | str = "auto"
     train_spots: int | None = 50_000

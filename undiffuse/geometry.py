@@ -96,7 +96,7 @@ class SampleGeometry:
         tolerance: float = DEFAULT_TOLERANCE,
         image: np.ndarray | None = None,
         image_size: int = 64,
-        prior_weights: PriorWeights = "uniform",
+        prior_weights: PriorWeights = "bilateral",
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> SampleGeometry:

@@ -3,15 +3,18 @@ r"""A spatial smoothness prior for the EM deconvolution: a Gamma Markov random f
 Maximum-likelihood EM (:mod:`undiffuse.ot.deconvolution`) fits counting noise as well as signal: where a
 gene's counts are low, sharpening the blurred field amplifies Poisson noise, and the deconvolved field
 correlates less with the truth than the blurred one does. Neighbouring spots hold similar tissue, so the prior
-puts each tissue spot's true expression near the mean of its tissue neighbours,
+puts each tissue spot's true expression near the weighted mean of its tissue neighbours,
 
 .. math::
 
     z_i \mid z_{\mathcal N(i)} \sim \mathrm{Gamma}\big(\alpha + 1,\ \mathrm{rate} = \alpha / m_i\big),
-    \qquad m_i = \frac{1}{|\mathcal N(i)|} \sum_{j \in \mathcal N(i)} z_j ,
+    \qquad m_i = \sum_{j \in \mathcal N(i)} w_{ij} z_j , \quad \sum_j w_{ij} = 1,
 
 whose mode is :math:`m_i` and whose coefficient of variation is about :math:`1 / \sqrt\alpha`
-(:math:`\mathcal N(i)`: the first ring of tissue neighbours). With :math:`m` taken from the current iterate
+(:math:`\mathcal N(i)`: the first ring of tissue neighbours). Equal weights pull expression across the border
+between two tissue domains (a marker leaks into the next domain); bilateral weights
+(:func:`bilateral_weights`) give little weight to a neighbour whose expression profile differs, so the prior
+smooths within domains and keeps their borders. With :math:`m` taken from the current iterate
 (Green's one-step-late EM), the M-step maximises
 :math:`y_i \log z_i - z_i + \alpha \log z_i - \alpha z_i / m_i` over :math:`z_i`, where :math:`y` is the
 maximum-likelihood update (the expected number of molecules that came from each spot):
