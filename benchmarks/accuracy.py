@@ -8,11 +8,13 @@ the Moran's I scan, and scores over tissue spots:
 - ``deconvolve``, the correction with its defaults (the lattice FFT operator, no cutoff), the same with the
   pair operator (``operator: pairs``, radius capped at ``max_cutoff``), without the prior (maximum likelihood,
   ``prior_strength=0``), and, with ``--previous REV``, the engine of an earlier git revision run in the same
-  benchmark (``benchmarks/previous.py``);
+  benchmark (``benchmarks/previous.py``), and, with ``--other-prior-weights``, with the prior's other
+  neighbour weights (``prior_weights: uniform``; rows ``*_uniform``);
 - with ``--seed-baseline``, the seed's balanced OT (:mod:`undiffuse.ot.baseline`; dense POT, so small samples
   only);
 - EM with the simulator's true kernel: maximum likelihood (the reference of issue 4's criteria) and maximum a
-  posteriori with the same prior as ``deconvolve`` (the answer known).
+  posteriori with the same prior as ``deconvolve`` (the answer known), and with ``--other-prior-weights`` the
+  same with the other neighbour weights.
 
 Writes ``benchmarks/results/accuracy[_SUFFIX].json`` and ``.md``.
 
@@ -81,6 +83,11 @@ def main() -> None:
     parser.add_argument("--skip-pairs", action="store_true", help="skip deconvolve with the pair operator")
     parser.add_argument("--skip-no-prior", action="store_true", help="skip deconvolve without the prior")
     parser.add_argument(
+        "--other-prior-weights",
+        action="store_true",
+        help="also run deconvolve and MAP with the true kernel with the non-default prior_weights",
+    )
+    parser.add_argument(
         "--gene-stride", type=int, default=1, metavar="K", help="correct every K-th selected gene (all kinds)"
     )
     parser.add_argument("--suffix", default="")
@@ -118,7 +125,11 @@ def main() -> None:
     figures["zero_background_rescaled"] = score(baseline, truth, tissue, genes)
 
     simulation = truth.uns["simulation"]
-    for name, prior_strength in (("em_true_kernel", 0.0), ("map_true_kernel", config.prior_strength)):
+    other_weights = "uniform" if config.prior_weights == "bilateral" else "bilateral"
+    oracles = {"em_true_kernel": {"prior_strength": 0.0}, "map_true_kernel": {}}
+    if args.other_prior_weights:
+        oracles[f"map_true_kernel_{other_weights}"] = {"prior_weights": other_weights}
+    for name, options in oracles.items():
         started = time.perf_counter()
         oracle = deconvolve_known_kernel(
             adata,
@@ -128,7 +139,7 @@ def main() -> None:
             distal=float(simulation["distal"]),
             kind=str(simulation["kernel"]),
             q_init=q_init,
-            config=replace(config, prior_strength=prior_strength),
+            config=replace(config, **options),
         )
         timings[name] = time.perf_counter() - started
         figures[name] = score(oracle, truth, tissue, genes)
@@ -138,6 +149,8 @@ def main() -> None:
         runs["deconvolve_pairs"] = {"operator": "pairs"}
     if not args.skip_no_prior:
         runs["deconvolve_no_prior"] = {"prior_strength": 0.0}
+    if args.other_prior_weights:
+        runs[f"deconvolve_{other_weights}"] = {"prior_weights": other_weights}
     learned = {}
     for name, options in runs.items():
         started = time.perf_counter()

@@ -51,7 +51,7 @@ from .arrays import as_dense
 from .diffusion import KernelKind, profile
 from .errors import ConfigError, InputError
 from .genes import selected_genes
-from .geometry import SampleGeometry
+from .geometry import PriorWeights, SampleGeometry
 from .memory import heap_reuse
 from .model import DiffusionModel, SoftStart, gibbs_log_weights
 from .operators import DEFAULT_TOLERANCE, OperatorKind
@@ -107,6 +107,11 @@ class CorrectionConfig:
     prior_strength
         Strength :math:`\alpha` of the smoothness prior (:mod:`undiffuse.ot.prior`): ``"auto"`` (default)
         estimates it per gene by empirical Bayes; a number sets it for every gene; 0 is maximum-likelihood EM.
+    prior_weights
+        How the prior weighs a spot's tissue neighbours: ``"bilateral"`` (default) by the similarity of their
+        expression profiles (computed once per sample from the selected genes' raw counts,
+        :func:`undiffuse.geometry.expression_profiles`), so that the prior does not smooth across tissue domain
+        borders; ``"uniform"`` alike.
     image_size
         Longer side of the grid the image loss works on, in pixels.
     batch_genes
@@ -138,6 +143,7 @@ class CorrectionConfig:
     bleed_init: float = 0.3
     distal_init: float = 0.02
     prior_strength: float | str = "auto"
+    prior_weights: PriorWeights = "bilateral"
     image_size: int = 64
     batch_genes: int | str = "auto"
     train_spots: int | None = 50_000
@@ -180,6 +186,8 @@ class CorrectionConfig:
             or (isinstance(self.prior_strength, int | float) and 0 <= self.prior_strength < math.inf)
         ):
             problems.append("prior_strength must be 'auto' or a non-negative number")
+        if self.prior_weights not in ("uniform", "bilateral"):
+            problems.append(f"prior_weights must be 'uniform' or 'bilateral', not {self.prior_weights!r}")
         unknown = set(self.weights) - set(LOSS_TERMS)
         if unknown:
             problems.append(f"unknown loss weights {sorted(unknown)}; expected {list(LOSS_TERMS)}")
@@ -598,6 +606,7 @@ def _geometry(
         tolerance=config.kernel_tolerance,
         image=image,
         image_size=config.image_size,
+        prior_weights=config.prior_weights,
         device=device,
         dtype=dtype,
     )

@@ -1,8 +1,9 @@
 r"""A sample's geometry, built once and shared by every gene: spots, tissue, the diffusion operator, and the
 inputs of the losses and of the prior.
 
-What only a loss needs (the image raster, the Moran's I graph) is built on first use, so that applying a
-learned model (:func:`undiffuse.correct.rediffuse`) or deconvolving with a known kernel builds neither.
+What only a loss or the prior needs (the image raster, the Moran's I graph, the prior's neighbour graph) is
+built on first use, so that applying a learned model (:func:`undiffuse.correct.rediffuse`) builds none of them
+and deconvolving with a known kernel builds only the prior's.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from .genes import selected_genes
 from .losses import ImageTarget
 from .moran import SpatialWeights, spatial_weights
 from .operators import DEFAULT_TOLERANCE, LatticeOperator, OperatorKind, PairOperator, build_operator
@@ -30,6 +33,13 @@ from .tissue import pick_image
 DEFAULT_REACH = 8.0
 #: A Gaussian kernel keeps 99% of its mass within this many scales (2-D: sqrt(2 ln 100)).
 SCALES_PER_REACH = 3.0
+#: Principal components of the expression profiles that weigh the bilateral smoothness prior's neighbours:
+#: enough to tell tissue domains apart, few enough to leave most counting noise out.
+PROFILE_COMPONENTS = 15
+#: The profiles use at most this many of the selected genes (the most variable ones).
+PROFILE_MAX_GENES = 2000
+#: How the smoothness prior weighs a spot's tissue neighbours (:class:`undiffuse.ot.prior.TissueNeighbours`).
+PriorWeights = Literal["uniform", "bilateral"]
 
 
 def qc_reach(info: Mapping[str, Any]) -> float:
@@ -59,8 +69,8 @@ class SampleGeometry:
         Range (pitches) of f_phi's radial basis, and of the kernel profiles reported.
     diffusion_scale
         The QC's Gaussian-equivalent diffusion scale (pitches), or ``None`` without QC.
-    neighbours
-        First-ring tissue neighbours (the smoothness prior's graph).
+    prior_weights
+        How the smoothness prior weighs a spot's tissue neighbours (:attr:`neighbours`).
     """
 
     adata: AnnData = field(repr=False)
@@ -69,7 +79,7 @@ class SampleGeometry:
     operator: LatticeOperator | PairOperator
     reach: float
     diffusion_scale: float | None
-    neighbours: TissueNeighbours = field(repr=False)
+    prior_weights: PriorWeights
     image: np.ndarray | None = field(repr=False)
     image_size: int
     device: torch.device
@@ -86,6 +96,7 @@ class SampleGeometry:
         tolerance: float = DEFAULT_TOLERANCE,
         image: np.ndarray | None = None,
         image_size: int = 64,
+        prior_weights: PriorWeights = "bilateral",
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> SampleGeometry:
@@ -116,7 +127,7 @@ class SampleGeometry:
             operator=diffusion_operator,
             reach=reach,
             diffusion_scale=info.get("diffusion_scale"),
-            neighbours=TissueNeighbours.build(coords, tissue, dtype=dtype, device=device),
+            prior_weights=prior_weights,
             image=image,
             image_size=image_size,
             device=device,
@@ -146,6 +157,15 @@ class SampleGeometry:
         return pair_features(distance, crosses, self.reach)
 
     @cached_property
+    def neighbours(self) -> TissueNeighbours:
+        """First-ring tissue neighbours (the smoothness prior's graph), weighted alike or bilaterally."""
+        tissue = self.tissue.cpu().numpy()
+        profiles = expression_profiles(self.adata, tissue) if self.prior_weights == "bilateral" else None
+        return TissueNeighbours.build(
+            self.coords, tissue, profiles=profiles, dtype=self.dtype, device=self.device
+        )
+
+    @cached_property
     def moran_weights(self) -> SpatialWeights:
         """The first-ring spot graph of the Moran's I loss."""
         return spatial_weights(self.coords, dtype=self.dtype, device=self.device)
@@ -169,6 +189,38 @@ class SampleGeometry:
     def profile_distance(self) -> torch.Tensor:
         """Distances (pitches) at which the learned kernel profile is reported."""
         return torch.linspace(0.0, self.reach, 49, dtype=self.dtype, device=self.device)
+
+
+def expression_profiles(
+    adata: AnnData, tissue: np.ndarray, *, n_components: int = PROFILE_COMPONENTS
+) -> np.ndarray:
+    """``(N, K)`` expression profiles of the spots, from which the bilateral prior weighs neighbours.
+
+    The selected genes' raw counts (:func:`undiffuse.genes.selected_genes`), normalised to the median library
+    size of the tissue spots and log1p-transformed, projected on their first ``n_components`` principal
+    components over the tissue spots. They are computed once per sample, from every selected gene, so that a
+    gene's correction does not depend on the chunk it is corrected in. The counts are still diffused, which
+    blurs the profiles only within about a diffusion length of a border: the profiles still tell the two
+    domains apart there, and the spots that carry the blurred mix lose both weights alike.
+    """
+    tissue = np.asarray(tissue, dtype=bool)
+    counts = sp.csr_array(adata[:, selected_genes(adata)].X, dtype=np.float64)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    lit = totals > 0
+    target = float(np.median(totals[tissue & lit])) if (tissue & lit).any() else 1.0
+    scale = np.where(lit, target / np.where(lit, totals, 1.0), 0.0)
+    logged = sp.csr_array(sp.diags_array(scale) @ counts)
+    logged.data = np.log1p(logged.data)
+    inside = logged[np.flatnonzero(tissue)]
+    n = max(inside.shape[0], 1)
+    mean = np.asarray(inside.sum(axis=0)).ravel() / n
+    variance = np.asarray(inside.multiply(inside).sum(axis=0)).ravel() / n - mean**2
+    kept = np.sort(np.argsort(-variance, kind="stable")[:PROFILE_MAX_GENES])
+    inside, logged, mean = inside[:, kept], logged[:, kept], mean[kept]
+    covariance = (inside.T @ inside).toarray() / n - np.outer(mean, mean)
+    _, vectors = np.linalg.eigh(covariance)
+    axes = vectors[:, ::-1][:, : min(n_components, len(kept))]
+    return logged @ axes - mean @ axes
 
 
 def _image_raster(

@@ -3,15 +3,18 @@ r"""A spatial smoothness prior for the EM deconvolution: a Gamma Markov random f
 Maximum-likelihood EM (:mod:`undiffuse.ot.deconvolution`) fits counting noise as well as signal: where a
 gene's counts are low, sharpening the blurred field amplifies Poisson noise, and the deconvolved field
 correlates less with the truth than the blurred one does. Neighbouring spots hold similar tissue, so the prior
-puts each tissue spot's true expression near the mean of its tissue neighbours,
+puts each tissue spot's true expression near the weighted mean of its tissue neighbours,
 
 .. math::
 
     z_i \mid z_{\mathcal N(i)} \sim \mathrm{Gamma}\big(\alpha + 1,\ \mathrm{rate} = \alpha / m_i\big),
-    \qquad m_i = \frac{1}{|\mathcal N(i)|} \sum_{j \in \mathcal N(i)} z_j ,
+    \qquad m_i = \sum_{j \in \mathcal N(i)} w_{ij} z_j , \quad \sum_j w_{ij} = 1,
 
 whose mode is :math:`m_i` and whose coefficient of variation is about :math:`1 / \sqrt\alpha`
-(:math:`\mathcal N(i)`: the first ring of tissue neighbours). With :math:`m` taken from the current iterate
+(:math:`\mathcal N(i)`: the first ring of tissue neighbours). Equal weights pull expression across the border
+between two tissue domains (a marker leaks into the next domain); bilateral weights
+(:func:`bilateral_weights`) give little weight to a neighbour whose expression profile differs, so the prior
+smooths within domains and keeps their borders. With :math:`m` taken from the current iterate
 (Green's one-step-late EM), the M-step maximises
 :math:`y_i \log z_i - z_i + \alpha \log z_i - \alpha z_i / m_i` over :math:`z_i`, where :math:`y` is the
 maximum-likelihood update (the expected number of molecules that came from each spot):
@@ -52,12 +55,16 @@ MAX_STRENGTH = 1e4
 class TissueNeighbours:
     """The first ring of tissue neighbours of each tissue spot, row-normalised, and a central tissue spot.
 
+    The weights are equal, or bilateral (:func:`bilateral_weights`): lower towards neighbours whose expression
+    profile differs, so that the prior does not smooth across the border between two tissue domains.
+
     Attributes
     ----------
     weights
         Row-normalised first-ring weights between tissue spots (background spots have empty rows).
     degree
-        ``(N,)`` number of tissue neighbours of each spot (0 off tissue).
+        ``(N,)`` effective number of tissue neighbours of each spot, :math:`1 / \\sum_j w_{ij}^2` (their number
+        under equal weights; 0 off tissue).
     centre
         Index of the tissue spot farthest from the background, where the blur of spot-to-spot variation is
         measured.
@@ -69,19 +76,35 @@ class TissueNeighbours:
 
     @classmethod
     def build(
-        cls, coords: np.ndarray, tissue: np.ndarray, *, dtype: torch.dtype, device: torch.device | str
+        cls,
+        coords: np.ndarray,
+        tissue: np.ndarray,
+        *,
+        profiles: np.ndarray | None = None,
+        dtype: torch.dtype,
+        device: torch.device | str,
     ) -> TissueNeighbours:
-        """From ``(N, 2)`` coordinates in spot pitches and an ``(N,)`` tissue mask."""
+        """From ``(N, 2)`` coordinates in spot pitches and an ``(N,)`` tissue mask.
+
+        ``profiles``: ``(N, K)`` expression profiles of the spots (:func:`bilateral_weights`); ``None`` weighs
+        every neighbour alike.
+        """
         tissue = np.asarray(tissue, dtype=bool)
         inside = torch.as_tensor(np.flatnonzero(tissue))
         # The row-normalised first ring of the tissue spots alone, written back in the sample's spot indices.
-        ring = spatial_weights(coords[tissue], dtype=dtype)
-        weights = SpatialWeights(inside[ring.source], inside[ring.target], ring.weight, len(tissue)).to(
-            device
-        )
-        degree = torch.zeros(len(tissue), dtype=dtype).index_add(
-            0, inside[ring.source], torch.ones_like(ring.weight)
-        )
+        ring = spatial_weights(coords[tissue], dtype=torch.float64)
+        weight = ring.weight
+        if profiles is not None:
+            weight = bilateral_weights(ring, np.asarray(profiles, dtype=np.float64)[tissue])
+        source = inside[ring.source]
+        weights = SpatialWeights(source, inside[ring.target], weight.to(dtype), len(tissue)).to(device)
+        # The effective number of neighbours, 1 / sum_j w_ij^2: the variance of the weighted mean of
+        # independent neighbours is that of one divided by it (the count for equal weights, kept exact).
+        per_edge = torch.ones_like(weight) if profiles is None else weight.square()
+        degree = torch.zeros(len(tissue), dtype=torch.float64).index_add(0, source, per_edge)
+        if profiles is not None:
+            degree = torch.where(degree > 0, 1.0 / degree.clamp_min(1e-300), 0.0)
+        degree = degree.to(dtype)
         if tissue.all():
             centre = int(np.argmin(((coords - coords.mean(axis=0)) ** 2).sum(axis=1)))
         else:
@@ -97,6 +120,40 @@ class TissueNeighbours:
         """``(G,)`` sum over tissue spots with neighbours of the squared deviation from the neighbour mean."""
         inner = (self.degree > 0)[:, None]
         return torch.where(inner, field - self.mean(field), torch.zeros_like(field)).square().sum(dim=0)
+
+
+def bilateral_weights(ring: SpatialWeights, profiles: np.ndarray) -> torch.Tensor:
+    r"""``(E,)`` row-normalised bilateral weights of the edges of ``ring`` (float64).
+
+    .. math::
+
+        w_{ij} \propto \exp\big(-d_{ij}^2 / (2 h^2)\big)
+
+    with :math:`d_{ij}` the Euclidean distance between the profiles of spots :math:`i` and :math:`j` and
+    :math:`h` the median of :math:`d` over the edges: a typical neighbour keeps a weight near the uniform one,
+    a neighbour across a domain border (several :math:`h` away) almost none. Every spot keeps its closest
+    neighbour (the exponent is taken relative to it), so no spot loses its neighbours. Equal profiles (or a
+    median of 0) give equal weights, the limit :math:`h \to \infty`.
+
+    Parameters
+    ----------
+    ring
+        The first-ring graph (its own weights are ignored).
+    profiles
+        ``(N, K)`` expression profiles of the graph's spots (:func:`undiffuse.geometry.expression_profiles`).
+    """
+    source, target = ring.source.numpy(), ring.target.numpy()
+    squared = ((profiles[source] - profiles[target]) ** 2).sum(axis=1)
+    bandwidth2 = float(np.median(squared)) if len(squared) else 0.0
+    if not bandwidth2 > 0:
+        logit = np.zeros_like(squared)
+    else:
+        closest = np.full(ring.n_spots, np.inf)
+        np.minimum.at(closest, source, squared)
+        logit = -(squared - closest[source]) / (2.0 * bandwidth2)
+    weight = np.exp(logit)
+    rows = np.bincount(source, weights=weight, minlength=ring.n_spots)
+    return torch.as_tensor(weight / rows[source])
 
 
 @dataclass(frozen=True)
