@@ -83,10 +83,10 @@ def chunk_files(prepared, quantiles, correction, tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"chunks{chunk_size}")
         files[chunk_size] = []
         for index, genes in enumerate(split_genes(list(quantiles.index), chunk_size)):
-            chunk = prepared[:, genes].copy()
+            chunk = prepared.copy()
             correct(chunk, genes=genes, q_init=quantiles["q_init"], config=correction)
             path = folder / f"chunk_{index}.h5ad"
-            write_chunk(chunk, path, index=index, chunk_size=chunk_size)
+            write_chunk(chunk[:, genes], path, index=index, chunk_size=chunk_size)
             files[chunk_size].append(path)
     return files
 

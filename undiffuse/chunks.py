@@ -96,8 +96,8 @@ def run_chunk(
     genes = chunk_genes(list(table.index), chunk_size, index)
     # prepare has judged the tissue (and its override); the counts are checked again by correct().
     adata = read_prepared(prepared, allow_degenerate_tissue=True)
-    # The chunk's genes only: the correction needs the spots' annotations, not the other genes' counts.
-    adata = adata[:, genes].copy()
+    # Every gene stays in: the bilateral prior weighs neighbours by the profiles of all selected genes, so that
+    # a gene's result does not depend on its chunk. Only the chunk's columns are written.
     correct(
         adata,
         genes=genes,
@@ -105,7 +105,7 @@ def run_chunk(
         config=CorrectionConfig(**(options or {})),
         allow_degenerate_tissue=True,
     )
-    write_chunk(adata, output, index=index, chunk_size=chunk_size)
+    write_chunk(adata[:, genes], output, index=index, chunk_size=chunk_size)
     return genes
 
 
