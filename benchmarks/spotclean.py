@@ -295,6 +295,17 @@ def markdown(report: dict) -> str:
             + ", ".join(f"{k} {v:.3f}" for k, v in ours.items())
             + ".",
         ]
+    lines += [
+        "",
+        "## How to reproduce",
+        "",
+        "SpotClean is not part of this repository and the benchmark is not part of CI. On Debian 12, install R "
+        "and the Bioconductor 3.16 packages with `apt-get`, clone SpotClean and the three R packages Debian "
+        "lacks (bmp, readbitmap, SpatialExperiment on its `RELEASE_3_16` branch), then run "
+        "`benchmarks/spotclean.py --spotclean-src DIR --r-dependency DIR ...`: it installs them into a private "
+        "R library and runs every setting (`--setting` picks some; the others keep their results here). The "
+        "exact commands are in the script's docstring.",
+    ]
     return "\n".join(lines) + "\n"
 
 
