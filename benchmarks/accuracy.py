@@ -32,11 +32,12 @@ import json
 import platform
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
 from previous import run_previous
 
@@ -63,6 +64,61 @@ def score(estimate: np.ndarray, truth: ad.AnnData, tissue: np.ndarray, genes: li
         "marker_specificity_mean": float(specificity.mean()),
         "background_share": float(out_of_tissue_fraction(estimate.sum(1, keepdims=True), tissue)[0]),
     }
+
+
+@dataclass(frozen=True)
+class SimulatedSample:
+    """A simulated sample, prepared, with its truth and the genes a benchmark corrects."""
+
+    adata: ad.AnnData
+    prepared: Path
+    truth: ad.AnnData
+    genes: list[str]
+    tissue: np.ndarray
+    counts: np.ndarray
+    q_init: pd.Series
+
+
+def simulate_prepared(root: Path, *, gene_stride: int, **simulation_options) -> SimulatedSample:
+    """Simulate a sample under ``root``, prepare it, pick every ``gene_stride``-th selected gene and initialise
+    their quantiles with the Moran's I scan."""
+    outs = simulate_sample(root / "sample", **simulation_options)
+    adata = prepare_sample(outs, root / "prepared")
+    truth = ad.read_h5ad(root / "sample" / "truth.h5ad")[adata.obs_names]
+    genes = adata.var_names[adata.var["selected"].to_numpy(bool)].tolist()[::gene_stride]
+    quantiles = scan_quantiles(adata, genes)
+    q_init = quantiles.set_index("gene")["q_init"] if "gene" in quantiles.columns else quantiles["q_init"]
+    return SimulatedSample(
+        adata=adata,
+        prepared=root / "prepared" / "prepared.h5ad",
+        truth=truth,
+        genes=genes,
+        tissue=adata.obs["in_tissue"].to_numpy(bool),
+        counts=np.asarray(adata[:, genes].X.toarray(), dtype=np.float64),
+        q_init=q_init,
+    )
+
+
+def zero_background_baseline(counts: np.ndarray, tissue: np.ndarray) -> np.ndarray:
+    """Zero the background spots and rescale each gene to keep its total: the trivial baseline."""
+    baseline = counts * tissue[:, None]
+    baseline *= counts.sum(0) / np.where(baseline.sum(0) > 0, baseline.sum(0), 1.0)
+    return baseline
+
+
+def true_kernel_estimate(sample: SimulatedSample, config: CorrectionConfig) -> np.ndarray:
+    """EM with the simulator's true kernel (maximum likelihood when ``config.prior_strength`` is 0)."""
+    simulation = sample.truth.uns["simulation"]
+    return deconvolve_known_kernel(
+        sample.adata,
+        genes=sample.genes,
+        scale=sample.truth.var.loc[sample.genes, "kernel_scale"].to_numpy(),
+        bleed=float(simulation["bleed"]),
+        distal=float(simulation["distal"]),
+        kind=str(simulation["kernel"]),
+        q_init=sample.q_init,
+        config=config,
+    )
 
 
 def main() -> None:
@@ -108,21 +164,22 @@ def main() -> None:
         bleed=args.bleed,
         distal=args.distal,
     )
-    outs = simulate_sample(root / "sample", **simulation_options)
-    adata = prepare_sample(outs, root / "prepared")
-    truth = ad.read_h5ad(root / "sample" / "truth.h5ad")[adata.obs_names]
-    genes = adata.var_names[adata.var["selected"].to_numpy(bool)].tolist()[:: args.gene_stride]
-    tissue = adata.obs["in_tissue"].to_numpy(bool)
-    counts = np.asarray(adata[:, genes].X.toarray(), dtype=np.float64)
-    quantiles = scan_quantiles(adata, genes)
-    q_init = quantiles.set_index("gene")["q_init"] if "gene" in quantiles.columns else quantiles["q_init"]
+    sample = simulate_prepared(root, gene_stride=args.gene_stride, **simulation_options)
+    adata, truth, genes, tissue, counts, q_init = (
+        sample.adata,
+        sample.truth,
+        sample.genes,
+        sample.tissue,
+        sample.counts,
+        sample.q_init,
+    )
 
     figures: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
     figures["raw"] = score(counts, truth, tissue, genes)
-    baseline = counts * tissue[:, None]
-    baseline *= counts.sum(0) / np.where(baseline.sum(0) > 0, baseline.sum(0), 1.0)
-    figures["zero_background_rescaled"] = score(baseline, truth, tissue, genes)
+    figures["zero_background_rescaled"] = score(
+        zero_background_baseline(counts, tissue), truth, tissue, genes
+    )
 
     simulation = truth.uns["simulation"]
     other_weights = "uniform" if config.prior_weights == "bilateral" else "bilateral"
@@ -131,16 +188,7 @@ def main() -> None:
         oracles[f"map_true_kernel_{other_weights}"] = {"prior_weights": other_weights}
     for name, options in oracles.items():
         started = time.perf_counter()
-        oracle = deconvolve_known_kernel(
-            adata,
-            genes=genes,
-            scale=truth.var.loc[genes, "kernel_scale"].to_numpy(),
-            bleed=float(simulation["bleed"]),
-            distal=float(simulation["distal"]),
-            kind=str(simulation["kernel"]),
-            q_init=q_init,
-            config=replace(config, **options),
-        )
+        oracle = true_kernel_estimate(sample, replace(config, **options))
         timings[name] = time.perf_counter() - started
         figures[name] = score(oracle, truth, tissue, genes)
 
@@ -162,7 +210,7 @@ def main() -> None:
         learned[name] = parameter_table(out, genes)
     if args.previous:
         options = {} if args.epochs is None else {"epochs": args.epochs}
-        previous = run_previous(args.previous, root / "prepared" / "prepared.h5ad", genes, q_init, options)
+        previous = run_previous(args.previous, sample.prepared, genes, q_init, options)
         name = f"previous_engine_{args.previous}"
         timings[name] = previous["seconds"]
         figures[name] = score(previous["corrected"].astype(np.float64), truth, tissue, genes)
