@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from os import PathLike
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
@@ -151,16 +150,10 @@ def read_chunk(path: str | PathLike[str]) -> AnnData:
     InputError
         The file is missing, is not h5ad, or lacks part of the chunk layout.
     """
-    import anndata as ad
-
     from .correct import CORRECTED_COLUMN, KEY, PHI_KEY
+    from .io.h5ad import read_h5ad
 
-    if not Path(path).is_file():
-        raise InputError(path, "chunk not found; rerun its correct_chunk job")
-    try:
-        chunk = ad.read_h5ad(path)
-    except (OSError, KeyError, ValueError) as err:
-        raise InputError(path, f"cannot read the chunk as h5ad: {err}") from err
+    chunk = read_h5ad(path, "chunk", fix="rerun its correct_chunk job")
     if (
         CORRECTED_COLUMN not in chunk.var
         or PHI_KEY not in chunk.varm

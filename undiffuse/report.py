@@ -34,6 +34,7 @@ from anndata import AnnData
 from .atomic import atomic_path
 from .correct import PARAMETER_COLUMNS, parameter_column
 from .errors import InputError
+from .io.h5ad import read_h5ad
 from .metrics import Rediffuse
 from .package_data import REPORT_NOTEBOOK, SUMMARY_NOTEBOOK
 
@@ -199,19 +200,6 @@ def write_sample_metrics(
         raise InputError(corrected_path, f"cannot evaluate the sample: {err}") from err
     write_metrics(tables, outdir)
     return tables
-
-
-def read_h5ad(path: str | os.PathLike[str], what: str) -> AnnData:
-    """Read an ``.h5ad`` file, naming it and what it should hold when that fails."""
-    import anndata
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, f"{what} not found")
-    try:
-        return anndata.read_h5ad(path)
-    except Exception as err:  # h5py and anndata raise many types for a damaged file
-        raise InputError(path, f"cannot read the {what} as h5ad: {err}") from err
 
 
 def read_corrected(path: str | os.PathLike[str]) -> AnnData:

@@ -7,13 +7,9 @@ snakemake = globals()["snakemake"]  # injected by snakemake's script directive
 with logged_to(snakemake.log[0]) as log:
     from undiffuse.aggregate import aggregate_bins, aggregate_cells, read_cell_labels
     from undiffuse.atomic import atomic_path
-    from undiffuse.report import read_h5ad
+    from undiffuse.io.h5ad import read_h5ad
 
-    corrected = read_h5ad(snakemake.input.corrected, "corrected sample")
-    corrected.uns["undiffuse"] = {
-        **dict(corrected.uns.get("undiffuse", {})),
-        "source": snakemake.input.corrected,
-    }
+    corrected = read_h5ad(snakemake.input.corrected, "corrected sample", record_source=True)
     if "size" in snakemake.wildcards.keys():
         result = aggregate_bins(corrected, int(snakemake.wildcards.size))
     else:

@@ -7,13 +7,12 @@ snakemake = globals()["snakemake"]  # injected by snakemake's script directive
 with logged_to(snakemake.log[0]) as log:
     import re
 
-    import anndata
-
+    from undiffuse.io.h5ad import read_h5ad
     from undiffuse.io.spatialdata import write_spatialdata
 
-    corrected = anndata.read_h5ad(snakemake.input.corrected)
+    corrected = read_h5ad(snakemake.input.corrected, "corrected sample")
     superres = {
-        int(re.search(r"superres_(\d+)x\.h5ad$", path).group(1)): anndata.read_h5ad(path)
+        int(re.search(r"superres_(\d+)x\.h5ad$", path).group(1)): read_h5ad(path, "super-resolved maps")
         for path in snakemake.input.superres
     }
     write_spatialdata(corrected, snakemake.output.store, superres=superres, source=snakemake.input.corrected)

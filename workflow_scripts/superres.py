@@ -7,7 +7,6 @@ snakemake = globals()["snakemake"]  # injected by snakemake's script directive
 with logged_to(snakemake.log[0]) as log:
     from pathlib import Path
 
-    import anndata
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,6 +14,7 @@ with logged_to(snakemake.log[0]) as log:
 
     from undiffuse.atomic import atomic_path
     from undiffuse.celltypes import read_markers
+    from undiffuse.io.h5ad import read_h5ad
     from undiffuse.superres import (
         most_changed_genes,
         pixel_cell_types,
@@ -24,11 +24,7 @@ with logged_to(snakemake.log[0]) as log:
         write_result,
     )
 
-    corrected = anndata.read_h5ad(snakemake.input.corrected)
-    corrected.uns["undiffuse"] = {
-        **dict(corrected.uns.get("undiffuse", {})),
-        "source": snakemake.input.corrected,
-    }
+    corrected = read_h5ad(snakemake.input.corrected, "corrected sample", record_source=True)
     factor = int(snakemake.wildcards.factor)
     result = superresolve(
         corrected,

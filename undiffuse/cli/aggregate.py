@@ -33,14 +33,12 @@ def _run(args: argparse.Namespace) -> None:
     from ..aggregate import aggregate_bins, aggregate_cells, read_cell_labels
     from ..atomic import atomic_paths, check_output_path
     from ..errors import ConfigError
-    from ..report import read_h5ad
+    from ..io.h5ad import read_h5ad
 
     if not args.bin_sizes and args.cells is None:
         raise ConfigError("nothing to do: give --bin-sizes and/or --cells")
     check_output_path(args.outdir, directory=True)
-    adata = read_h5ad(args.sample, "sample to aggregate")
-    adata.uns.setdefault("undiffuse", {})
-    adata.uns["undiffuse"] = {**dict(adata.uns["undiffuse"]), "source": str(args.sample)}
+    adata = read_h5ad(args.sample, "sample to aggregate", record_source=True)
     results = {f"square_{size:03d}um.h5ad": aggregate_bins(adata, size) for size in args.bin_sizes}
     if args.cells is not None:
         results["cells.h5ad"] = aggregate_cells(adata, read_cell_labels(args.cells, adata))

@@ -33,28 +33,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run)
 
 
-def _read(path: Path):
-    import anndata
-
-    from ..errors import InputError
-
-    if not path.is_file():
-        raise InputError(path, "file not found; pass corrected.h5ad from `undiffuse merge`")
-    try:
-        adata = anndata.read_h5ad(path)
-    except Exception as err:  # h5py and anndata raise many kinds on a damaged file
-        raise InputError(path, f"cannot read it as an AnnData (.h5ad): {err}") from err
-    adata.uns.setdefault("undiffuse", {})
-    adata.uns["undiffuse"] = {**dict(adata.uns["undiffuse"]), "source": str(path)}
-    return adata
-
-
 def _run(args: argparse.Namespace) -> None:
     from ..atomic import check_output_path
+    from ..io.h5ad import read_h5ad
     from ..superres import superresolve, write_result
 
     check_output_path(args.output)
-    adata = _read(args.corrected)
+    adata = read_h5ad(
+        args.corrected,
+        "corrected sample",
+        fix="pass corrected.h5ad from `undiffuse merge`",
+        record_source=True,
+    )
     overrides = {"device": args.device, "threads": args.threads, "seed": args.seed}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from os import PathLike
 from pathlib import Path
 
 import anndata
@@ -42,15 +43,31 @@ def _raw_counts(adata: AnnData, path: Path) -> sp.csr_matrix:
     return counts
 
 
-def _read(path: Path) -> AnnData:
+def read_h5ad(
+    path: str | PathLike[str], what: str, *, fix: str | None = None, record_source: bool = False
+) -> AnnData:
+    """Read an ``.h5ad`` file, naming it, what it should hold and (``fix``) how to get it when that fails.
+
+    The one reader of the package's AnnData files (prepared samples, chunks, corrected samples, truths).
+    ``record_source`` sets ``uns['undiffuse']['source']`` to ``path``, so that later errors about the data
+    name this file.
+
+    Raises
+    ------
+    InputError
+        The file is missing, is not a file, or cannot be read as an AnnData.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise InputError(path, "file does not exist" if not path.exists() else "is not a file")
+        problem = f"{what} not found" if not path.exists() else f"is not a file (the {what} was expected)"
+        raise InputError(path, f"{problem}; {fix}" if fix else problem)
     try:
-        return anndata.read_h5ad(path)
+        adata = anndata.read_h5ad(path)
     except Exception as err:  # h5py and anndata raise many types for truncated or foreign files
-        raise InputError(
-            path, f"cannot be read as an AnnData .h5ad file (truncated or corrupt?): {err}"
-        ) from err
+        raise InputError(path, f"cannot read the {what} as h5ad (truncated or corrupt?): {err}") from err
+    if record_source:
+        adata.uns["undiffuse"] = {**dict(adata.uns.get("undiffuse", {})), "source": str(path)}
+    return adata
 
 
 def read_prepared(path: str | Path, *, allow_degenerate_tissue: bool = False) -> AnnData:
@@ -65,7 +82,7 @@ def read_prepared(path: str | Path, *, allow_degenerate_tissue: bool = False) ->
         Naming ``path`` and the problem.
     """
     path = Path(path)
-    adata = _read(path)
+    adata = read_h5ad(path, "prepared sample", fix="run `undiffuse prepare` first")
     check_prepared(adata, path, allow_degenerate_tissue=allow_degenerate_tissue)
     return adata
 
@@ -121,7 +138,7 @@ def read_scanpy_h5ad(path: str | Path, *, sample_id: str | None = None) -> AnnDa
         its images do not fit the coordinates.
     """
     path = Path(path)
-    adata = _read(path)
+    adata = read_h5ad(path, "AnnData file")
     check_unique_barcodes(adata.obs_names, path)
     if SPATIAL_KEY not in adata.obsm:
         raise InputError(path, "has no obsm['spatial'] with spot coordinates")
