@@ -25,6 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .arrays import group_indicator
 from .errors import InputError
 from .io.visium_hd import hd_barcodes
 from .qc import is_visium_hd, spot_pitch_um
@@ -42,10 +43,7 @@ def _source(adata: AnnData) -> str | None:
 
 def _sum_groups(adata: AnnData, labels: np.ndarray, n_groups: int, obs: pd.DataFrame) -> AnnData:
     """``(B, G)`` sums of ``X`` and every layer over the bins of each group (``labels`` -1: none)."""
-    assigned = np.flatnonzero(labels >= 0)
-    indicator = sp.csr_matrix(
-        (np.ones(assigned.size), (labels[assigned], assigned)), shape=(n_groups, adata.n_obs)
-    )
+    indicator = group_indicator(labels, n_groups)
 
     # Sums in float64: a cell or 16 um bin sums up to 64 bins of corrected float32 values.
     def total(matrix) -> sp.csr_matrix | np.ndarray:
@@ -60,7 +58,7 @@ def _sum_groups(adata: AnnData, labels: np.ndarray, n_groups: int, obs: pd.DataF
         var=adata.var.copy(),
         layers={name: total(layer) for name, layer in adata.layers.items()},
         varm={name: np.asarray(value).copy() for name, value in adata.varm.items()},
-        uns={key: value for key, value in adata.uns.items()},
+        uns=dict(adata.uns),
     )
     out.obsm[SPATIAL_KEY] = (indicator @ coords) / np.maximum(counts, 1)[:, None]
     out.obs["n_bins"] = counts.astype(np.int64)
@@ -115,11 +113,9 @@ def aggregate_bins(adata: AnnData, bin_size_um: int) -> AnnData:
         )
     rows = adata.obs["array_row"].to_numpy(dtype=np.int64) // factor
     cols = adata.obs["array_col"].to_numpy(dtype=np.int64) // factor
-    keys = rows * (int(cols.max()) + 1) + cols
-    unique_keys, labels = np.unique(keys, return_inverse=True)
-    first = np.zeros(unique_keys.size, dtype=np.int64)
-    first[labels[::-1]] = np.arange(labels.size)[::-1]
-    coarse_rows, coarse_cols = rows[first], cols[first]
+    width = int(cols.max()) + 1
+    unique_keys, labels = np.unique(rows * width + cols, return_inverse=True)
+    coarse_rows, coarse_cols = np.divmod(unique_keys, width)
     obs = pd.DataFrame(
         {"array_row": coarse_rows, "array_col": coarse_cols},
         index=pd.Index(hd_barcodes(int(bin_size_um), coarse_rows, coarse_cols).astype(str)),

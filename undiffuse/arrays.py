@@ -18,3 +18,18 @@ def as_dense(
     A dense input of the right dtype is returned without a copy.
     """
     return np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=dtype)
+
+
+def group_indicator(labels: npt.ArrayLike, n_groups: int | None = None) -> sp.csr_matrix:
+    """``(B, N)`` 0/1 matrix whose product with ``(N, G)`` values sums them within each group.
+
+    ``labels`` ``(N,)`` gives each row's group in ``0 .. B - 1``; rows labelled -1 belong to none. ``B`` is
+    ``n_groups``, by default the largest label plus one.
+    """
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if n_groups is None:
+        n_groups = int(labels.max()) + 1 if labels.size else 0
+    assigned = np.flatnonzero(labels >= 0)
+    return sp.csr_matrix(
+        (np.ones(assigned.size), (labels[assigned], assigned)), shape=(n_groups, labels.shape[0])
+    )

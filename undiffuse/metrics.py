@@ -37,7 +37,7 @@ from anndata import AnnData
 from scipy.optimize import isotonic_regression
 from scipy.special import ndtri
 
-from .arrays import as_dense
+from .arrays import as_dense, group_indicator
 from .atomic import atomic_path
 from .errors import InputError
 from .spatial import (
@@ -418,13 +418,7 @@ def coarse_blocks(array_row: np.ndarray, array_col: np.ndarray, *, factor: int =
 
 def aggregate_blocks(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Sum the rows of ``values`` ``(N, G)`` within each block of ``labels`` ``(N,)``: ``(B, G)``."""
-    values = _as_2d(values)
-    labels = np.asarray(labels, dtype=np.int64)
-    n_blocks = int(labels.max()) + 1 if labels.size else 0
-    indicator = sp.csr_matrix(
-        (np.ones(labels.shape[0]), (labels, np.arange(labels.shape[0]))), shape=(n_blocks, labels.shape[0])
-    )
-    return np.asarray(indicator @ values)
+    return np.asarray(group_indicator(labels) @ _as_2d(values))
 
 
 def consistency_table(
