@@ -37,6 +37,7 @@ from .errors import InputError
 from .io.h5ad import read_h5ad
 from .metrics import Rediffuse
 from .package_data import REPORT_NOTEBOOK, SUMMARY_NOTEBOOK
+from .spatial import TISSUE_KEYS
 
 #: Kernel name recorded in the executed notebooks; it always runs the interpreter that builds the report.
 KERNEL_NAME = "python3"
@@ -208,7 +209,7 @@ def read_corrected(path: str | os.PathLike[str]) -> AnnData:
     problems = []
     if "corrected" not in adata.layers:
         problems.append("layers['corrected'] (corrected counts)")
-    if not {"tissue", "in_tissue"} & set(adata.obs.columns):
+    if not set(TISSUE_KEYS) & set(adata.obs.columns):
         problems.append("obs['tissue'] (tissue mask)")
     if not {"array_row", "array_col"} <= set(adata.obs.columns):
         problems.append("obs['array_row'] and obs['array_col']")
