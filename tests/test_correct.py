@@ -51,6 +51,21 @@ def test_gradients_reach_q_r_and_phi(toy):
         assert grad.abs().sum() > 0, f"dL/d{name} is zero"
 
 
+@pytest.mark.parametrize("tissue_cost", [False, True])
+def test_tissue_cost_is_learned_only_when_asked(toy, tissue_cost):
+    """The boundary-crossing coefficient of f_phi gets a gradient from the start when ``tissue_cost`` is on,
+    although the kernels towards tissue and background are still equal, and none when it is off."""
+    adata, _ = toy
+    batch = trainer(adata, CorrectionConfig(**FAST, tissue_cost=tissue_cost))
+    model, soft = batch.model(), batch.soft()
+    assert model.kernel.n_planes == (2 if tissue_cost else 1)
+    field = model.deconvolve(batch.counts, batch.start(soft), n_iter=2, n_grad_iterations=1)
+    terms = batch.losses(field, soft, model)
+    sum(batch.weights[k] * v for k, v in terms.items()).sum().backward()
+    crossing = batch.phi.grad[:, -1]
+    assert bool((crossing.abs() > 0).any()) is tissue_cost
+
+
 @pytest.mark.slow
 def test_image_loss_gradient_reaches_q(toy):
     adata, _ = toy

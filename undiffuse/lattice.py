@@ -130,12 +130,45 @@ def _fit(coords: np.ndarray, tolerance: float) -> Lattice | None:
     residual = np.linalg.norm(coords - origin - index @ basis.T, axis=1)
     if residual.max() > tolerance:
         return None
+    basis, index = _smallest_array(basis, index)
     index -= index.min(axis=0)
     shape = (int(index[:, 0].max()) + 1, int(index[:, 1].max()) + 1)
     flat = index[:, 0] * shape[1] + index[:, 1]
     if np.bincount(flat, minlength=shape[0] * shape[1]).max() > 1:
         return None
     return Lattice(index, shape, basis)
+
+
+#: Integer changes of basis (determinant +-1) between pairs of shortest steps: on the hexagonal lattice the
+#: two steps may be 60 or 120 degrees apart, and the array of a rectangular capture area is then a third larger.
+_BASIS_CHANGES = tuple(
+    np.array(change)
+    for change in (
+        [[1, 0], [0, 1]],
+        [[1, -1], [0, 1]],
+        [[1, 1], [0, 1]],
+        [[1, 0], [-1, 1]],
+        [[1, 0], [1, 1]],
+    )
+)
+
+
+def _smallest_array(basis: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The basis of shortest steps, and the spots' indices in it, whose lattice array has the fewest cells:
+    the FFT grid, and so the cost of every kernel application, scales with it."""
+    shortest = np.linalg.norm(basis, axis=0).max()
+    best = None
+    for change in _BASIS_CHANGES:
+        candidate = basis @ change
+        if np.linalg.norm(candidate, axis=0).max() > 1.2 * shortest:
+            continue
+        # coords = basis @ index = (basis @ change) @ (change^-1 @ index); change^-1 is an integer matrix.
+        inverse = np.rint(np.linalg.inv(change)).astype(np.int64)
+        moved = index @ inverse.T
+        cells = int(np.prod(np.ptp(moved, axis=0) + 1))
+        if best is None or cells < best[0]:
+            best = (cells, candidate, moved)
+    return best[1], best[2]
 
 
 def _unit_steps(coords: np.ndarray) -> np.ndarray | None:
@@ -203,11 +236,11 @@ def fast_fft_size(n: int) -> int:
 
 
 def kernel_spectrum(kernel: torch.Tensor, fft_shape: tuple[int, int]) -> torch.Tensor:
-    """``(G, 2 pi + 1, 2 pj + 1)`` kernel centred on its middle -> ``(G, Fi, Fj // 2 + 1)`` spectrum, with the
-    zero offset at the FFT grid's origin and negative offsets wrapped to the end."""
-    half_i, half_j = (kernel.shape[1] - 1) // 2, (kernel.shape[2] - 1) // 2
+    """``(..., 2 pi + 1, 2 pj + 1)`` kernels centred on their middle -> ``(..., Fi, Fj // 2 + 1)`` spectra, with
+    the zero offset at the FFT grid's origin and negative offsets wrapped to the end."""
+    half_i, half_j = (kernel.shape[-2] - 1) // 2, (kernel.shape[-1] - 1) // 2
     padded = torch.nn.functional.pad(
-        kernel, (0, fft_shape[1] - kernel.shape[2], 0, fft_shape[0] - kernel.shape[1])
+        kernel, (0, fft_shape[1] - kernel.shape[-1], 0, fft_shape[0] - kernel.shape[-2])
     )
-    centred = torch.roll(padded, shifts=(-half_i, -half_j), dims=(1, 2))
+    centred = torch.roll(padded, shifts=(-half_i, -half_j), dims=(-2, -1))
     return torch.fft.rfft2(centred, s=fft_shape)

@@ -147,7 +147,7 @@ def out_of_tissue_loss(field: torch.Tensor, tissue: torch.Tensor) -> torch.Tenso
         ``(N,)`` boolean mask.
     """
     total = field.sum(dim=0)
-    outside = field[~tissue].sum(dim=0)
+    outside = torch.where(tissue[:, None], 0.0, field).sum(dim=0)
     return outside / torch.where(total > 0, total, torch.ones_like(total))
 
 

@@ -94,17 +94,21 @@ class DiffusionModel:
         The local kernel's log weights (:data:`undiffuse.operators.LogWeights`).
     bleed, distal
         ``(G,)`` shares :math:`b` and :math:`d`.
+    tissue_dependent
+        Whether the kernel towards background spots is one of its own
+        (:meth:`undiffuse.operators.DiffusionOperator.bind`).
     """
 
     geometry: SampleGeometry
     log_weights: LogWeights
     bleed: torch.Tensor
     distal: torch.Tensor
+    tissue_dependent: bool | None = None
 
     @cached_property
     def kernel(self) -> Kernel:
         """The row-normalised kernel :math:`P`, bound once per model."""
-        return self.geometry.operator.bind(self.log_weights)
+        return self.geometry.operator.bind(self.log_weights, tissue_dependent=self.tissue_dependent)
 
     def forward(self, field: torch.Tensor) -> torch.Tensor:
         """``(N, G)`` expected counts of a field."""

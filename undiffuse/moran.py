@@ -155,7 +155,10 @@ def morans_i(values: torch.Tensor, weights: SpatialWeights | torch.Tensor) -> to
         raise ValueError(f"values have {values.shape[0]} rows but the weights join {weights.n_spots} spots")
     weight = weights.weight.to(values.dtype)
     centred = values - values.mean(dim=0, keepdim=True)
-    numerator = (weight[:, None] * centred[weights.source] * centred[weights.target]).sum(dim=0)
+    # index_select, not indexing: the backward of indexing accumulates by a slow sort when deterministic
+    # algorithms are on (as during correction).
+    pairs = centred.index_select(0, weights.source) * centred.index_select(0, weights.target)
+    numerator = (weight[:, None] * pairs).sum(dim=0)
     denominator = (centred * centred).sum(dim=0)
     # A column is constant when its spread is at rounding level: its centred values are noise, not signal.
     spread = values.amax(dim=0) - values.amin(dim=0)

@@ -49,8 +49,11 @@ OperatorKind = Literal["auto", "lattice", "pairs"]
 
 #: Share of a kernel's mass that may lie beyond the radius it is kept to on the lattice.
 DEFAULT_TOLERANCE = 1e-6
-#: Step (pitches) of the radial profile on which the kept radius is measured.
+#: Step (pitches) of the radial profile on which the kept radius is measured, out to FINE_PROFILE_RANGE; beyond
+#: it the steps grow geometrically by PROFILE_GROWTH.
 PROFILE_STEP = 0.05
+FINE_PROFILE_RANGE = 5.0
+PROFILE_GROWTH = 1.01
 
 
 class Kernel(Protocol):
@@ -69,7 +72,14 @@ class DiffusionOperator(Protocol):
     n_spots: int
     tissue: torch.Tensor
 
-    def bind(self, log_weights: LogWeights) -> Kernel: ...
+    def bind(self, log_weights: LogWeights, *, tissue_dependent: bool | None = None) -> Kernel:
+        """The row-normalised kernel of these log weights.
+
+        ``tissue_dependent``: whether the weights towards background targets (``crosses``) are a kernel of their
+        own. ``None`` decides by comparing them with the weights towards tissue; ``True`` keeps both even where
+        they are equal now, so that gradients can tell them apart; ``False`` takes the weights towards tissue
+        for every target.
+        """
 
 
 # ----------------------------------------------------------------------------------------------------- pairs
@@ -129,20 +139,26 @@ class PairOperator:
     def n_pairs(self) -> int:
         return int(self.distance.shape[0])
 
-    def bind(self, log_weights: LogWeights) -> PairKernel:
-        return PairKernel.from_log_weights(log_weights(self.distance, self.crosses), self.pairs, self.n_spots)
+    def bind(self, log_weights: LogWeights, *, tissue_dependent: bool | None = None) -> PairKernel:
+        crosses = self.crosses if tissue_dependent is not False else torch.zeros_like(self.crosses)
+        return PairKernel.from_log_weights(log_weights(self.distance, crosses), self.pairs, self.n_spots)
 
 
 # --------------------------------------------------------------------------------------------------- lattice
 
 
 class LatticeKernel:
-    """A kernel as FFT spectra on the lattice; see the module doc for the operations."""
+    """A kernel as FFT spectra on the lattice; see the module doc for the operations.
+
+    The spectra have one plane (the same kernel towards every spot) or two (towards tissue and towards
+    background cells). ``push`` transforms the source field once and returns both planes in one inverse FFT;
+    ``pull`` scatters tissue and background values to their planes and transforms them in one FFT.
+    """
 
     def __init__(
         self,
         operator: LatticeOperator,
-        spectra: tuple[torch.Tensor, torch.Tensor | None],
+        spectra: torch.Tensor,
         normaliser: torch.Tensor,
         fft_shape: tuple[int, int],
     ) -> None:
@@ -152,37 +168,20 @@ class LatticeKernel:
             normaliser,
             fft_shape,
         )
-
-    def _forward(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.fft.rfft2(self.operator.scatter(values, self.fft_shape))
-
-    def _inverse(self, spectrum: torch.Tensor) -> torch.Tensor:
-        grid = torch.fft.irfft2(spectrum, s=self.fft_shape)
-        # Round-off of the FFT leaves values of order 1e-7 of the largest where the exact result is ~0.
-        return self.operator.gather(grid).clamp_min(0.0)
+        self.n_planes = int(spectra.shape[1])
 
     def push(self, field: torch.Tensor) -> torch.Tensor:
         op = self.operator
-        spectrum = self._forward(field / self.normaliser)
-        inside, outside = self.spectra
-        into_tissue = self._inverse(inside * spectrum)
-        if outside is None:
-            return into_tissue
-        return torch.where(op.tissue[:, None], into_tissue, self._inverse(outside * spectrum))
+        spectrum = torch.fft.rfft2(op.scatter(field / self.normaliser, self.fft_shape, 1))
+        grid = torch.fft.irfft2(self.spectra * spectrum, s=self.fft_shape)
+        # Round-off of the FFT leaves values of order 1e-7 of the largest where the exact result is ~0.
+        return op.gather(grid).clamp_min(0.0)
 
     def pull(self, values: torch.Tensor) -> torch.Tensor:
         op = self.operator
-        inside, outside = self.spectra
-        tissue = op.tissue[:, None]
-        if outside is None:
-            spectrum = inside * self._forward(values)
-        else:
-            zero = torch.zeros((), dtype=values.dtype, device=values.device)
-            from_tissue = self._forward(torch.where(tissue, values, zero))
-            from_background = self._forward(torch.where(tissue, zero, values))
-            spectrum = inside * from_tissue + outside * from_background
-        gathered = self._inverse(spectrum) / self.normaliser
-        return torch.where(tissue, gathered, torch.zeros_like(gathered))
+        spectrum = (self.spectra * torch.fft.rfft2(op.scatter(values, self.fft_shape, self.n_planes))).sum(1)
+        gathered = op.gather(torch.fft.irfft2(spectrum, s=self.fft_shape)[:, None]).clamp_min(0.0)
+        return gathered * op.tissue_weight / self.normaliser
 
 
 class LatticeOperator:
@@ -220,92 +219,123 @@ class LatticeOperator:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.tissue = torch.as_tensor(np.asarray(tissue, dtype=bool), device=self.device)
-        self._flat_index: dict[tuple[int, int], torch.Tensor] = {}
-        self._mask_spectra: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: ``(N, 1)`` 1 on tissue, 0 on background: ``pull`` returns values on tissue only.
+        self.tissue_weight = self.tissue.to(dtype)[:, None]
+        self._flat_index: dict[tuple[tuple[int, int], int], torch.Tensor] = {}
+        self._mask_spectra: dict[tuple[int, int], torch.Tensor] = {}
+        self._profile: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_radius: float | None = None
 
-    # spots <-> FFT grid (the lattice array at the grid's origin, zero padding after it)
-    def _flat(self, fft_shape: tuple[int, int]) -> torch.Tensor:
-        if fft_shape not in self._flat_index:
+    # spots <-> FFT grid (the lattice array at the grid's origin, zero padding after it). With two planes a
+    # tissue spot sits in the first and a background spot in the second.
+    def _flat(self, fft_shape: tuple[int, int], n_planes: int) -> torch.Tensor:
+        key = (fft_shape, n_planes)
+        if key not in self._flat_index:
             index = torch.as_tensor(self.lattice.index, device=self.device)
-            self._flat_index[fft_shape] = index[:, 0] * fft_shape[1] + index[:, 1]
-        return self._flat_index[fft_shape]
+            flat = index[:, 0] * fft_shape[1] + index[:, 1]
+            if n_planes == 2:
+                flat = flat + (~self.tissue).to(flat.dtype) * (fft_shape[0] * fft_shape[1])
+            self._flat_index[key] = flat
+        return self._flat_index[key]
 
-    def scatter(self, values: torch.Tensor, fft_shape: tuple[int, int]) -> torch.Tensor:
-        """``(N, G)`` -> ``(G, Fi, Fj)``, zero in empty cells and in the padding."""
+    def scatter(self, values: torch.Tensor, fft_shape: tuple[int, int], n_planes: int) -> torch.Tensor:
+        """``(N, G)`` -> ``(G, n_planes, Fi, Fj)``, zero in empty cells, in the padding and, with two planes, in
+        the other plane."""
         grid = torch.zeros(
-            (values.shape[1], fft_shape[0] * fft_shape[1]), dtype=values.dtype, device=values.device
+            (values.shape[1], n_planes * fft_shape[0] * fft_shape[1]),
+            dtype=values.dtype,
+            device=values.device,
         )
-        return grid.index_copy(1, self._flat(fft_shape), values.T).reshape(values.shape[1], *fft_shape)
+        flat = self._flat(fft_shape, n_planes)
+        return grid.index_copy(1, flat, values.T).reshape(values.shape[1], n_planes, *fft_shape)
 
     def gather(self, grid: torch.Tensor) -> torch.Tensor:
-        """``(G, Fi, Fj)`` -> ``(N, G)``."""
-        return grid.reshape(grid.shape[0], -1).index_select(1, self._flat(tuple(grid.shape[1:]))).T
+        """``(G, n_planes, Fi, Fj)`` -> ``(N, G)``, each spot from its plane."""
+        n_planes, fft_shape = int(grid.shape[1]), (int(grid.shape[2]), int(grid.shape[3]))
+        return grid.reshape(grid.shape[0], -1).index_select(1, self._flat(fft_shape, n_planes)).T
 
-    def kept_radius(self, log_weights: LogWeights) -> torch.Tensor:
+    def _profile_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances (pitches, float64) out to the slide's diameter at which kernel profiles are integrated,
+        and the width each stands for: steps of :data:`PROFILE_STEP` out to :data:`FINE_PROFILE_RANGE`, then
+        growing by :data:`PROFILE_GROWTH` (a tail's mass varies on the scale of the distance)."""
+        if self._profile is None:
+            diameter = self.lattice.diameter
+            fine = np.arange(0.0, min(FINE_PROFILE_RANGE, diameter) + PROFILE_STEP / 2, PROFILE_STEP)
+            coarse = fine[-1] * PROFILE_GROWTH ** np.arange(
+                1, 2 + np.log(diameter / fine[-1]) / np.log(PROFILE_GROWTH)
+            )
+            distance = np.concatenate([fine, coarse[coarse < diameter * PROFILE_GROWTH]])
+            width = np.gradient(distance)
+            self._profile = tuple(torch.as_tensor(a, device=self.device) for a in (distance, width))
+        return self._profile
+
+    def kept_radius(self, log_weights: LogWeights, *, tissue_dependent: bool | None = None) -> torch.Tensor:
         """``(G,)`` radius (pitches) each gene's kernel is kept to: ``cutoff``, or where its tail mass falls
         below ``tolerance``, at most the slide's diameter. Per gene, so that no gene's kernel depends on the
         others in its batch."""
         diameter = self.lattice.diameter
         with torch.no_grad():
-            distance = torch.arange(0.0, diameter + PROFILE_STEP, PROFILE_STEP, dtype=torch.float64)
-            distance = distance.to(device=self.device, dtype=self.dtype)
-            flags = torch.zeros(distance.shape, dtype=torch.bool, device=self.device)
+            distance, width = self._profile_distances()
             if self.cutoff is not None:
-                n_genes = log_weights(distance[:1], flags[:1]).shape[1]
+                n_genes = log_weights(distance[:1].to(self.dtype), torch.zeros(1, dtype=torch.bool)).shape[1]
                 return torch.full((n_genes,), min(float(self.cutoff), diameter), dtype=torch.float64)
-            radius = None
-            for crosses in (False, True):
-                logw = log_weights(distance, flags | crosses).to(torch.float64)
-                # Mass in an annulus grows with its radius: weight the profile by the distance.
-                mass = torch.exp(logw - logw.amax(dim=0, keepdim=True)) * distance.to(torch.float64)[:, None]
-                tail = torch.flip(torch.cumsum(torch.flip(mass, [0]), 0), [0]) / mass.sum(0).clamp_min(1e-300)
-                beyond = (tail > self.tolerance).sum(dim=0).clamp_max(len(distance) - 1)
-                kept = distance.to(torch.float64)[beyond]
-                radius = kept if radius is None else torch.maximum(radius, kept)
+            n_planes = 1 if tissue_dependent is False else 2
+            crosses = torch.arange(n_planes * len(distance), device=self.device) >= len(distance)
+            logw = log_weights(distance.to(self.dtype).repeat(n_planes), crosses).to(torch.float64)
+            logw = logw.reshape(n_planes, len(distance), -1)
+            # Mass in an annulus grows with its radius: weight the profile by the distance.
+            mass = torch.exp(logw - logw.amax(dim=1, keepdim=True)) * (distance * width)[:, None]
+            tail = torch.flip(torch.cumsum(torch.flip(mass, [1]), 1), [1]) / mass.sum(
+                1, keepdim=True
+            ).clamp_min(1e-300)
+            beyond = (tail > self.tolerance).sum(dim=1).clamp_max(len(distance) - 1)
+            radius = distance[beyond].amax(dim=0)
         return radius.clamp_max(diameter).cpu()
 
-    def bind(self, log_weights: LogWeights) -> LatticeKernel:
-        radius = self.kept_radius(log_weights)
+    def bind(self, log_weights: LogWeights, *, tissue_dependent: bool | None = None) -> LatticeKernel:
+        radius = self.kept_radius(log_weights, tissue_dependent=tissue_dependent)
         self.last_radius = float(radius.max())
         half_i, half_j = self.lattice.half_widths(self.last_radius)
         n_i, n_j = self.lattice.shape
         fft_shape = (fast_fft_size(n_i + half_i), fast_fft_size(n_j + half_j))
         offsets = torch.as_tensor(self.lattice.offset_distance(half_i, half_j), device=self.device)
         distance = offsets.to(self.dtype).reshape(-1)
-        within = offsets.reshape(-1, 1) <= radius.to(offsets.device)[None, :] * (1 + 1e-9)
-        inside = log_weights(distance, torch.zeros(distance.shape, dtype=torch.bool, device=self.device))
-        outside = log_weights(distance, torch.ones(distance.shape, dtype=torch.bool, device=self.device))
-        same = torch.equal(inside, outside)
+        within = offsets.reshape(1, -1, 1) <= radius.to(offsets.device)[None, None, :] * (1 + 1e-9)
+        flags = torch.zeros(distance.shape, dtype=torch.bool, device=self.device)
+        inside = log_weights(distance, flags)
+        outside = log_weights(distance, ~flags) if tissue_dependent is not False else inside
+        same = tissue_dependent is not True and (outside is inside or torch.equal(inside, outside))
+        logw = inside[None] if same else torch.stack([inside, outside])
         # One shift per gene for both kernels keeps their ratio; the normaliser takes out the rest.
-        shift = inside.detach().amax(dim=0) if same else torch.maximum(inside, outside).detach().amax(dim=0)
+        shift = logw.detach().amax(dim=(0, 1))
+        weights = torch.where(within, torch.exp(logw - shift), torch.zeros((), dtype=logw.dtype))
         box = (2 * half_i + 1, 2 * half_j + 1)
-
-        def spectrum(logw: torch.Tensor) -> torch.Tensor:
-            weights = torch.where(within, torch.exp(logw - shift), torch.zeros_like(logw))
-            return kernel_spectrum(weights.T.reshape(-1, *box), fft_shape)
-
-        spectra = (spectrum(inside), None if same else spectrum(outside))
-        tissue_spectrum, background_spectrum = self._masks(fft_shape)
-        total = spectra[0] * (
-            tissue_spectrum if spectra[1] is not None else tissue_spectrum + background_spectrum
+        # (planes, offsets, G) -> (G, planes, box)
+        spectra = kernel_spectrum(weights.permute(2, 0, 1).reshape(-1, len(logw), *box), fft_shape)
+        normaliser = self.gather(
+            torch.fft.irfft2((spectra * self._masks(fft_shape, len(logw))).sum(1, keepdim=True), s=fft_shape)
         )
-        if spectra[1] is not None:
-            total = total + spectra[1] * background_spectrum
-        normaliser = self.gather(torch.fft.irfft2(total, s=fft_shape))
         tiny = torch.finfo(normaliser.dtype).tiny
         # Off tissue no mass leaves, so the normaliser there is never used; 1 keeps divisions finite.
         normaliser = torch.where(
-            self.tissue[:, None], normaliser.clamp_min(tiny), torch.ones_like(normaliser)
+            self.tissue[:, None], normaliser.clamp_min(tiny), torch.ones((), dtype=normaliser.dtype)
         )
         return LatticeKernel(self, spectra, normaliser, fft_shape)
 
-    def _masks(self, fft_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if fft_shape not in self._mask_spectra:
-            tissue = self.tissue.to(self.dtype)[:, None]
-            spectra = torch.fft.rfft2(self.scatter(torch.cat([tissue, 1.0 - tissue], dim=1), fft_shape))
-            self._mask_spectra[fft_shape] = (spectra[0:1], spectra[1:2])
-        return self._mask_spectra[fft_shape]
+    def _masks(self, fft_shape: tuple[int, int], n_planes: int) -> torch.Tensor:
+        """``(n_planes, Fi, Fj // 2 + 1)`` spectra of the tissue and the background masks (one plane: of
+        every spot)."""
+        key = (fft_shape, n_planes)
+        if key not in self._mask_spectra:
+            tissue = self.tissue.to(self.dtype)
+            masks = (
+                torch.stack([tissue, 1.0 - tissue], dim=1)
+                if n_planes == 2
+                else torch.ones_like(tissue)[:, None]
+            )
+            grid = self.scatter(masks, fft_shape, 1)[:, 0]
+            self._mask_spectra[key] = torch.fft.rfft2(grid)
+        return self._mask_spectra[key]
 
 
 def build_operator(

@@ -558,7 +558,9 @@ def _draw_outline(low: np.ndarray, high: np.ndarray, jitter: float, rng: np.rand
     modes = np.column_stack(
         [orders, rng.uniform(-1, 1, orders.size) * 0.24 / orders, rng.uniform(0, 2 * np.pi, orders.size)]
     )
-    return _Outline((low + high) / 2 + rng.uniform(-jitter, jitter, 2) * (high - low), (high - low) / 2, modes)
+    return _Outline(
+        (low + high) / 2 + rng.uniform(-jitter, jitter, 2) * (high - low), (high - low) / 2, modes
+    )
 
 
 def _draw_tissue(
@@ -863,7 +865,9 @@ def _draw_truth(
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Undiffused expected counts ``(N, G)`` (zero off tissue) and the gene table with the drawn values."""
     tissue = domain >= 0
-    levels, profiles, expressed_in = _group_profiles(params, genes, params.domains, gene_rng, random_leak=True)
+    levels, profiles, expressed_in = _group_profiles(
+        params, genes, params.domains, gene_rng, random_leak=True
+    )
     kernel_scales = params.kernel_scale * np.exp(
         params.kernel_scale_sd * gene_rng.standard_normal(genes.shape[0])
     )

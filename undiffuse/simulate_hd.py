@@ -715,7 +715,9 @@ def simulate_hd(params: HDSimulationParams | None = None, *, visium_view: bool =
     anatomy = _draw_hd_anatomy(params, anatomy_rng)
     centres, radius, nucleus, cell_type, cell_domain = _draw_cells(params, anatomy, cell_rng)
     genes = gene_table_hd(params)
-    levels, profiles, expressed_in = _group_profiles(params, genes, params.cell_types, gene_rng, random_leak=False)
+    levels, profiles, expressed_in = _group_profiles(
+        params, genes, params.cell_types, gene_rng, random_leak=False
+    )
     lengths = np.exp(
         gene_rng.uniform(
             math.log(params.kernel_length_min_um), math.log(params.kernel_length_max_um), params.n_genes

@@ -28,13 +28,13 @@ def segment_logsumexp(values: torch.Tensor, index: torch.Tensor, n_segments: int
 def push(values: torch.Tensor, pairs: Pairs, field: torch.Tensor) -> torch.Tensor:
     r""":math:`P^\top z`, moving each source's mass to its targets: ``(E, G), (N, G) -> (N, G)``."""
     source, target = pairs
-    return torch.zeros_like(field).index_add(0, target, values * field[source])
+    return torch.zeros_like(field).index_add(0, target, values * field.index_select(0, source))
 
 
 def pull(values: torch.Tensor, pairs: Pairs, field: torch.Tensor) -> torch.Tensor:
     r""":math:`P y`, gathering each source's targets: ``(E, G), (N, G) -> (N, G)``."""
     source, target = pairs
-    return torch.zeros_like(field).index_add(0, source, values * field[target])
+    return torch.zeros_like(field).index_add(0, source, values * field.index_select(0, target))
 
 
 def column_sums(plan: torch.Tensor, pairs: Pairs, n_spots: int) -> torch.Tensor:

@@ -103,7 +103,9 @@ class KernelTrainer:
         geometry = self.geometry if geometry is None else geometry
         shares = self.shares
         log_weights = gibbs_log_weights(geometry, self.phi, self.reg)
-        return DiffusionModel(geometry, log_weights, shares[:, 1], shares[:, 2])
+        return DiffusionModel(
+            geometry, log_weights, shares[:, 1], shares[:, 2], tissue_dependent=self.config.tissue_cost
+        )
 
     def soft(self) -> torch.Tensor:
         """``(N, G)`` the seed's soft threshold of the counts at the quantile level ``q``, on all spots."""

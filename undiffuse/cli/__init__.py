@@ -21,7 +21,16 @@ from contextlib import contextmanager
 from ..errors import UndiffuseError, UndiffuseWarning
 
 #: Subcommand modules, in workflow order.
-SUBCOMMAND_MODULES = ("simulate", "prepare", "quantiles", "correct", "merge", "aggregate", "superres", "report")
+SUBCOMMAND_MODULES = (
+    "simulate",
+    "prepare",
+    "quantiles",
+    "correct",
+    "merge",
+    "aggregate",
+    "superres",
+    "report",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,18 +60,19 @@ def em_step(
     prior
         Smoothness prior (maximum a posteriori EM); ``None`` is maximum likelihood.
     """
-    return _em_update(field, counts, kernel, bleed, distal, prior)[0]
+    return _em_update(field, counts, kernel, bleed, distal, prior, with_likelihood=False)[0]
 
 
-def _em_update(field, counts, kernel, bleed, distal, prior):
-    """:func:`em_step`, and the ``(G,)`` Poisson log-likelihood of the field it started from."""
+def _em_update(field, counts, kernel, bleed, distal, prior, *, with_likelihood=True):
+    """:func:`em_step`, and the ``(G,)`` Poisson log-likelihood of the field it started from (``None`` without
+    ``with_likelihood``)."""
     mu = expected_counts(field, kernel, bleed, distal)
     tiny = torch.finfo(mu.dtype).tiny
     # 0/0 where a spot neither holds nor receives mass: nothing to explain there.
-    ratio = torch.where(mu > 0, counts / mu.clamp_min(tiny), torch.zeros_like(mu))
+    ratio = torch.where(mu > 0, counts / mu.clamp_min(tiny), torch.zeros((), dtype=mu.dtype))
     back = (1.0 - bleed - distal) * ratio + bleed * kernel.pull(ratio) + distal * ratio.mean(0)
     expected_sources = field * back
-    log_likelihood = (counts * torch.log(mu.clamp_min(tiny)) - mu).sum(dim=0)
+    log_likelihood = (counts * torch.log(mu.clamp_min(tiny)) - mu).sum(dim=0) if with_likelihood else None
     if prior is None:
         return expected_sources, log_likelihood
     updated = prior.update(expected_sources, field)
@@ -188,7 +189,7 @@ def deconvolve_em(
         else:
             field = start
             for _ in range(n_free):
-                field = update(field)[0]
+                field = em_step(field, counts, kernel, *fixed, prior)
     if n_grad_iterations == 0:
         return field
     field = through_start(start, field)
