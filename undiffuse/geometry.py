@@ -38,6 +38,8 @@ SCALES_PER_REACH = 3.0
 PROFILE_COMPONENTS = 15
 #: The profiles use at most this many of the selected genes (the most variable ones).
 PROFILE_MAX_GENES = 2000
+#: Values per dense block of the profiles' covariance.
+PROFILE_BLOCK_VALUES = 4_000_000
 #: How the smoothness prior weighs a spot's tissue neighbours (:class:`undiffuse.ot.prior.TissueNeighbours`).
 PriorWeights = Literal["uniform", "bilateral"]
 
@@ -217,7 +219,11 @@ def expression_profiles(
     variance = np.asarray(inside.multiply(inside).sum(axis=0)).ravel() / n - mean**2
     kept = np.sort(np.argsort(-variance, kind="stable")[:PROFILE_MAX_GENES])
     inside, logged, mean = inside[:, kept], logged[:, kept], mean[kept]
-    covariance = (inside.T @ inside).toarray() / n - np.outer(mean, mean)
+    # Dense row blocks: counts of tissue spots are mostly non-zero, where a sparse product is slow.
+    rows = max(1, PROFILE_BLOCK_VALUES // max(len(kept), 1))
+    blocks = (inside[i : i + rows].toarray() for i in range(0, inside.shape[0], rows))
+    gram = sum(block.T @ block for block in blocks)
+    covariance = np.asarray(gram) / n - np.outer(mean, mean)
     _, vectors = np.linalg.eigh(covariance)
     axes = vectors[:, ::-1][:, : min(n_components, len(kept))]
     return logged @ axes - mean @ axes

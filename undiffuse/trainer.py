@@ -77,9 +77,7 @@ class KernelTrainer:
         n_features = geometry.features(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=torch.bool)).shape[1]
         self.phi = torch.zeros((n_genes, n_features), dtype=dtype, device=device, requires_grad=True)
         self.share_logits = torch.log(shares0).to(device).repeat(n_genes, 1).requires_grad_(True)
-        self.optimizer = torch.optim.Adam(
-            [self.q_logit, self.log_r, self.phi, self.share_logits], lr=config.lr
-        )
+        self.optimizer = Adam([self.q_logit, self.log_r, self.phi, self.share_logits], lr=config.lr)
         self.weights = dict(config.weights)
         if self.weights["image"] > 0 and geometry.raster is None:
             self.weights["image"] = 0.0
@@ -138,7 +136,7 @@ class KernelTrainer:
         rows, carried = [], None
         n_tail = self.config.tail_iterations
         for _ in range(self.config.epochs):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
             model = self.model()
             soft = self.soft()
             start = self.start(soft)
@@ -206,6 +204,55 @@ class KernelTrainer:
         for k in range(self.phi.shape[1]):
             table[f"phi_{k}"] = self.phi[:, k].cpu().numpy()
         return table
+
+
+class Adam:
+    r"""Adam (Kingma & Ba, 2015) with its usual defaults, element-wise, as ``torch.optim.Adam`` computes it.
+
+    ``torch.optim`` imports the TorchDynamo compiler on first use, seconds in every correction process; the
+    update itself is a few element-wise operations:
+
+    .. math::
+
+        m \leftarrow \beta_1 m + (1 - \beta_1) g, \quad v \leftarrow \beta_2 v + (1 - \beta_2) g^2, \quad
+        \theta \leftarrow \theta - \frac{\eta}{1 - \beta_1^t}\,
+        \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon}.
+
+    Parameters
+    ----------
+    params
+        Leaf tensors to optimise.
+    lr
+        Learning rate :math:`\eta`.
+    """
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = self.lr / (1 - beta1**self.steps)
+        bias_correction2 = math.sqrt(1 - beta2**self.steps)
+        for param, (mean, square) in zip(self.params, self.moments, strict=True):
+            if param.grad is None:
+                continue
+            mean.lerp_(param.grad, 1 - beta1)
+            square.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+            param.addcdiv_(mean, (square.sqrt() / bias_correction2).add_(self.eps), value=-step_size)
 
 
 def initial_reg(config: CorrectionConfig, geometry: SampleGeometry) -> float:
