@@ -75,6 +75,43 @@ def test_lattice_equals_pairs(slide, name, cutoff):
         assert float((got - expected).abs().max() / expected.abs().max()) < 1e-6, op
 
 
+@pytest.mark.parametrize("tissue_dependent", [False, True])
+def test_lattice_gradients_equal_pair_gradients(slide, tissue_dependent):
+    """The lattice convolution's hand-written backward gives the gradients autograd finds through the pairs,
+    with respect to the field and to the kernel's parameters, through the normaliser, push and pull."""
+    coords, tissue = slide
+    rng = np.random.default_rng(1)
+    field = torch.as_tensor(rng.random((len(coords), 3)) * tissue[:, None])
+    values = torch.as_tensor(rng.random((len(coords), 3)))
+    weights = torch.as_tensor(rng.random((len(coords), 3)))
+    gradients = []
+    for operator in (
+        PairOperator(coords, tissue, 40.0, dtype=torch.float64),
+        build_operator(coords, tissue, cutoff=40.0, dtype=torch.float64),
+    ):
+        phi = torch.tensor(
+            [[0.3, -0.2, 0.1, 0.0, 0.7], [-0.4, 0.2, 0.0, 0.3, 0.0], [0.1, 0.0, -0.1, 0.0, 0.0]],
+            dtype=torch.float64,
+            requires_grad=True,
+        )
+        reg = torch.tensor([1.0, 3.0, 8.0], dtype=torch.float64, requires_grad=True)
+        z = field.clone().requires_grad_(True)
+        kernel = operator.bind(
+            lambda d, c, phi=phi, reg=reg: (
+                -cost_weights(pair_features(d, c, 4.0), phi) * d[:, None] ** 2 / reg
+            ),
+            tissue_dependent=tissue_dependent,
+        )
+        loss = (kernel.push(z) * weights).sum() + (kernel.pull(values * kernel.push(z)) * weights).sum()
+        grad_z, grad_phi, grad_reg = torch.autograd.grad(loss, (z, phi, reg))
+        # Background spots are no sources of the pairs; the field is zero there.
+        gradients.append((grad_z[torch.as_tensor(tissue)], grad_phi, grad_reg))
+    for pairs, lattice in zip(*gradients, strict=True):
+        np.testing.assert_allclose(
+            lattice.numpy(), pairs.numpy(), rtol=1e-6, atol=1e-9 * float(pairs.abs().max())
+        )
+
+
 @pytest.mark.parametrize("name", list(PROFILES))
 def test_adjoint_conservation_and_confinement_without_cutoff(slide, name):
     coords, tissue = slide

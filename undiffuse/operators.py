@@ -147,41 +147,90 @@ class PairOperator:
 # --------------------------------------------------------------------------------------------------- lattice
 
 
+class _KernelConvolution(torch.autograd.Function):
+    r"""Circular convolution of ``(G, Pin, Fi, Fj)`` grids with ``(G, P, 2 pi + 1, 2 pj + 1)`` kernels by FFT,
+    with its gradients written out.
+
+    Forward: :math:`Y_p = w_p \circledast U` (``Pin = 1``, one output plane per kernel), or with ``sum_planes``
+    :math:`Y = \sum_p w_p \circledast U_p` (``Pin = P``). Backward, from :math:`\bar Y`: the input's gradient is
+    the correlation with the kernels, :math:`\bar U = \mathcal F^{-1}(\overline{\hat w}\, \hat{\bar Y})`, and
+    the kernels' is the correlation of :math:`\bar Y` with the input, cropped to the kernel's box. Autograd
+    through the FFTs reaches the same numbers with complex-to-complex transforms and more element-wise passes.
+    """
+
+    @staticmethod
+    def forward(ctx, grid, box, spectra, fft_shape, sum_planes, grid_spectrum):
+        spectrum = torch.fft.rfft2(grid) if grid_spectrum is None else grid_spectrum
+        product = spectra * spectrum
+        if sum_planes:
+            product = product.sum(1, keepdim=True)
+        ctx.save_for_backward(spectra, spectrum)
+        ctx.fft_shape, ctx.sum_planes, ctx.box_shape = fft_shape, sum_planes, tuple(box.shape[-2:])
+        return torch.fft.irfft2(product, s=fft_shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        spectra, spectrum = ctx.saved_tensors
+        grad_spectrum = torch.fft.rfft2(grad)
+        grad_grid = grad_box = None
+        if ctx.needs_input_grad[0]:
+            back = spectra.conj() * grad_spectrum
+            if not ctx.sum_planes:
+                back = back.sum(1, keepdim=True)
+            grad_grid = torch.fft.irfft2(back, s=ctx.fft_shape)
+        if ctx.needs_input_grad[1]:
+            correlation = torch.fft.irfft2(grad_spectrum * spectrum.conj(), s=ctx.fft_shape)
+            box_i, box_j = ctx.box_shape
+            # The kernel's offset (a - pi, b - pj) sits at that grid index modulo the grid (kernel_spectrum).
+            centred = torch.roll(correlation, shifts=((box_i - 1) // 2, (box_j - 1) // 2), dims=(-2, -1))
+            grad_box = centred[..., :box_i, :box_j]
+        return grad_grid, grad_box, None, None, None, None
+
+
 class LatticeKernel:
     """A kernel as FFT spectra on the lattice; see the module doc for the operations.
 
-    The spectra have one plane (the same kernel towards every spot) or two (towards tissue and towards
+    The kernels have one plane (the same kernel towards every spot) or two (towards tissue and towards
     background cells). ``push`` transforms the source field once and returns both planes in one inverse FFT;
     ``pull`` scatters tissue and background values to their planes and transforms them in one FFT.
+
+    Parameters
+    ----------
+    operator
+        The lattice operator.
+    box
+        ``(G, P, 2 pi + 1, 2 pj + 1)`` kernel weights on the box of lattice offsets (differentiable).
+    fft_shape
+        ``(Fi, Fj)`` FFT grid.
     """
 
-    def __init__(
-        self,
-        operator: LatticeOperator,
-        spectra: torch.Tensor,
-        normaliser: torch.Tensor,
-        fft_shape: tuple[int, int],
-    ) -> None:
-        self.operator, self.spectra, self.normaliser, self.fft_shape = (
-            operator,
-            spectra,
-            normaliser,
-            fft_shape,
+    def __init__(self, operator: LatticeOperator, box: torch.Tensor, fft_shape: tuple[int, int]) -> None:
+        self.operator, self.box, self.fft_shape = operator, box, fft_shape
+        self.n_planes = int(box.shape[1])
+        self.spectra = kernel_spectrum(box.detach(), fft_shape)
+        masks = operator.mask_spectra(fft_shape, self.n_planes)
+        normaliser = operator.gather(self._convolve(None, sum_planes=True, grid_spectrum=masks))
+        tiny = torch.finfo(normaliser.dtype).tiny
+        # Off tissue no mass leaves, so the normaliser there is never used; 1 keeps divisions finite.
+        self.normaliser = torch.where(
+            operator.tissue[:, None], normaliser.clamp_min(tiny), torch.ones((), dtype=normaliser.dtype)
         )
-        self.n_planes = int(spectra.shape[1])
+
+    def _convolve(self, grid, *, sum_planes: bool, grid_spectrum=None) -> torch.Tensor:
+        return _KernelConvolution.apply(
+            grid, self.box, self.spectra, self.fft_shape, sum_planes, grid_spectrum
+        )
 
     def push(self, field: torch.Tensor) -> torch.Tensor:
         op = self.operator
-        spectrum = torch.fft.rfft2(op.scatter(field / self.normaliser, self.fft_shape, 1))
-        grid = torch.fft.irfft2(self.spectra * spectrum, s=self.fft_shape)
+        grid = self._convolve(op.scatter(field / self.normaliser, self.fft_shape, 1), sum_planes=False)
         # Round-off of the FFT leaves values of order 1e-7 of the largest where the exact result is ~0.
         return op.gather(grid).clamp_min(0.0)
 
     def pull(self, values: torch.Tensor) -> torch.Tensor:
         op = self.operator
-        spectrum = (self.spectra * torch.fft.rfft2(op.scatter(values, self.fft_shape, self.n_planes))).sum(1)
-        gathered = op.gather(torch.fft.irfft2(spectrum, s=self.fft_shape)[:, None]).clamp_min(0.0)
-        return gathered * op.tissue_weight / self.normaliser
+        grid = self._convolve(op.scatter(values, self.fft_shape, self.n_planes), sum_planes=True)
+        return op.gather(grid).clamp_min(0.0) * op.tissue_weight / self.normaliser
 
 
 class LatticeOperator:
@@ -311,18 +360,9 @@ class LatticeOperator:
         weights = torch.where(within, torch.exp(logw - shift), torch.zeros((), dtype=logw.dtype))
         box = (2 * half_i + 1, 2 * half_j + 1)
         # (planes, offsets, G) -> (G, planes, box)
-        spectra = kernel_spectrum(weights.permute(2, 0, 1).reshape(-1, len(logw), *box), fft_shape)
-        normaliser = self.gather(
-            torch.fft.irfft2((spectra * self._masks(fft_shape, len(logw))).sum(1, keepdim=True), s=fft_shape)
-        )
-        tiny = torch.finfo(normaliser.dtype).tiny
-        # Off tissue no mass leaves, so the normaliser there is never used; 1 keeps divisions finite.
-        normaliser = torch.where(
-            self.tissue[:, None], normaliser.clamp_min(tiny), torch.ones((), dtype=normaliser.dtype)
-        )
-        return LatticeKernel(self, spectra, normaliser, fft_shape)
+        return LatticeKernel(self, weights.permute(2, 0, 1).reshape(-1, len(logw), *box), fft_shape)
 
-    def _masks(self, fft_shape: tuple[int, int], n_planes: int) -> torch.Tensor:
+    def mask_spectra(self, fft_shape: tuple[int, int], n_planes: int) -> torch.Tensor:
         """``(n_planes, Fi, Fj // 2 + 1)`` spectra of the tissue and the background masks (one plane: of
         every spot)."""
         key = (fft_shape, n_planes)
