@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_fill_every_section():
     config = load_config()
     assert config["samples"] == "config/samples.tsv"
-    assert config["correct"]["chunk_size"] == 50
+    assert config["correct"]["chunk_size"] == 100
     assert config["correct"]["weights"]["poisson"] == 10.0
     assert config["init_quantiles"]["grid"] == {"start": 0.0, "stop": 0.95, "step": 0.05}
     assert config["resources"]["merge"] == {"threads": 1, "mem_mb": 4000, "runtime": 60}
