@@ -56,7 +56,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 from scipy import ndimage
@@ -347,6 +346,10 @@ def add_qc_metrics(adata: AnnData) -> None:
     names = adata.var_names.str.lower()
     adata.var["mt"] = names.str.startswith("mt-")
     qc_vars = ["mt"] if adata.var["mt"].any() else []
+    # Imported here: scanpy costs seconds to import, and most users of this module (every correction job
+    # through the tissue mask) never call it.
+    import scanpy as sc
+
     sc.pp.calculate_qc_metrics(adata, qc_vars=qc_vars, percent_top=None, log1p=False, inplace=True)
 
 
