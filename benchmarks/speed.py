@@ -16,7 +16,7 @@ Writes ``benchmarks/results/speed.json`` and ``speed.md``.
 
 Usage::
 
-    .venv/bin/python benchmarks/speed.py --previous 82269b4 --previous-genes 60
+    .venv/bin/python benchmarks/speed.py --previous eb6653d
 """
 
 from __future__ import annotations
