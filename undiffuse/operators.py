@@ -303,6 +303,22 @@ class LatticeOperator:
         n_planes, fft_shape = int(grid.shape[1]), (int(grid.shape[2]), int(grid.shape[3]))
         return grid.reshape(grid.shape[0], -1).index_select(1, self._flat(fft_shape, n_planes)).T
 
+    @staticmethod
+    def _planes(
+        log_weights: LogWeights, distance: torch.Tensor, tissue_dependent: bool | None
+    ) -> torch.Tensor:
+        """``(P, M, G)`` log weights towards tissue targets and, as a second plane, towards background targets;
+        one plane where they are one kernel (``tissue_dependent`` false, or ``None`` and equal). Each plane is
+        its own call, so that equal weights compare equal bit for bit."""
+        flags = torch.zeros(distance.shape, dtype=torch.bool, device=distance.device)
+        inside = log_weights(distance, flags)
+        if tissue_dependent is False:
+            return inside[None]
+        outside = log_weights(distance, ~flags)
+        if tissue_dependent is None and torch.equal(inside, outside):
+            return inside[None]
+        return torch.stack([inside, outside])
+
     def _profile_distances(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances (pitches, float64) out to the slide's diameter at which kernel profiles are integrated,
         and the width each stands for: steps of :data:`PROFILE_STEP` out to :data:`FINE_PROFILE_RANGE`, then
@@ -326,12 +342,9 @@ class LatticeOperator:
         with torch.no_grad():
             distance, width = self._profile_distances()
             if self.cutoff is not None:
-                n_genes = log_weights(distance[:1].to(self.dtype), torch.zeros(1, dtype=torch.bool)).shape[1]
+                n_genes = self._planes(log_weights, distance[:1].to(self.dtype), False).shape[2]
                 return torch.full((n_genes,), min(float(self.cutoff), diameter), dtype=torch.float64)
-            n_planes = 1 if tissue_dependent is False else 2
-            crosses = torch.arange(n_planes * len(distance), device=self.device) >= len(distance)
-            logw = log_weights(distance.to(self.dtype).repeat(n_planes), crosses).to(torch.float64)
-            logw = logw.reshape(n_planes, len(distance), -1)
+            logw = self._planes(log_weights, distance.to(self.dtype), tissue_dependent).to(torch.float64)
             # Mass in an annulus grows with its radius: weight the profile by the distance.
             mass = torch.exp(logw - logw.amax(dim=1, keepdim=True)) * (distance * width)[:, None]
             tail = torch.flip(torch.cumsum(torch.flip(mass, [1]), 1), [1]) / mass.sum(
@@ -350,11 +363,7 @@ class LatticeOperator:
         offsets = torch.as_tensor(self.lattice.offset_distance(half_i, half_j), device=self.device)
         distance = offsets.to(self.dtype).reshape(-1)
         within = offsets.reshape(1, -1, 1) <= radius.to(offsets.device)[None, None, :] * (1 + 1e-9)
-        flags = torch.zeros(distance.shape, dtype=torch.bool, device=self.device)
-        inside = log_weights(distance, flags)
-        outside = log_weights(distance, ~flags) if tissue_dependent is not False else inside
-        same = tissue_dependent is not True and (outside is inside or torch.equal(inside, outside))
-        logw = inside[None] if same else torch.stack([inside, outside])
+        logw = self._planes(log_weights, distance, tissue_dependent)
         # One shift per gene for both kernels keeps their ratio; the normaliser takes out the rest.
         shift = logw.detach().amax(dim=(0, 1))
         weights = torch.where(within, torch.exp(logw - shift), torch.zeros((), dtype=logw.dtype))
