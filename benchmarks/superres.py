@@ -4,7 +4,8 @@
    genes) seen as Visium spots (55 um spots on the 100 um lattice, the same molecules) and its truth on the
    10 um and 20 um grids (``simulate_hd(..., visium_view=True)``). The input spot maps are the simulator's
    true undiffused spot values (``visium/truth.h5ad``, ``X``), so that the benchmark measures the
-   super-resolution and not the diffusion correction. Every method is scored on the truth's tissue pixels by
+   super-resolution and not the diffusion correction. Both models run (``cells``, the default, and
+   ``network``, the per-pixel network with the C3-Diff contrastive term at the seed's weights). Every method is scored on the truth's tissue pixels by
    RMSE (expected molecules per pixel, per gene, mean over genes) and Pearson (per gene, mean over genes), and
    by pixel-level cell-type accuracy (seed section 4 on the maps against the majority cell type of each
    pixel's 2 um bins, pixels at least half covered by cells). Each ``superresolve`` run is a child process,
@@ -12,7 +13,7 @@
 2. **Real mouse brain** (``../shared/data/visium_mouse_brain_raw_top100``, no truth): prepared, corrected
    (``undiffuse.correct``, ``epochs=10``), super-resolved at 5x and 10x; downsample consistency is the Pearson
    of ``A @ maps`` with the corrected spots over tissue spots (mean over genes), for the result and for the
-   network before its projection onto the spots.
+   model before its projection onto the spots.
 
 Writes ``benchmarks/results/superres.json`` and ``superres.md``.
 
@@ -69,19 +70,18 @@ def _origin(truth) -> tuple[float, float]:
     return (FRAME_UM / mpp, FRAME_UM / mpp)
 
 
-def child(sample: Path, factor: int, out: Path, threads: int, lambda_modal: float | None = None) -> None:
-    """One ``superresolve`` run (a child process): writes maps, network maps and pixels to ``out``."""
+def child(sample: Path, factor: int, out: Path, threads: int, model: str) -> None:
+    """One ``superresolve`` run (a child process): writes maps, unprojected maps and pixels to ``out``."""
     adata, truth = _simulated_input(sample)
     from undiffuse.superres import superresolve
 
     start = time.perf_counter()
-    overrides = {} if lambda_modal is None else {"lambda_modal": lambda_modal}
-    result = superresolve(adata, factor=factor, origin_px=_origin(truth), threads=threads, **overrides)
+    result = superresolve(adata, factor=factor, origin_px=_origin(truth), threads=threads, model=model)
     seconds = time.perf_counter() - start
     np.savez(
         out,
         maps=result.maps,
-        network=result.network,
+        unprojected=result.unprojected,
         pixels=result.pixels,
         origin=np.asarray(result.grid.origin_px),
         shape=np.asarray(result.grid.shape),
@@ -93,7 +93,9 @@ def child(sample: Path, factor: int, out: Path, threads: int, lambda_modal: floa
         "device": result.device,
         "n_pixels": int(result.pixels.size),
         "n_genes": len(result.genes),
-        "final_loss": result.loss_history.iloc[-1].to_dict(),
+        "model": model,
+        "extra": result.extra,
+        "final_loss": {k: v for k, v in result.loss_history.iloc[-1].to_dict().items() if k != "stage"},
     }
     out.with_suffix(".json").write_text(json.dumps(info))
 
@@ -135,9 +137,7 @@ def _true_cell_types(sample: Path, size_um: int, truth_grid) -> tuple[np.ndarray
     return types[np.argmax(counts, axis=1)], covered
 
 
-def _run_child(
-    sample: Path, factor: int, threads: int, lambda_modal: float | None = None
-) -> tuple[dict, dict]:
+def _run_child(sample: Path, factor: int, threads: int, model: str) -> tuple[dict, dict]:
     """Run :func:`child` in a fresh process; its maps and its time and memory."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "run.npz"
@@ -151,9 +151,7 @@ def _run_child(
             "--out",
             str(out),
         ]
-        command += ["--threads", str(threads)]
-        if lambda_modal is not None:
-            command += ["--lambda-modal", str(lambda_modal)]
+        command += ["--threads", str(threads), "--model", model]
         subprocess.run(command, check=True)
         return dict(np.load(out)), json.loads(out.with_suffix(".json").read_text())
 
@@ -184,9 +182,10 @@ def simulated(sample: Path, threads: int) -> tuple[list[dict], dict]:
         truth_grid = ad.read_h5ad(sample / "visium" / f"truth_grid_{size:03d}um.h5ad")
         reference = np.asarray(truth_grid.X.toarray(), dtype=np.float64)
         on_tissue = truth_grid.obs["in_tissue"].to_numpy(bool)
-        run, info = _run_child(sample, factor, threads)
-        ablation, _ = _run_child(sample, factor, threads, lambda_modal=0.0)
+        run, info = _run_child(sample, factor, threads, "cells")
+        network, network_info = _run_child(sample, factor, threads, "network")
         runs[f"{factor}x"] = info
+        runs[f"{factor}x network"] = network_info
         grid = PixelGrid(tuple(run["origin"]), float(run["pixel_px"]), *map(int, run["shape"]))
         pixels = run["pixels"]
         values, genes, tissue, coords, pitch, radius = spot_inputs(adata, layer="corrected")
@@ -202,9 +201,9 @@ def simulated(sample: Path, threads: int) -> tuple[list[dict], dict]:
                 grid, pixels, cubic, guide, radius=factor // 2, eps=GUIDED_EPS
             ),
             "bicubic + projection (ablation)": project(cubic, A, values),
-            "network before projection (ablation)": run["network"],
-            "undiffuse superres without the contrastive term (ablation)": ablation["maps"],
-            "**undiffuse superres**": run["maps"],
+            "cell model before projection (ablation)": run["unprojected"],
+            "network model (C3-Diff contrastive term, `model='network'`)": network["maps"],
+            "**undiffuse superres** (cell model)": run["maps"],
         }
         baseline_seconds = time.perf_counter() - start
         true_types, covered = _true_cell_types(sample, size, truth_grid)
@@ -273,9 +272,10 @@ def real(threads: int) -> list[dict]:
                 "tissue_spots": int(tissue.sum()),
                 "pixels": int(result.pixels.size),
                 "downsample_pearson": float(np.mean(pearson(result.aggregate()[tissue], spots))),
-                "downsample_pearson_network": float(
-                    np.mean(pearson(result.aggregate(result.network)[tissue], spots))
+                "downsample_pearson_unprojected": float(
+                    np.mean(pearson(result.aggregate(result.unprojected)[tissue], spots))
                 ),
+                "cells": result.extra.get("cells"),
                 "max_relative_residual": float(
                     np.max(np.abs(result.aggregate()[tissue] - spots)) / max(float(spots.max()), 1e-12)
                 ),
@@ -313,7 +313,7 @@ def _markdown(rows: list[dict], runs: dict, real_rows: list[dict], machine: dict
     lines += ["", "### Criteria", ""]
     for scale in table["scale"].unique():
         part = table[table["scale"] == scale].set_index("method")
-        ours, cubic = part.loc["**undiffuse superres**"], part.loc["bicubic"]
+        ours, cubic = part.loc["**undiffuse superres** (cell model)"], part.loc["bicubic"]
         guided = part.loc["guided filter (H&E guide, on bicubic)"]
         lines.append(
             f"- {scale}: RMSE ratio to bicubic {ours['rmse'] / cubic['rmse']:.3f} (criterion <= 0.8: "
@@ -326,13 +326,13 @@ def _markdown(rows: list[dict], runs: dict, real_rows: list[dict], machine: dict
         )
     lines += ["", "### Time and peak memory of `superresolve` (child process, CPU)", ""]
     lines += [
-        "| scale | genes | tissue pixels | seconds | peak RSS (GB) |",
-        "| --- | --- | --- | --- | --- |",
+        "| scale | model | genes | tissue pixels | seconds | peak RSS (GB) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for scale, info in runs.items():
         lines.append(
-            f"| {scale} | {info['n_genes']} | {info['n_pixels']} | {info['seconds']:.1f} | "
-            f"{info['peak_rss_gb']:.2f} |"
+            f"| {scale.split()[0]} | {info['model']} | {info['n_genes']} | {info['n_pixels']} | "
+            f"{info['seconds']:.1f} | {info['peak_rss_gb']:.2f} |"
         )
     if real_rows:
         lines += [
@@ -341,14 +341,14 @@ def _markdown(rows: list[dict], runs: dict, real_rows: list[dict], machine: dict
             "",
             "Corrected by `undiffuse.correct(..., epochs=10)`; `A @ maps` against the corrected tissue spots.",
             "",
-            "| scale | genes | tissue spots | pixels | downsample Pearson | network before projection | max "
-            "relative residual | seconds |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| scale | genes | tissue spots | cells found | pixels | downsample Pearson | model before projection "
+            "| max relative residual | seconds |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in real_rows:
             lines.append(
-                f"| {row['scale']} | {row['genes']} | {row['tissue_spots']} | {row['pixels']} | "
-                f"{row['downsample_pearson']:.4f} | {row['downsample_pearson_network']:.3f} | "
+                f"| {row['scale']} | {row['genes']} | {row['tissue_spots']} | {row['cells']} | {row['pixels']} | "
+                f"{row['downsample_pearson']:.4f} | {row['downsample_pearson_unprojected']:.3f} | "
                 f"{row['max_relative_residual']:.1e} | {row['seconds']:.1f} |"
             )
     return "\n".join(lines) + "\n"
@@ -365,10 +365,10 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--lambda-modal", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="cells", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.sample, args.child, args.out, args.threads, args.lambda_modal)
+        child(args.sample, args.child, args.out, args.threads, args.model)
         return
     import torch
 

@@ -60,6 +60,7 @@ rule superres:
         mem_mb=scaled_mem_mb("superres"),
         runtime=scaled_runtime("superres"),
     params:
+        model=SUPERRES["model"],
         epochs=SUPERRES["epochs"],
         top_genes=SUPERRES["top_genes"],
     script:

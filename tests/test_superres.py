@@ -17,21 +17,26 @@ from scipy.spatial import cKDTree
 from undiffuse.errors import InputError
 from undiffuse.metrics import pearson
 from undiffuse.superres import (
+    MODELS,
     PixelGrid,
     aggregation_matrix,
     bicubic,
+    cell_shares,
+    footprint_cells,
     guided_filter,
     nearest_spot,
     pixel_cell_types,
     pixel_grid,
+    poisson_nmf,
     project,
+    segment_nuclei,
     superresolve,
 )
 
 PITCH = 100.0
 RADIUS = 27.5
 SCALEF = 0.25
-FAST = dict(epochs=60, threads=1)
+FAST = dict(epochs=60, refine_epochs=20, ensemble=2, threads=1)
 
 
 #: Dark nuclei-like discs of the test image: centres and radii in full-resolution pixels.
@@ -82,10 +87,10 @@ def _sample(values: np.ndarray | None = None, *, n_genes: int = 6, image: bool =
     return adata
 
 
-@pytest.fixture(scope="module")
-def result_5x():
+@pytest.fixture(scope="module", params=MODELS)
+def result_5x(request):
     adata = _sample()
-    return adata, superresolve(adata, factor=5, **FAST)
+    return adata, superresolve(adata, factor=5, model=request.param, **FAST)
 
 
 def test_aggregation_operator_is_the_footprint_area():
@@ -128,7 +133,9 @@ def test_maps_aggregate_exactly_to_the_spots_and_vanish_off_tissue(result_5x):
     outside = np.ones(result.grid.n_pixels, dtype=bool)
     outside[result.pixels] = False
     assert dense.shape == result.grid.shape and not dense.ravel()[outside].any()
-    assert result.loss_history["total"].iloc[-1] < result.loss_history["total"].iloc[0]
+    history = result.loss_history
+    first = history["loss"][history["stage"] == "programmes"] if "stage" in history else history["total"]
+    assert first.iloc[-1] < first.iloc[0]
 
 
 def test_anndata_output_plots_with_scanpy_layout(result_5x):
@@ -293,3 +300,68 @@ def test_report_figures_and_most_changed_genes(result_5x, tmp_path):
         plot_cell_types(result, adata, typed, tmp_path / "types.png"),
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_poisson_nmf_recovers_a_low_rank_product():
+    rng = np.random.default_rng(3)
+    V = rng.gamma(1.0, 1.0, (40, 3)) @ rng.gamma(1.0, 2.0, (3, 25))
+    W, H = poisson_nmf(V, 3, iterations=2000)
+    assert W.shape == (40, 3) and H.shape == (3, 25) and (W >= 0).all() and (H >= 0).all()
+    np.testing.assert_allclose(W @ H, V, rtol=0.05, atol=0.05 * V.mean())
+    # The multiplicative updates never raise the Poisson loss: more iterations fit at least as well.
+    W_short, H_short = poisson_nmf(V, 3, iterations=20)
+
+    def loss(fit):
+        return float(np.sum(fit - V * np.log(fit)))
+
+    assert loss(W @ H) <= loss(W_short @ H_short)
+
+
+def _nuclei_image(centres: np.ndarray, radius: float, shape=(80, 80)) -> np.ndarray:
+    """Pink tissue with purple nuclei (discs of ``radius`` pixels at ``centres`` (row, col))."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    image = np.empty((*shape, 3))
+    image[...] = [0.9, 0.7, 0.8]
+    for r, c in centres:
+        image[np.hypot(rows - r, cols - c) <= radius] = [0.35, 0.2, 0.55]
+    return image
+
+
+def test_nuclei_are_segmented_split_and_own_their_cells():
+    # Two touching nuclei (centres 7 px apart, radius 4) and a lone one; 1 um per pixel.
+    centres = np.array([[20.0, 20.0], [20.0, 27.0], [60.0, 55.0]])
+    nuclei = segment_nuclei(_nuclei_image(centres, 4.0), 1.0, reach_um=3.0)
+    assert nuclei.n_cells == 3
+    assert nuclei.features.shape[0] == 3 and np.isfinite(nuclei.features).all()
+    at = [nuclei.owner[int(r), int(c)] for r, c in centres]
+    assert len(set(at)) == 3 and max(at) < 3
+    # A cell reaches 3 um beyond its nucleus, no further.
+    assert nuclei.owner[60, 55 + 4 + 2] == at[2]
+    assert nuclei.owner[60, 55 + 4 + 6] == nuclei.n_cells
+    # An image without nuclei has no cell.
+    empty = segment_nuclei(_nuclei_image(np.zeros((0, 2)), 4.0), 1.0)
+    assert empty.n_cells == 0 and (empty.owner == 0).all()
+
+
+def test_cell_areas_of_pixels_and_footprints():
+    centres = np.array([[20.0, 20.0], [60.0, 55.0]])
+    nuclei = segment_nuclei(_nuclei_image(centres, 4.0), 1.0, reach_um=3.0)
+    grid = PixelGrid((0.0, 0.0), 10.0, 8, 8)
+    pixels = np.arange(grid.n_pixels)
+    shares = cell_shares(grid, pixels, nuclei, 1.0, um_per_px=1.0)
+    assert shares.shape == (grid.n_pixels, nuclei.n_cells + 1)
+    np.testing.assert_allclose(np.asarray(shares.sum(axis=1)).ravel(), 1.0)
+    # Each cell's area (a disc of 7 um) is found in the pixels around it, to the sampling (points 2 um apart).
+    np.testing.assert_allclose(
+        np.asarray(shares.sum(axis=0)).ravel()[:2] * 100.0, math.pi * 7.0**2, rtol=0.25
+    )
+    spots = np.array([[20.0, 20.0], [15.0, 65.0]])  # (x, y): on the first cell, and in empty tissue
+    areas = footprint_cells(spots, 12.0, nuclei, 1.0, um_per_px=1.0, pixel_px=10.0)
+    np.testing.assert_allclose(np.asarray(areas.sum(axis=1)).ravel(), math.pi * 144.0 / 100.0)
+    assert areas[0, nuclei.owner[20, 20]] > 0.9 * math.pi * 49.0 / 100.0
+    assert areas[1, nuclei.n_cells] == pytest.approx(math.pi * 144.0 / 100.0)
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ValueError, match="unknown super-resolution model"):
+        superresolve(_sample(), factor=5, model="diffusion", **FAST)

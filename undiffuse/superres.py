@@ -23,30 +23,40 @@ Voronoi cells), intersected with the H&E tissue mask (:func:`undiffuse.tissue.im
 image has one, plus the whole footprint of every tissue spot (its corrected value counts the molecules under
 all of it).
 
-**Model** (justified in ``docs/superres.md``): per sample, a small convolutional network :math:`f_\theta` maps
-image features :math:`F` (stain densities and their texture, :func:`image_features`) to a per-pixel embedding
-:math:`h_p \in \mathbb R^D`; gene :math:`g` has a log-linear head,
-:math:`\hat x_{pg} = \exp(w_g^\top h_p + b_g)` on tissue pixels. It is trained with
+**Models** (justified in ``docs/superres.md``), learned per sample from the H&E image and the corrected spots:
 
-.. math::
+- ``cells`` (default). Nuclei are segmented from the image's haematoxylin density (:func:`segment_nuclei`);
+  each image pixel belongs to its nearest nucleus within ``cell_reach_um``, which makes the cells. The spots are
+  factorised into a few expression programmes per unit area, :math:`y_s \approx n_s M` (Poisson NMF,
+  :func:`poisson_nmf`); a small network types every cell from its image descriptors,
+  :math:`w_c = \mathrm{softmax}(f_\theta(\phi_c))` over the programmes and "nothing", and is trained so that the
+  cells under each footprint reproduce the spot, first in programme abundances and then, with :math:`M` refined
+  alongside, in every gene under the Poisson deviance. A pixel holds its cells' areas times their programmes,
+  :math:`\hat x_p = \sum_c S_{pc} w_c M` (:func:`cell_shares`), so the maps are sharp where the image shows
+  cells and carry the programmes' shared structure to low-count genes.
+- ``network``: a per-pixel network :math:`f_\theta` on a scale-space bank of stain features
+  (:func:`image_features`) with an embedding :math:`h_p` and log-linear gene heads,
+  :math:`\hat x_{pg} = \exp(w_g^\top h_p + b_g)`, trained with
 
-    \mathcal L = \lambda_{\text{agg}} \operatorname{mean}_{s,g}
-    \left(\log\left(1 + \tfrac{(A\hat x_g)_s}{m_g}\right) - \log\left(1 + \tfrac{y_{sg}}{m_g}\right)\right)^2
-    + \lambda_{\text{modal}} \mathcal L_{\text{modal}},
+  .. math::
 
-:math:`m_g` the gene's mean over tissue spots, and :math:`\mathcal L_{\text{modal}}` C3-Diff's cross-modal
-contrastive term: symmetric InfoNCE (temperature :math:`\tau`) between the image embedding of a spot's patch,
-:math:`u_s = \mathrm{norm}(P \sum_p A_{sp} h_p / \sum_p A_{sp})`, and its expression embedding
-:math:`v_s = \mathrm{norm}(E(\log(1 + y_s / m)))`; the two embeddings of the same spot are the positive pair,
-the other spots the negatives. Default weights are the seed's (:math:`\lambda_{\text{mse}} = 2`,
-:math:`\lambda_{\text{modal}} = 1`).
+      \mathcal L = \lambda_{\text{agg}} \operatorname{mean}_{s,g}
+      \left(\log\left(1 + \tfrac{(A\hat x_g)_s}{m_g}\right) - \log\left(1 + \tfrac{y_{sg}}{m_g}\right)\right)^2
+      + \lambda_{\text{modal}} \mathcal L_{\text{modal}},
 
-**Projection onto the data.** The network's maps are then made to aggregate to the spots: a smooth gain field,
-the Gaussian-weighted (:math:`\sigma` = half a pitch) interpolation of the log ratios
-:math:`\log((y_{sg} + \epsilon_g) / ((A\hat x_g)_s + \epsilon_g))`, multiplies every pixel, and a final
-multiplicative projection (iterative proportional fitting, one step when footprints do not overlap, as on
-Visium) makes :math:`A x_g = y_g` exact. A footprint whose prediction is zero receives :math:`y_{sg}` spread
-evenly over its area.
+  :math:`m_g` the gene's mean over tissue spots, and :math:`\mathcal L_{\text{modal}}` C3-Diff's cross-modal
+  contrastive term: symmetric InfoNCE (temperature :math:`\tau`) between the image embedding of a spot's patch,
+  :math:`u_s = \mathrm{norm}(P \sum_p A_{sp} h_p / \sum_p A_{sp})`, and its expression embedding
+  :math:`v_s = \mathrm{norm}(E(\log(1 + y_s / m)))`; the two embeddings of the same spot are the positive pair,
+  the other spots the negatives. Default weights are the seed's (:math:`\lambda_{\text{mse}} = 2`,
+  :math:`\lambda_{\text{modal}} = 1`). Its maps are multiplied by a smooth gain field, the Gaussian-weighted
+  (:math:`\sigma` = half a pitch) interpolation of the log ratios
+  :math:`\log((y_{sg} + \epsilon_g) / ((A\hat x_g)_s + \epsilon_g))`, so that the gaps between footprints follow
+  their neighbours.
+
+**Projection onto the data.** A final multiplicative projection (:func:`project`: iterative proportional
+fitting, one step when footprints do not overlap, as on Visium) makes :math:`A x_g = y_g` exact. A footprint
+whose prediction is zero receives :math:`y_{sg}` spread evenly over its area.
 """
 
 from __future__ import annotations
@@ -72,6 +82,18 @@ from .errors import InputError
 DEFAULT_FACTORS = (5, 10)
 #: Scales (spot pitches) of the Gaussian context filters of :func:`image_features`.
 CONTEXT_PITCHES = (0.1, 0.25, 0.5)
+#: Super-resolution models (:class:`SuperResConfig`).
+MODELS = ("cells", "network")
+#: How far a cell reaches beyond its nucleus (microns): image pixels farther from every nucleus hold no cell.
+CELL_REACH_UM = 4.0
+#: Scales (microns) of the stain context measured around each nucleus.
+CELL_CONTEXT_UM = (10.0, 25.0, 50.0)
+#: Smoothing (microns) of the haematoxylin density before nuclei are thresholded.
+NUCLEUS_SMOOTHING_UM = 0.8
+#: Touching nuclei are split where their centres lie at least this far apart (microns).
+NUCLEUS_SEPARATION_UM = 3.0
+#: Spacing (microns) of the points at which a pixel is sampled to find the cells it holds.
+CELL_SAMPLING_UM = 2.0
 
 
 # --------------------------------------------------------------------------------------------- grid
@@ -279,6 +301,222 @@ def image_features(
     return ((features - centre) / np.where(spread > 1e-12, spread, 1.0)).astype(np.float32)
 
 
+# --------------------------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Nuclei:
+    """Nuclei of an H&E image and the cells around them, in the image's pixels.
+
+    Attributes
+    ----------
+    owner
+        ``(H, W)`` int64 cell of each image pixel: its nearest nucleus within the cell's reach, else
+        ``n_cells`` (no cell).
+    features
+        ``(n_cells, F)`` float32 image descriptors of each cell, standardised per column
+        (:func:`segment_nuclei`).
+    """
+
+    owner: np.ndarray
+    features: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.features.shape[0])
+
+
+def segment_nuclei(
+    image: np.ndarray,
+    um_per_px: float,
+    *,
+    tissue_mask: np.ndarray | None = None,
+    reach_um: float = CELL_REACH_UM,
+) -> Nuclei:
+    """Nuclei of an H&E image by thresholding its haematoxylin density, and the cells they imply.
+
+    The haematoxylin optical density (colour deconvolution, :func:`skimage.color.rgb2hed`), smoothed by
+    ``NUCLEUS_SMOOTHING_UM``, is thresholded by Otsu's method over the tissue (``tissue_mask``, else the whole
+    image), and touching nuclei are split by a watershed of the distance transform (:func:`_split_nuclei`).
+    Each image pixel belongs to its nearest nucleus within
+    ``reach_um``, which makes the cell. A cell is described by its nucleus (mean, maximum and standard
+    deviation of the haematoxylin density, log area in square microns) and by its surroundings (haematoxylin
+    and eosin densities blurred by Gaussians of ``CELL_CONTEXT_UM``, at the nucleus's centre).
+
+    Parameters
+    ----------
+    image
+        ``(H, W, 3)`` RGB in ``[0, 1]``.
+    um_per_px
+        Microns per image pixel.
+    """
+    from skimage.color import rgb2hed
+    from skimage.filters import threshold_otsu
+
+    hed = rgb2hed(np.clip(np.asarray(image, dtype=np.float64)[..., :3], 1e-3, 1.0))
+    haematoxylin = ndimage.gaussian_filter(hed[..., 0], NUCLEUS_SMOOTHING_UM / um_per_px)
+    inside = haematoxylin[tissue_mask] if tissue_mask is not None and tissue_mask.any() else haematoxylin
+    nuclei = np.zeros(haematoxylin.shape, dtype=bool)
+    if np.ptp(inside) > 1e-9:
+        nuclei = haematoxylin > threshold_otsu(inside)
+        if tissue_mask is not None and tissue_mask.any():
+            nuclei &= tissue_mask
+    labels, n_cells = _split_nuclei(nuclei, um_per_px)
+    if n_cells == 0:
+        return Nuclei(np.zeros(haematoxylin.shape, dtype=np.int64), np.zeros((0, 4), dtype=np.float32))
+    index = np.arange(1, n_cells + 1)
+    distance, (rows, cols) = ndimage.distance_transform_edt(~nuclei, return_indices=True)
+    owner = labels[rows, cols].astype(np.int64) - 1
+    owner[distance * um_per_px > reach_um] = n_cells
+    centres = np.asarray(ndimage.center_of_mass(nuclei, labels, index), dtype=np.float64).reshape(-1, 2)
+    columns = [
+        ndimage.mean(haematoxylin, labels, index),
+        ndimage.maximum(haematoxylin, labels, index),
+        ndimage.standard_deviation(haematoxylin, labels, index),
+        np.log(ndimage.sum(np.ones_like(haematoxylin), labels, index) * um_per_px**2),
+    ]
+    for scale_um in CELL_CONTEXT_UM:
+        for density in (hed[..., 1], haematoxylin):
+            columns.append(_blurred_at(density, scale_um / um_per_px, centres))
+    features = np.column_stack(columns)
+    spread = features.std(axis=0)
+    features = (features - features.mean(axis=0)) / np.where(spread > 1e-12, spread, 1.0)
+    return Nuclei(owner, features.astype(np.float32))
+
+
+def _blurred_at(image: np.ndarray, sigma: float, points: np.ndarray) -> np.ndarray:
+    """``image`` blurred by a Gaussian of ``sigma`` pixels, at ``(row, col)`` points (bilinear).
+
+    Wide blurs run on the image averaged over blocks of a third of ``sigma``, where they cost a fraction and
+    differ by far less than the features' spread.
+    """
+    block = max(1, int(sigma // 3))
+    if block > 1:
+        rows, cols = (n // block * block for n in image.shape)
+        image = image[:rows, :cols].reshape(rows // block, block, cols // block, block).mean(axis=(1, 3))
+    blurred = ndimage.gaussian_filter(image, sigma / block, mode="nearest")
+    return ndimage.map_coordinates(blurred, ((points + 0.5) / block - 0.5).T, order=1, mode="nearest")
+
+
+def _split_nuclei(nuclei: np.ndarray, um_per_px: float) -> tuple[np.ndarray, int]:
+    """Labels of the nuclei in a binary mask, touching nuclei split by a watershed of the distance to the
+    background from its maxima at least ``NUCLEUS_SEPARATION_UM`` apart."""
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    components, n_components = ndimage.label(nuclei)
+    if n_components == 0:
+        return components, 0
+    depth = ndimage.distance_transform_edt(nuclei)
+    peaks = peak_local_max(
+        depth,
+        min_distance=max(1, round(NUCLEUS_SEPARATION_UM / um_per_px)),
+        labels=components,
+        exclude_border=False,
+    )
+    markers = np.zeros(nuclei.shape, dtype=np.int64)
+    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, peaks.shape[0] + 1)
+    labels = watershed(-depth, markers, mask=nuclei)
+    # A component without a peak (none when every component has a maximum) keeps a label of its own.
+    orphan = nuclei & (labels == 0)
+    if orphan.any():
+        extra, n_extra = ndimage.label(orphan)
+        labels[orphan] = extra[orphan] + peaks.shape[0]
+        return labels, peaks.shape[0] + n_extra
+    return labels, peaks.shape[0]
+
+
+def cell_shares(
+    grid: PixelGrid, pixels: np.ndarray, nuclei: Nuclei, image_scalef: float, *, um_per_px: float
+) -> sp.csr_matrix:
+    """``(P, C + 1)`` share of each tissue pixel's area in each cell; column ``C`` is the area in no cell.
+
+    Each pixel is sampled at points ``CELL_SAMPLING_UM`` apart (``um_per_px``: microns per full-resolution
+    pixel), each point taking the cell of the image pixel under it; rows sum to 1.
+    """
+    per_side = max(1, math.ceil(grid.pixel_px * um_per_px / CELL_SAMPLING_UM))
+    offsets = (np.arange(per_side) + 0.5) / per_side
+    rows, cols = grid.indices(pixels)
+    y = grid.origin_px[1] + (rows[:, None, None] + offsets[None, :, None]) * grid.pixel_px
+    x = grid.origin_px[0] + (cols[:, None, None] + offsets[None, None, :]) * grid.pixel_px
+    height, width = nuclei.owner.shape
+    image_rows = np.clip(np.floor(y * image_scalef).astype(np.int64), 0, height - 1)
+    image_cols = np.clip(np.floor(x * image_scalef).astype(np.int64), 0, width - 1)
+    owner = nuclei.owner[np.broadcast_to(image_rows, (rows.size, per_side, per_side)), image_cols]
+    points = per_side * per_side
+    return sp.csr_matrix(
+        (np.full(owner.size, 1.0 / points), (np.repeat(np.arange(rows.size), points), owner.ravel())),
+        shape=(rows.size, nuclei.n_cells + 1),
+    )
+
+
+def footprint_cells(
+    coords_px: np.ndarray,
+    radius_px: float,
+    nuclei: Nuclei,
+    image_scalef: float,
+    *,
+    um_per_px: float,
+    pixel_px: float,
+) -> sp.csr_matrix:
+    """``(S, C + 1)`` area of each cell inside each spot's footprint, in grid pixels (``pixel_px`` a side).
+
+    The disc is sampled at points ``CELL_SAMPLING_UM`` apart on a square lattice, each point taking the cell
+    of the image pixel under it; column ``C`` is the footprint's area in no cell.
+    """
+    step = CELL_SAMPLING_UM / um_per_px
+    reach = int(math.floor(radius_px / step))
+    dy, dx = (d.ravel() * step for d in np.mgrid[-reach : reach + 1, -reach : reach + 1])
+    inside = dx * dx + dy * dy <= radius_px * radius_px
+    dx, dy = dx[inside], dy[inside]
+    height, width = nuclei.owner.shape
+    rows = np.clip(np.floor((coords_px[:, 1:2] + dy) * image_scalef).astype(np.int64), 0, height - 1)
+    cols = np.clip(np.floor((coords_px[:, 0:1] + dx) * image_scalef).astype(np.int64), 0, width - 1)
+    owner = nuclei.owner[rows, cols]
+    # Each point stands for its share of the disc's exact area.
+    point_area = math.pi * radius_px * radius_px / dx.size / (pixel_px * pixel_px)
+    return sp.csr_matrix(
+        (np.full(owner.size, point_area), (np.repeat(np.arange(coords_px.shape[0]), dx.size), owner.ravel())),
+        shape=(coords_px.shape[0], nuclei.n_cells + 1),
+    )
+
+
+def poisson_nmf(
+    counts: np.ndarray, rank: int, *, iterations: int = 500, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Non-negative factorisation :math:`V \approx W H` under the Poisson (generalised Kullback-Leibler) loss.
+
+    Lee and Seung's multiplicative updates,
+    :math:`H \leftarrow H \odot W^\top (V / WH) / W^\top 1` and :math:`W \leftarrow W \odot (V / WH) H^\top /
+    1 H^\top`, from a seeded uniform start.
+
+    Parameters
+    ----------
+    counts
+        ``(S, G)`` non-negative :math:`V`.
+    rank
+        Inner dimension :math:`K`.
+
+    Returns
+    -------
+    ``(S, K)`` :math:`W` and ``(K, G)`` :math:`H`.
+
+    References
+    ----------
+    Lee, D. D. & Seung, H. S. Algorithms for non-negative matrix factorization. NIPS 13 (2001).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    start = math.sqrt(max(float(counts.mean()), 1e-12) / rank)
+    W = rng.uniform(0.5, 1.5, (counts.shape[0], rank)) * start
+    H = rng.uniform(0.5, 1.5, (rank, counts.shape[1])) * start
+    tiny = 1e-12
+    for _ in range(iterations):
+        H *= (W.T @ (counts / (W @ H + tiny))) / (W.sum(axis=0)[:, None] + tiny)
+        W *= ((counts / (W @ H + tiny)) @ H.T) / (H.sum(axis=1)[None, :] + tiny)
+    return W, H
+
+
 # --------------------------------------------------------------------------------------------- model
 
 
@@ -288,10 +526,23 @@ class SuperResConfig:
 
     Attributes
     ----------
+    model
+        ``cells`` (default): the cells of the H&E's nuclei, typed from their image features, mixing a few
+        expression programmes of the spots; ``network``: a per-pixel network with gene heads and the C3-Diff
+        contrastive term (module docstring, ``docs/superres.md``).
+    programmes
+        Rank of the cell model's Poisson factorisation of the spots (capped by the genes and spots).
+    cell_reach_um
+        How far a cell reaches beyond its nucleus, in microns (cell model).
+    ensemble
+        Cell models fitted from different random starts (seeds ``seed`` onwards) and averaged.
     epochs, learning_rate, weight_decay
-        AdamW training of the network, full batch (all spots and genes at once).
+        Full-batch training of the model's network (AdamW for ``network``, Adam for ``cells``; weight decay
+        for ``network`` only).
+    refine_epochs
+        Epochs of the cell model's second stage, which refines the network and the programmes together.
     hidden, embedding
-        Width of the network's hidden layers and of the per-pixel embedding :math:`h_p`.
+        Width of the network's hidden layers and of the per-pixel embedding :math:`h_p` (``network``).
     lambda_agg, lambda_modal
         Weights of the aggregation-consistency and cross-modal contrastive terms (the seed's Table 1: 2, 1).
     temperature
@@ -309,7 +560,12 @@ class SuperResConfig:
         machine, where threads wait for each other.
     """
 
+    model: str = "cells"
+    programmes: int = 10
+    ensemble: int = 8
+    cell_reach_um: float = CELL_REACH_UM
     epochs: int = 300
+    refine_epochs: int = 100
     learning_rate: float = 1e-2
     weight_decay: float = 1e-5
     hidden: int = 64
@@ -357,8 +613,8 @@ class SuperResResult:
     ----------
     maps
         ``(P, G)`` float32 expected molecules per tissue pixel (zero outside tissue by construction).
-    network
-        ``(P, G)`` float32 maps as the network predicts them, before the projection onto the spots.
+    unprojected
+        ``(P, G)`` float32 maps as the model predicts them, before the gain and the projection onto the spots.
     genes
         Gene names.
     grid
@@ -376,7 +632,7 @@ class SuperResResult:
     """
 
     maps: np.ndarray
-    network: np.ndarray
+    unprojected: np.ndarray
     genes: list[str]
     grid: PixelGrid
     pixels: np.ndarray
@@ -401,7 +657,7 @@ class SuperResResult:
         return image.reshape(self.grid.shape)
 
     def to_anndata(self, adata: AnnData | None = None) -> AnnData:
-        """AnnData of the tissue pixels: ``X`` the maps, ``layers['network']``, ``obs`` ``array_row``,
+        """AnnData of the tissue pixels: ``X`` the maps, ``layers['unprojected']``, ``obs`` ``array_row``,
         ``array_col``, ``in_tissue``; ``obsm['spatial']`` full-resolution pixel centres; ``uns['spatial']``
         the sample's images with ``spot_diameter_fullres`` set to the pixel size, so that
         ``scanpy.pl.spatial`` draws it; ``uns['superres']`` the grid and settings."""
@@ -442,7 +698,7 @@ class SuperResResult:
             X=self.maps.astype(np.float32),
             obs=obs,
             var=var,
-            layers={"network": self.network.astype(np.float32)},
+            layers={"unprojected": self.unprojected.astype(np.float32)},
             obsm={"spatial": self.grid.centres_px(self.pixels)},
             uns=uns,
         )
@@ -630,6 +886,8 @@ def superresolve(
     import torch
 
     config = SuperResConfig(**{**asdict(config or SuperResConfig()), **overrides})
+    if config.model not in MODELS:
+        raise ValueError(f"unknown super-resolution model {config.model!r}; use one of {MODELS}")
     if factor < 1:
         raise InputError(_source(adata), f"the super-resolution factor must be at least 1, got {factor}")
     values, genes, tissue, coords, pitch, radius = spot_inputs(adata, genes, layer)
@@ -696,8 +954,6 @@ def _fit(
     start,
 ) -> SuperResResult:
     """The body of :func:`superresolve`, once its inputs are checked."""
-    import torch
-
     from .tissue import image_tissue_pixels
 
     grid = pixel_grid(coords, pitch, factor, origin_px=origin_px)
@@ -705,18 +961,165 @@ def _fit(
     pixels = tissue_pixels(grid, coords, tissue, pitch, radius, image_mask=mask, image_scalef=image_scalef)
     A = aggregation_matrix(grid, coords, radius, pixels, supersample=config.supersample)
     values = np.where(tissue[:, None], values, 0.0)  # off-tissue spots have no tissue pixel to hold values
-    features = image_features(image, image_scalef, grid, pitch_px=pitch)
-    features = features.reshape(features.shape[0], -1).T[pixels]  # (P, F) over tissue pixels
-
     # Training data: tissue spots whose footprint holds tissue pixels.
     area = np.asarray(A.sum(axis=1)).ravel()
     train = np.flatnonzero(tissue & (area > 0))
+    if config.model == "cells":
+        from .qc import spot_pitch_um
+
+        um_per_px = spot_pitch_um(adata) / pitch
+        rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+        nuclei = segment_nuclei(
+            rgb, um_per_px / image_scalef, tissue_mask=mask, reach_um=config.cell_reach_um
+        )
+        shares = cell_shares(grid, pixels, nuclei, image_scalef, um_per_px=um_per_px)
+        spot_cells = footprint_cells(
+            coords[train], radius, nuclei, image_scalef, um_per_px=um_per_px, pixel_px=grid.pixel_px
+        )
+        # Members differ in their random starts only; their mean is still exact after the projection.
+        members = [
+            _cell_model(values, train, spot_cells, shares, nuclei.features, config, seed, device, progress)
+            for seed in range(config.seed, config.seed + config.ensemble)
+        ]
+        unprojected = np.mean([maps for maps, _ in members], axis=0)
+        history = pd.concat([part.assign(member=k) for k, (_, part) in enumerate(members)], ignore_index=True)
+        # The cells already spread each footprint's molecules: the projection alone makes them exact.
+        guess = unprojected
+        extra = {"cells": nuclei.n_cells}
+    else:
+        features = image_features(image, image_scalef, grid, pitch_px=pitch)
+        features = features.reshape(features.shape[0], -1).T[pixels]  # (P, F) over tissue pixels
+        unprojected, history = _network_model(values, train, A, features, config, device, progress)
+        gain = _gain_weights(grid.centres_px(pixels), coords, train, config.gain_sigma * pitch)
+        eps = 0.1 * np.maximum(values[train].mean(axis=0), 1e-6)
+        guess = unprojected * np.exp(gain @ np.log((values + eps) / (A @ unprojected + eps)))
+        extra = {}
+    maps = project(guess, A, values)
+    return SuperResResult(
+        maps=maps.astype(np.float32),
+        unprojected=unprojected.astype(np.float32),
+        genes=genes,
+        grid=grid,
+        pixels=pixels,
+        factor=int(factor),
+        aggregation=A,
+        spot_values=values,
+        loss_history=history,
+        config=config,
+        seconds=time.perf_counter() - start,
+        device=str(device),
+        extra=extra,
+    )
+
+
+def _cell_model(values, train, spot_cells, shares, cell_features, config, seed, device, progress):
+    r"""The cell model: ``(P, G)`` maps before the projection onto the spots, and the loss history.
+
+    1. The tissue spots' values are factorised, :math:`y_s \approx n_s M` (:func:`poisson_nmf`, ``programmes``
+       expression programmes :math:`M` per unit area, abundances :math:`n_s` in pixel areas).
+    2. Cell :math:`c` has programme weights :math:`w_c = \mathrm{softmax}(f_\theta(\phi_c))_{1..K}` (the last
+       of :math:`K + 1` classes emits nothing); area outside every cell has one learned set of weights.
+       :math:`f_\theta` is trained (``epochs``) so that the cell areas :math:`C` in the training spots'
+       footprints (:func:`footprint_cells`) reproduce the abundances, under the Poisson deviance of
+       :math:`C w` against :math:`n`.
+    3. The network and the programmes are refined together (``refine_epochs``) under the Poisson deviance of
+       the genes, :math:`\sum_g \frac{1}{m_g} \sum_s (C w M)_{sg} - y_{sg} \log (C w M)_{sg}`, each gene
+       weighted by its mean :math:`m_g` so that all genes count.
+
+    Pixel maps are :math:`S w M`, ``S`` the pixels' cell shares (:func:`cell_shares`). ``seed`` starts the
+    factorisation and the network.
+    """
+    import torch
+
+    from .trainer import Adam
+
+    rank = max(1, min(config.programmes, values.shape[1], train.size))
+    scale = np.maximum(values[train].mean(axis=0), 1e-6)
+    abundance, programmes = poisson_nmf(values[train] / scale, rank, seed=seed)
+    # Abundances in pixel areas, so that a unit of a cell's area carries at most a unit of programme.
+    unit = float(np.asarray(spot_cells.sum(axis=1)).mean()) / max(float(abundance.sum(axis=1).mean()), 1e-12)
+    abundance, programmes = abundance * unit, programmes * scale / unit
+
+    n_cells = cell_features.shape[0]
+    torch.manual_seed(seed)
+    used = np.unique(spot_cells.indices)
+    has_background = bool(used.size and used[-1] == n_cells)
+    local = spot_cells[:, used].tocoo()
+    C = (
+        torch.sparse_coo_tensor(
+            torch.as_tensor(np.vstack([local.row, local.col]), dtype=torch.int64),
+            torch.as_tensor(local.data, dtype=torch.float32),
+            size=local.shape,
+            check_invariants=True,
+        )
+        .coalesce()
+        .to(device)
+    )
+    features = torch.as_tensor(cell_features[used[used < n_cells]], device=device)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(cell_features.shape[1], config.hidden),
+        torch.nn.GELU(),
+        torch.nn.Linear(config.hidden, config.hidden),
+        torch.nn.GELU(),
+        torch.nn.Linear(config.hidden, rank + 1),
+    ).to(device)
+    background = torch.zeros(rank + 1, device=device, requires_grad=True)
+
+    def weights(cells: torch.Tensor, with_background: bool) -> torch.Tensor:
+        w = torch.softmax(net(cells), dim=1)[:, :rank]
+        return torch.cat([w, torch.softmax(background, dim=0)[None, :rank]]) if with_background else w
+
+    def deviance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        tiny = 1e-8
+        return predicted - target + target * torch.log((target + tiny) / (predicted + tiny))
+
+    target = torch.as_tensor(abundance, dtype=torch.float32, device=device)
+    counts = torch.as_tensor(values[train], dtype=torch.float32, device=device)
+    gene_scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
+    log_programmes = torch.log(torch.as_tensor(programmes, dtype=torch.float32, device=device) + 1e-12)
+    log_programmes.requires_grad_(True)
+    history = []
+    from tqdm.auto import tqdm
+
+    stages = [("programmes", config.epochs), ("genes", config.refine_epochs)]
+    bar = tqdm(
+        total=config.epochs + config.refine_epochs,
+        desc=f"superres model {seed - config.seed + 1}/{config.ensemble}",
+        disable=None if progress else True,
+    )
+    for stage, epochs in stages:
+        trained = [*net.parameters(), background] + ([log_programmes] if stage == "genes" else [])
+        optimiser = Adam(trained, lr=config.learning_rate)
+        for _ in range(epochs):
+            optimiser.zero_grad()
+            areas = torch.sparse.mm(C, weights(features, has_background))
+            if stage == "programmes":
+                loss = torch.mean(deviance(areas, target))
+            else:
+                loss = torch.mean(deviance(areas @ torch.exp(log_programmes), counts) / gene_scale)
+            loss.backward()
+            optimiser.step()
+            history.append((len(history), stage, loss.item()))
+            bar.update()
+    bar.close()
+    with torch.no_grad():
+        cell_weights = weights(torch.as_tensor(cell_features, device=device), True).cpu().numpy()
+        programmes = torch.exp(log_programmes).cpu().numpy()
+    maps = (shares @ cell_weights.astype(np.float64)) @ programmes.astype(np.float64)
+    return maps, pd.DataFrame(history, columns=["epoch", "stage", "loss"])
+
+
+def _network_model(values, train, A, features, config, device, progress):
+    """The network model (module docstring): ``(P, G)`` maps before projection and the loss history."""
+    import torch
+
+    area = np.asarray(A.sum(axis=1)).ravel()
     A_train = A[train]
     used = np.unique(A_train.indices)
     A_used = A_train[:, used].tocoo()
     scale = np.maximum(values[train].mean(axis=0), 1e-6)
     target = np.log1p(values[train] / scale)
-    net = _network(features.shape[1], config, len(genes)).to(device)
+    net = _network(features.shape[1], config, values.shape[1]).to(device)
     with torch.no_grad():
         density = values[train].sum(axis=0) / max(area[train].sum(), 1e-12)
         net.genes.bias.copy_(torch.as_tensor(np.log(np.maximum(density, 1e-6)), dtype=torch.float32))
@@ -777,27 +1180,7 @@ def _fit(
                 for chunk in np.array_split(features, max(1, features.shape[0] // 65536))
             ]
         ).astype(np.float64)
-    # Gain field: smooth interpolation of the log ratio between the spots and the network's aggregation.
-    current = A @ network
-    eps = 0.1 * np.maximum(values[train].mean(axis=0), 1e-6)
-    log_ratio = np.log((values + eps) / (current + eps))
-    weights = _gain_weights(grid.centres_px(pixels), coords, train, config.gain_sigma * pitch)
-    maps = project(network * np.exp(weights @ log_ratio), A, values)
-    seconds = time.perf_counter() - start
-    return SuperResResult(
-        maps=maps.astype(np.float32),
-        network=network.astype(np.float32),
-        genes=genes,
-        grid=grid,
-        pixels=pixels,
-        factor=int(factor),
-        aggregation=A,
-        spot_values=values,
-        loss_history=pd.DataFrame(history, columns=["epoch", "total", "aggregation", "modal"]),
-        config=config,
-        seconds=seconds,
-        device=str(device),
-    )
+    return network, pd.DataFrame(history, columns=["epoch", "total", "aggregation", "modal"])
 
 
 # --------------------------------------------------------------------------------------------- baselines

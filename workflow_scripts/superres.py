@@ -29,6 +29,7 @@ with logged_to(snakemake.log[0]) as log:
     result = superresolve(
         corrected,
         factor=factor,
+        model=snakemake.params.model,
         epochs=snakemake.params.epochs,
         threads=snakemake.threads,
     )

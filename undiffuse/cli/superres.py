@@ -26,10 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--layer", default=None, help="layer of the spot values (default: 'corrected' when present, else X)"
     )
+    parser.add_argument(
+        "--model",
+        choices=("cells", "network"),
+        default="cells",
+        help="cells: typed cells of the H&E's nuclei (default); network: per-pixel network with the C3-Diff "
+        "contrastive term (docs/superres.md)",
+    )
     parser.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 300)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads of PyTorch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the network's initialisation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation")
     parser.set_defaults(func=_run)
 
 
@@ -45,7 +52,7 @@ def _run(args: argparse.Namespace) -> None:
         fix="pass corrected.h5ad from `undiffuse merge`",
         record_source=True,
     )
-    overrides = {"device": args.device, "threads": args.threads, "seed": args.seed}
+    overrides = {"model": args.model, "device": args.device, "threads": args.threads, "seed": args.seed}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     result = superresolve(
