@@ -385,8 +385,7 @@ def main() -> None:
         simulate_hd_sample(sample, visium_view=True, **{**SIMULATION, "seed": args.seed})
     import anndata as ad
 
-    simulation = dict(ad.read_h5ad(sample / "visium" / "truth.h5ad", backed="r").uns["simulation"])
-    seed = int(simulation["seed"])
+    seed = int(ad.read_h5ad(sample / "visium" / "truth.h5ad", backed="r").uns["simulation"]["seed"])
     stem = "superres" if seed == SIMULATION["seed"] else f"superres_seed{seed}"
     torch.set_num_threads(args.threads)
     rows, runs = simulated(sample, args.threads)

@@ -325,6 +325,24 @@ class Nuclei:
     def n_cells(self) -> int:
         return int(self.features.shape[0])
 
+    def areas(
+        self, x_px: np.ndarray, y_px: np.ndarray, image_scalef: float, point_area: float
+    ) -> sp.csr_matrix:
+        """``(R, C + 1)`` area of each cell in ``R`` regions sampled at ``(R, Q)`` full-resolution points
+        ``(x_px, y_px)``: each point takes the cell of the image pixel under it and stands for ``point_area``;
+        column ``C`` is the area in no cell."""
+        height, width = self.owner.shape
+        rows = np.clip(np.floor(y_px * image_scalef).astype(np.int64), 0, height - 1)
+        cols = np.clip(np.floor(x_px * image_scalef).astype(np.int64), 0, width - 1)
+        owner = self.owner[rows, cols]
+        return sp.csr_matrix(
+            (
+                np.full(owner.size, point_area),
+                (np.repeat(np.arange(owner.shape[0]), owner.shape[1]), owner.ravel()),
+            ),
+            shape=(owner.shape[0], self.n_cells + 1),
+        )
+
 
 def segment_nuclei(
     image: np.ndarray,
@@ -437,16 +455,14 @@ def cell_shares(
     per_side = max(1, math.ceil(grid.pixel_px * um_per_px / CELL_SAMPLING_UM))
     offsets = (np.arange(per_side) + 0.5) / per_side
     rows, cols = grid.indices(pixels)
+    points = (rows.size, per_side * per_side)
     y = grid.origin_px[1] + (rows[:, None, None] + offsets[None, :, None]) * grid.pixel_px
     x = grid.origin_px[0] + (cols[:, None, None] + offsets[None, None, :]) * grid.pixel_px
-    height, width = nuclei.owner.shape
-    image_rows = np.clip(np.floor(y * image_scalef).astype(np.int64), 0, height - 1)
-    image_cols = np.clip(np.floor(x * image_scalef).astype(np.int64), 0, width - 1)
-    owner = nuclei.owner[np.broadcast_to(image_rows, (rows.size, per_side, per_side)), image_cols]
-    points = per_side * per_side
-    return sp.csr_matrix(
-        (np.full(owner.size, 1.0 / points), (np.repeat(np.arange(rows.size), points), owner.ravel())),
-        shape=(rows.size, nuclei.n_cells + 1),
+    return nuclei.areas(
+        np.broadcast_to(x, (rows.size, per_side, per_side)).reshape(points),
+        np.broadcast_to(y, (rows.size, per_side, per_side)).reshape(points),
+        image_scalef,
+        1.0 / points[1],
     )
 
 
@@ -469,16 +485,9 @@ def footprint_cells(
     dy, dx = (d.ravel() * step for d in np.mgrid[-reach : reach + 1, -reach : reach + 1])
     inside = dx * dx + dy * dy <= radius_px * radius_px
     dx, dy = dx[inside], dy[inside]
-    height, width = nuclei.owner.shape
-    rows = np.clip(np.floor((coords_px[:, 1:2] + dy) * image_scalef).astype(np.int64), 0, height - 1)
-    cols = np.clip(np.floor((coords_px[:, 0:1] + dx) * image_scalef).astype(np.int64), 0, width - 1)
-    owner = nuclei.owner[rows, cols]
     # Each point stands for its share of the disc's exact area.
     point_area = math.pi * radius_px * radius_px / dx.size / (pixel_px * pixel_px)
-    return sp.csr_matrix(
-        (np.full(owner.size, point_area), (np.repeat(np.arange(coords_px.shape[0]), dx.size), owner.ravel())),
-        shape=(coords_px.shape[0], nuclei.n_cells + 1),
-    )
+    return nuclei.areas(coords_px[:, 0:1] + dx, coords_px[:, 1:2] + dy, image_scalef, point_area)
 
 
 def poisson_nmf(
@@ -1012,6 +1021,23 @@ def _fit(
     )
 
 
+def _torch_sparse(matrix: sp.spmatrix, device) -> Any:
+    """A SciPy sparse matrix as a coalesced float32 ``torch`` COO tensor on ``device``."""
+    import torch
+
+    coo = matrix.tocoo()
+    return (
+        torch.sparse_coo_tensor(
+            torch.as_tensor(np.vstack([coo.row, coo.col]), dtype=torch.int64),
+            torch.as_tensor(coo.data, dtype=torch.float32),
+            size=coo.shape,
+            check_invariants=True,
+        )
+        .coalesce()
+        .to(device)
+    )
+
+
 def _cell_model(values, train, spot_cells, shares, cell_features, config, seed, device, progress):
     r"""The cell model: ``(P, G)`` maps before the projection onto the spots, and the loss history.
 
@@ -1044,17 +1070,7 @@ def _cell_model(values, train, spot_cells, shares, cell_features, config, seed, 
     torch.manual_seed(seed)
     used = np.unique(spot_cells.indices)
     has_background = bool(used.size and used[-1] == n_cells)
-    local = spot_cells[:, used].tocoo()
-    C = (
-        torch.sparse_coo_tensor(
-            torch.as_tensor(np.vstack([local.row, local.col]), dtype=torch.int64),
-            torch.as_tensor(local.data, dtype=torch.float32),
-            size=local.shape,
-            check_invariants=True,
-        )
-        .coalesce()
-        .to(device)
-    )
+    C = _torch_sparse(spot_cells[:, used], device)
     features = torch.as_tensor(cell_features[used[used < n_cells]], device=device)
     net = torch.nn.Sequential(
         torch.nn.Linear(cell_features.shape[1], config.hidden),
@@ -1116,7 +1132,6 @@ def _network_model(values, train, A, features, config, device, progress):
     area = np.asarray(A.sum(axis=1)).ravel()
     A_train = A[train]
     used = np.unique(A_train.indices)
-    A_used = A_train[:, used].tocoo()
     scale = np.maximum(values[train].mean(axis=0), 1e-6)
     target = np.log1p(values[train] / scale)
     net = _network(features.shape[1], config, values.shape[1]).to(device)
@@ -1125,16 +1140,7 @@ def _network_model(values, train, A, features, config, device, progress):
         net.genes.bias.copy_(torch.as_tensor(np.log(np.maximum(density, 1e-6)), dtype=torch.float32))
         net.genes.weight.mul_(0.1)
     feats_used = torch.as_tensor(features[used], device=device)
-    A_t = (
-        torch.sparse_coo_tensor(
-            torch.as_tensor(np.vstack([A_used.row, A_used.col]), dtype=torch.int64),
-            torch.as_tensor(A_used.data, dtype=torch.float32),
-            size=A_used.shape,
-            check_invariants=True,
-        )
-        .coalesce()
-        .to(device)
-    )
+    A_t = _torch_sparse(A_train[:, used], device)
     area_t = torch.as_tensor(area[train], dtype=torch.float32, device=device)[:, None]
     scale_t = torch.as_tensor(scale, dtype=torch.float32, device=device)
     target_t = torch.as_tensor(target, dtype=torch.float32, device=device)
