@@ -71,7 +71,9 @@ def measure(prepared: Path, epochs: int | None) -> dict[str, float]:
         "n_spots": int(adata.n_obs),
         "n_tissue_spots": int(adata.obs["in_tissue"].sum()),
         "n_genes": len(genes),
-        "cutoff_pitches": float(resolved["cutoff"]),
+        "operator": resolved["operator"],
+        # "none" on the lattice operator, which has no cutoff radius.
+        "cutoff_pitches": resolved["cutoff"],
         "epochs": int(resolved["epochs"]),
         "seconds": seconds,
         "peak_rss_mb": peak,
@@ -129,11 +131,12 @@ def main() -> None:
     lines = [
         "# Correction time and peak memory against the number of spots",
         "",
-        "| spots | tissue spots | genes | cutoff (pitches) | epochs | seconds | peak RSS (MB) | RSS before correct (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| spots | tissue spots | genes | operator | cutoff (pitches) | epochs | seconds | peak RSS (MB) | RSS before correct (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines += [
-        f"| {r['n_spots']} | {r['n_tissue_spots']} | {r['n_genes']} | {r['cutoff_pitches']:.2f} | {r['epochs']} | "
+        f"| {r['n_spots']} | {r['n_tissue_spots']} | {r['n_genes']} | {r['operator']} | {r['cutoff_pitches']} | "
+        f"{r['epochs']} | "
         f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_before_correct_mb']:.0f} |"
         for r in rows
     ]

@@ -357,6 +357,25 @@ def test_report_of_a_missing_file_fails_cleanly(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["report", "summary"])
+def test_report_without_the_report_extra_names_the_extra(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setitem(sys.modules, "papermill", None)  # import papermill now raises ImportError
+    corrected = tmp_path / "corrected.h5ad"
+    corrected.write_bytes(b"")
+    args = (
+        [str(corrected), str(tmp_path / "out")]
+        if command == "report"
+        else [str(tmp_path / "s.html"), str(tmp_path)]
+    )
+    status = main([command, *args])
+    assert status == 2
+    assert (
+        "papermill is not installed; install it with `pip install 'undiffuse[report]'`"
+        in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrected.h5ad"]
+
+
 def test_report_rejects_a_file_that_is_not_a_corrected_sample(tmp_path):
     path = tmp_path / "prepared.h5ad"
     AnnData(X=np.ones((3, 2)), obs=pd.DataFrame(index=["a", "b", "c"])).write_h5ad(path)

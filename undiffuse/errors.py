@@ -30,5 +30,17 @@ class ConfigError(UndiffuseError, ValueError):
     """A configuration value is invalid."""
 
 
+def require_extra(package: str, extra: str) -> None:
+    """Import ``package`` or stop with the optional extra of undiffuse that installs it."""
+    import importlib
+
+    try:
+        importlib.import_module(package.replace("-", "_"))
+    except ImportError as err:
+        raise InputError(
+            None, f"{package} is not installed; install it with `pip install 'undiffuse[{extra}]'`"
+        ) from err
+
+
 class UndiffuseWarning(UserWarning):
     """Something in the input was repaired or looks doubtful; the message names the file and what was done."""

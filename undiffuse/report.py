@@ -33,7 +33,7 @@ from anndata import AnnData
 
 from .atomic import atomic_path
 from .correct import PARAMETER_COLUMNS, parameter_column
-from .errors import InputError
+from .errors import InputError, require_extra
 from .io.h5ad import read_h5ad
 from .metrics import Rediffuse
 from .package_data import REPORT_NOTEBOOK, SUMMARY_NOTEBOOK
@@ -104,6 +104,7 @@ def build_report(
     -------
     The paths written. Each output appears only once complete.
     """
+    _require_report_extra()
     outdir = Path(outdir)
     outputs = ReportOutputs(
         outdir / "metrics", outdir / "report.ipynb", outdir / "report.html", outdir / "figures"
@@ -131,6 +132,12 @@ def build_report(
     return outputs
 
 
+def _require_report_extra() -> None:
+    """Stop before any work when the packages of the ``report`` extra are missing."""
+    for package in ("papermill", "nbconvert", "nbformat", "ipykernel"):
+        require_extra(package, "report")
+
+
 def build_summary(
     metrics_dirs: Mapping[str, str | os.PathLike[str]],
     html: str | os.PathLike[str],
@@ -151,6 +158,7 @@ def build_summary(
     reports
         ``{sample: report.html}`` to link from the summary (linked relative to ``html``).
     """
+    _require_report_extra()
     html = Path(html)
     notebook = Path(notebook) if notebook is not None else html.with_suffix(".ipynb")
     for sample, folder in metrics_dirs.items():

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from ..atomic import atomic_path
-from ..errors import InputError
+from ..errors import InputError, require_extra
 from ..spatial import SPATIAL_KEY
 from ..validate import check_registration
 from .canonical import build_canonical
@@ -46,19 +46,6 @@ REGION_KEY = "region"
 INSTANCE_KEY = "spot_id"
 #: Image element names of spatialdata-io: ``{sample_id}_hires_image``, ``{sample_id}_lowres_image``.
 _IMAGE_ELEMENT = re.compile(r"_(hires|lowres)_image$")
-
-
-def _require(package: str) -> None:
-    """Import ``package`` or stop with the extra to install."""
-    import importlib
-
-    try:
-        importlib.import_module(package.replace("-", "_"))
-    except ImportError as err:
-        raise InputError(
-            None,
-            f"{package} is not installed; install it with `pip install 'undiffuse[spatialdata]'`",
-        ) from err
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -92,7 +79,7 @@ def read_spatialdata_io(path: str | Path, *, sample_id: str | None = None) -> An
         For a path that is not a Space Ranger output, a file spatialdata-io cannot read (a Matrix Market
         matrix, Parquet positions of Visium), or a missing package.
     """
-    _require("spatialdata-io")
+    require_extra("spatialdata-io", "spatialdata")
     files = locate_sample(path)
     sample_id = sample_id or files.sample_id
     if files.scalefactors is None:
@@ -268,7 +255,7 @@ def to_spatialdata(
         When ``adata`` lacks the corrected layer, coordinates or scale factors, or a super-resolved AnnData lacks
         its grid.
     """
-    _require("spatialdata")
+    require_extra("spatialdata", "spatialdata")
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Identity, Scale
