@@ -7,8 +7,10 @@ times can be reported as a ratio. Nothing is copied into the repository.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -19,9 +21,21 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB: VmHWM, which (unlike ru_maxrss) starts afresh at exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 # Versions before the AnnData-first API return a result object; later ones write into the AnnData.
 _CHILD = """
 import json, resource, sys, time
+from pathlib import Path
 import anndata as ad, numpy as np, pandas as pd
 from undiffuse.correct import correct
 args = json.loads(sys.argv[1])
@@ -40,9 +54,9 @@ else:
     corrected, params, config = result.corrected, result.params, result.config
 np.save(args["out"], corrected)
 params.to_csv(args["params"], sep="\\t")
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-json.dump({"seconds": seconds, "peak_rss_mb": peak_mb, "config": config}, open(args["timing"], "w"), default=str)
+json.dump({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "config": config}, open(args["timing"], "w"), default=str)
 """
+_CHILD = inspect.getsource(peak_rss_mb) + _CHILD
 
 
 def run_previous(

@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from previous import peak_rss_mb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,16 +37,6 @@ def prepare(n_rows: int, n_cols: int, n_genes: int, folder: Path) -> Path:
     outs = simulate_sample(folder / "sample", n_rows=n_rows, n_cols=n_cols, n_genes=n_genes, seed=0)
     prepare_sample(outs, folder / "prepared", n_top_genes=n_genes, min_counts=1)
     return folder / "prepared" / "prepared.h5ad"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB: VmHWM, which (unlike ru_maxrss) starts afresh at exec."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(prepared: Path, epochs: int | None) -> dict[str, float]:

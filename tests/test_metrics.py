@@ -331,13 +331,20 @@ def test_a_sparse_truth_gives_the_same_metrics_as_a_dense_one(known_sample):
 
 def test_markers_of_cell_types_that_are_not_regions_get_a_note(known_sample):
     """The HD truth's markers mark cell types, while its bins carry domains: no marker specificity (it would
-    read 0 for every marker), a note instead; RMSE and Pearson are still computed."""
+    read 0 for every marker), a note instead; the border half-width is taken across the border of each
+    marker's home domains, which here are the regions it marks; RMSE and Pearson are still computed."""
     corrected, truth, tables = known_sample
     cell_typed = truth.copy()
     cell_typed.var["marker_of"] = ["type1", "type1", "type2", "", ""]
     with pytest.warns(UserWarning, match="marker_specificity: not computed"):
         result = metrics.evaluate_sample(corrected, truth=cell_typed)
-    assert "markers" not in result
     assert "cell types, not the regions" in result["notes"].loc["marker_specificity", "note"]
     assert "marker_specificity" not in set(result["summary"]["metric"])
+    markers = result["markers"]
+    assert (
+        markers["home_domains"].tolist() == tables["markers"]["region"].tolist() == ["left", "left", "right"]
+    )
+    assert not markers.columns.str.startswith("specificity").any()
+    halfwidths = [f"halfwidth_{stage}" for stage in ("raw", "corrected", "truth")]
+    pd.testing.assert_frame_equal(markers[halfwidths], tables["markers"][halfwidths])
     pd.testing.assert_frame_equal(result["truth"], tables["truth"])

@@ -116,3 +116,18 @@ def test_marker_region_recovers_a_disc_from_noisy_marker_counts():
     assert np.mean(region == disc) > 0.97
     with pytest.raises(ValueError, match="no counts"):
         metrics.marker_region(np.zeros((len(coords), 2)), coords)
+
+
+def test_home_domains_are_where_a_gene_reaches_half_its_highest_domain_mean():
+    domains = np.array(["a", "a", "b", "b", "c", "c"])
+    values = np.column_stack(
+        [
+            [4.0, 6.0, 0.0, 1.0, 1.0, 0.0],  # marker of a
+            [4.0, 6.0, 3.0, 3.0, 0.0, 1.0],  # a and b (mean 3 >= half of 5)
+            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # everywhere: no border
+        ]
+    )
+    home = metrics.home_domains(values, domains)
+    np.testing.assert_array_equal(home[:, 0], domains == "a")
+    np.testing.assert_array_equal(home[:, 1], domains != "c")
+    assert home[:, 2].all()

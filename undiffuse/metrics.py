@@ -513,7 +513,9 @@ def evaluate_sample(
     - ``consistency``: per corrected gene, see :func:`consistency_table`;
     - ``truth`` (with a truth): per gene ``rmse_{raw,corrected}``, ``pearson_{raw,corrected}``;
     - ``markers`` (with a truth): per marker gene ``region``, ``specificity_{raw,corrected,truth}``,
-      ``halfwidth_{raw,corrected,truth}`` (:func:`border_halfwidth` across the border of its region);
+      ``halfwidth_{raw,corrected,truth}`` (:func:`border_halfwidth` across the border of its region); for
+      markers of cell types (Visium HD) ``home_domains`` (:func:`home_domains`) instead of ``region``, and no
+      specificity;
     - ``cell_types`` (with markers): per tissue spot, see :func:`undiffuse.celltypes.compare_cell_types`,
       plus ``region`` with a truth;
     - ``notes``: why a table is missing (e.g. the learned model is incomplete), also issued as warnings.
@@ -705,27 +707,38 @@ def _truth_tables(
         marker_of = truth.var["marker_of"].fillna("").astype(str)
         marker_genes = marker_of[marker_of != ""]
         regions = truth.obs["domain"].astype(str).to_numpy()
-        if not marker_genes.empty and not marker_genes.isin(set(regions)).any():
+        marks_regions = marker_genes.isin(set(regions))
+        if not marker_genes.empty and not marks_regions.any():
             notes.append(
                 (
                     "marker_specificity",
-                    "not computed: the truth's markers mark cell types, not the regions of its spots",
+                    "not computed: the truth's markers mark cell types, not the regions of its spots; "
+                    "each marker's border half-width is taken across the border of its home domains",
                 )
             )
-        elif not marker_genes.empty:
-            marker_genes = marker_genes[marker_genes.isin(set(regions))]
+        if not marker_genes.empty:
+            if marks_regions.any():
+                marker_genes = marker_genes[marks_regions]
             marker_columns = corrected.var_names.get_indexer(marker_genes.index)
             fields = {stage: values[:, marker_columns] for stage, values in stages.items()}
             fields[TRUTH] = as_dense(truth[:, marker_genes.index].X)
-            markers = pd.DataFrame(
-                {"region": marker_genes.to_numpy()}, index=pd.Index(marker_genes.index, name="gene")
-            )
-            for stage, values in fields.items():
-                share = marker_specificity(values, regions, marker_genes.to_numpy(), tissue=tissue)
-                markers[f"specificity_{stage}"] = share
-                summary.append(("marker_specificity", stage, float(share.mean())))
+            if marks_regions.any():
+                markers = pd.DataFrame(
+                    {"region": marker_genes.to_numpy()}, index=pd.Index(marker_genes.index, name="gene")
+                )
+                for stage, values in fields.items():
+                    share = marker_specificity(values, regions, marker_genes.to_numpy(), tissue=tissue)
+                    markers[f"specificity_{stage}"] = share
+                    summary.append(("marker_specificity", stage, float(share.mean())))
+                inside = regions[tissue][:, None] == marker_genes.to_numpy()[None, :]
+            else:
+                inside = home_domains(fields[TRUTH][tissue], regions[tissue])
+                markers = pd.DataFrame(
+                    {"home_domains": [",".join(np.unique(regions[tissue][column])) for column in inside.T]},
+                    index=pd.Index(marker_genes.index, name="gene"),
+                )
             coords = pitch_coordinates(corrected)[tissue]
-            widths = _border_halfwidths(coords, regions[tissue], marker_genes.to_numpy(), fields, tissue)
+            widths = region_border_halfwidths(coords, inside, fields, tissue)
             for stage, width in widths.items():
                 undefined = np.isnan(width)
                 topic = f"border_halfwidth_{stage}"
@@ -747,27 +760,53 @@ def _truth_tables(
     return tables
 
 
-def _border_halfwidths(
+def home_domains(true_values: np.ndarray, domains: np.ndarray) -> np.ndarray:
+    """``(N, G)`` boolean: the spots of each gene's home domains, those where its mean true expression reaches
+    half of its highest domain mean.
+
+    The region of a marker of a cell type (Visium HD, where cell types live in cells and domains are mixtures
+    of them) is where that type dominates; a gene expressed evenly across domains has them all as home, so
+    no border.
+
+    Parameters
+    ----------
+    true_values
+        ``(N, G)`` true expression.
+    domains
+        ``(N,)`` domain labels.
+    """
+    true_values = _as_2d(true_values)
+    labels, index = np.unique(np.asarray(domains), return_inverse=True)
+    sums = np.zeros((labels.size, true_values.shape[1]))
+    np.add.at(sums, index, true_values)
+    means = sums / np.bincount(index, minlength=labels.size)[:, None]
+    home = means >= 0.5 * means.max(axis=0, keepdims=True)
+    return home[index]
+
+
+def region_border_halfwidths(
     coords: np.ndarray,
-    regions: np.ndarray,
-    marker_regions: np.ndarray,
+    inside: np.ndarray,
     fields: Mapping[str, np.ndarray],
     tissue: np.ndarray,
+    *,
+    reach: float = BORDER_REACH,
 ) -> dict[str, np.ndarray]:
     """:func:`border_halfwidth` of each marker across the border of its region, among the tissue spots.
 
-    ``coords`` and ``regions`` are those of the tissue spots; ``fields`` are ``(N, G)`` on all spots. A
-    marker whose region covers no tissue spot, or all of them, has no border: NaN.
+    ``coords`` are those of the tissue spots and ``inside`` ``(N_tissue, M)`` their membership of each
+    marker's region; ``fields`` are ``(N, M)`` on all spots; ``reach`` as for :func:`border_profile`. A marker
+    whose region covers no tissue spot, or all of them, has no border: NaN.
     """
-    widths = {stage: np.full(marker_regions.shape[0], np.nan) for stage in fields}
-    for region in np.unique(marker_regions):
-        inside = regions == region
-        if inside.all() or not inside.any():
+    widths = {stage: np.full(inside.shape[1], np.nan) for stage in fields}
+    regions, marker_region = np.unique(inside, axis=1, return_inverse=True)
+    for r, region in enumerate(regions.T):
+        if region.all() or not region.any():
             continue
-        columns = marker_regions == region
-        distance = signed_border_distance(coords, inside)
+        columns = marker_region.ravel() == r
+        distance = signed_border_distance(coords, region)
         for stage, values in fields.items():
-            widths[stage][columns] = border_halfwidth(values[tissue][:, columns], distance)
+            widths[stage][columns] = border_halfwidth(values[tissue][:, columns], distance, reach=reach)
     return widths
 
 
