@@ -50,6 +50,7 @@ from previous import peak_rss_mb, run_previous
 
 from undiffuse.correct import CorrectionConfig
 from undiffuse.metrics import (
+    border_reach,
     home_domains,
     out_of_tissue_fraction,
     pearson,
@@ -64,8 +65,6 @@ from undiffuse.spatial import pitch_coordinates
 RESULTS = Path(__file__).resolve().parent / "results"
 #: ``correct`` with its defaults, and without the smoothness prior (maximum likelihood with the learned kernel).
 CORRECTIONS = {"corrected": {}, "corrected_no_prior": {"prior_strength": 0.0}}
-#: Half-width window either side of a border, in microns: the profile's plateaus lie beyond the 30 um kernels.
-BORDER_REACH_UM = 96.0
 
 
 def simulate_prepared(
@@ -122,7 +121,7 @@ def marker_halfwidths(fields: dict[str, np.ndarray], sample: SimulatedSample, bi
         inside,
         {stage: values[:, markers] for stage, values in fields.items()},
         tissue,
-        reach=BORDER_REACH_UM / bin_um,
+        reach=border_reach(bin_um),
     )
     return {
         stage: {

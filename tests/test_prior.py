@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -237,6 +239,10 @@ def test_bilateral_result_of_a_gene_does_not_depend_on_the_other_genes_corrected
     together = deconvolve_known_kernel(adata, genes=list(adata.var_names), **common)
     alone = deconvolve_known_kernel(adata, genes=["gene1"], **common)
     np.testing.assert_allclose(alone[:, 0], together[:, 1], rtol=1e-5, atol=1e-4)
+    batched = deconvolve_known_kernel(
+        adata, genes=list(adata.var_names), **{**common, "config": replace(config, batch_genes=3)}
+    )
+    np.testing.assert_allclose(batched, together, rtol=1e-5, atol=1e-4)
     uniform = deconvolve_known_kernel(
         adata,
         genes=["gene1"],

@@ -367,6 +367,10 @@ def test_hd_sample_runs_through_the_whole_workflow(hd_run):
     ]
     assert summary["truth_rmse", "corrected"] < 0.95 * summary["truth_rmse", "raw"]
     assert summary["out_of_tissue_fraction", "corrected"] < 0.2 * summary["out_of_tissue_fraction", "raw"]
+    # Its markers mark cell types: their border half-width is taken across their home domains.
+    markers = pd.read_csv(folder / "metrics" / "markers.tsv", sep="\t", index_col=0)
+    assert {"home_domains", "halfwidth_raw", "halfwidth_corrected", "halfwidth_truth"} <= set(markers.columns)
+    assert summary["border_halfwidth", "truth"] > 0
     html = (folder / "report.html").read_text()
     assert 'id="table-diffusion_lengths"' in html and "Per-gene diffusion lengths in microns" in html
     for figure in ("before_after", "kernel", "cell_types"):

@@ -579,23 +579,32 @@ def deconvolve_known_kernel(
 
     Returns
     -------
-    ``(N, G)`` float32 deconvolved counts.
+    ``(N, G)`` float32 deconvolved counts, genes deconvolved ``config.batch_genes`` at a time (each on its
+    own, so the batches do not change the result).
     """
     config = config or CorrectionConfig(progress=False)
     genes = _resolve_genes(adata, genes)
     n_genes = len(genes)
     as_vector = lambda v: torch.as_tensor(np.broadcast_to(np.asarray(v, np.float32), (n_genes,)).copy())  # noqa: E731
     scale, bleed, distal = (as_vector(v) for v in (scale, bleed, distal))
-    counts = torch.as_tensor(_dense_counts(adata, genes))
+    counts_all = _dense_counts(adata, genes)
     levels = torch.as_tensor(_resolve_q_init(q_init, genes), dtype=torch.float32)
-    geometry = _geometry(adata, config, image=None, device=torch.device("cpu"), dtype=torch.float32)
+    device = torch.device("cpu")
+    geometry = _geometry(adata, config, image=None, device=device, dtype=torch.float32)
+    batch_genes = _batch_genes(config, geometry, device)
+    field_ = np.zeros_like(counts_all)
     with _deterministic_algorithms(), torch.no_grad():
-        soft_start = SoftStart(counts, geometry.tissue, config.beta)
-        start = soft_start.start(soft_start.soft(levels))
-        model = DiffusionModel(geometry, profile(scale, kind), bleed, distal)
-        prior = model.smoothness_prior(counts, config.prior_strength)
-        field_ = model.deconvolve(counts, start, n_iter=config.em_iterations, prior=prior, accelerate=True)
-    return field_.numpy()
+        for start_gene in range(0, n_genes, batch_genes):
+            batch = slice(start_gene, start_gene + batch_genes)
+            counts = torch.as_tensor(counts_all[:, batch])
+            soft_start = SoftStart(counts, geometry.tissue, config.beta)
+            start = soft_start.start(soft_start.soft(levels[batch]))
+            model = DiffusionModel(geometry, profile(scale[batch], kind), bleed[batch], distal[batch])
+            prior = model.smoothness_prior(counts, config.prior_strength)
+            field_[:, batch] = model.deconvolve(
+                counts, start, n_iter=config.em_iterations, prior=prior, accelerate=True
+            ).numpy()
+    return field_
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -201,6 +201,8 @@ def marker_specificity(
 #: taken: a Gaussian edge of scale up to 2 pitches reaches both plateaus within it (3 scales); a wider edge is
 #: cut off by the window and measures narrower than it is.
 BORDER_REACH = 6.0
+#: ... and at least this far in microns, so that on Visium HD bins the plateaus lie beyond kernels of ~30 um.
+BORDER_REACH_UM = 96.0
 
 #: Converts the distance between the quartile crossings of a Gaussian-blurred step, :math:`2 z_{3/4} \sigma`,
 #: into the half-width at half maximum of its derivative, :math:`\sigma \sqrt{2 \ln 2}`.
@@ -689,6 +691,8 @@ def _truth_tables(
     markers mark among the truth's ``obs['domain']``; markers of cell types that are not regions (Visium HD:
     cell types live in cells, not in the bins' domains) get a note instead.
     """
+    from .qc import spot_pitch_um
+
     truth = align_truth(corrected, truth)
     shared = truth.var_names
     columns = corrected.var_names.get_indexer(shared)
@@ -738,7 +742,8 @@ def _truth_tables(
                     index=pd.Index(marker_genes.index, name="gene"),
                 )
             coords = pitch_coordinates(corrected)[tissue]
-            widths = region_border_halfwidths(coords, inside, fields, tissue)
+            reach = border_reach(spot_pitch_um(corrected))
+            widths = region_border_halfwidths(coords, inside, fields, tissue, reach=reach)
             for stage, width in widths.items():
                 undefined = np.isnan(width)
                 topic = f"border_halfwidth_{stage}"
@@ -750,14 +755,20 @@ def _truth_tables(
                         (
                             topic,
                             f"{int(undefined.sum())} of {undefined.size} markers do not rise across a "
-                            f"border of their region; their half-width is shown as {BORDER_REACH:g} "
+                            f"border of their region; their half-width is shown as {reach:g} "
                             "pitches, the edge of the window measured",
                         )
                     )
-                markers[f"halfwidth_{stage}"] = np.where(undefined, BORDER_REACH, width)
+                markers[f"halfwidth_{stage}"] = np.where(undefined, reach, width)
                 summary.append(("border_halfwidth", stage, float(np.median(width[~undefined]))))
             tables["markers"] = markers
     return tables
+
+
+def border_reach(pitch_um: float) -> float:
+    """Window of a border profile either side of the border, in pitches: :data:`BORDER_REACH` pitches and at
+    least :data:`BORDER_REACH_UM` microns."""
+    return max(BORDER_REACH, BORDER_REACH_UM / pitch_um)
 
 
 def home_domains(true_values: np.ndarray, domains: np.ndarray) -> np.ndarray:
