@@ -27,7 +27,7 @@ def test_defaults_fill_every_section():
     config = load_config()
     assert config["samples"] == "config/samples.tsv"
     assert config["correct"]["chunk_size"] == 100
-    assert config["correct"]["weights"]["poisson"] == 10.0
+    assert config["correct"]["weights"]["poisson"] == 100.0
     assert config["init_quantiles"]["grid"] == {"start": 0.0, "stop": 0.95, "step": 0.05}
     assert config["resources"]["merge"] == {"threads": 1, "mem_mb": 4000, "runtime": 60}
     assert config["resources"]["correct_chunk"]["mem_mb_per_million_spot_genes"] > 0
@@ -36,7 +36,7 @@ def test_defaults_fill_every_section():
 def test_partial_sections_keep_given_values_and_fill_the_rest():
     config = validate_config({"correct": {"epochs": 7, "weights": {"moran": 2.5}}})
     assert config["correct"]["epochs"] == 7
-    assert config["correct"]["weights"] == {"image": 1.0, "out_of_tissue": 1.0, "moran": 2.5, "poisson": 10.0}
+    assert config["correct"]["weights"] == {"image": 1.0, "out_of_tissue": 1.0, "moran": 2.5, "poisson": 100.0}
     assert config["correct"]["operator"] == "auto"
 
 

@@ -66,6 +66,38 @@ def test_tissue_cost_is_learned_only_when_asked(toy, tissue_cost):
     assert bool((crossing.abs() > 0).any()) is tissue_cost
 
 
+@pytest.mark.parametrize("poisson_spots", ["background", "all"])
+def test_the_poisson_term_measures_the_spots_asked(toy, poisson_spots):
+    """With ``poisson_spots: background`` the Poisson term is the deviance of the background spots alone (over
+    all spots' number), where the field is zero and the counts are the kernel's; with ``all`` every spot's."""
+    from undiffuse.losses import poisson_loss
+
+    adata, _ = toy
+    batch = trainer(adata, CorrectionConfig(**FAST, poisson_spots=poisson_spots))
+    model, soft = batch.model(), batch.soft()
+    field = model.deconvolve(batch.counts, batch.start(soft), n_iter=2)
+    expected = model.forward(field)
+    background = ~batch.geometry.tissue
+    per_spot = expected - batch.counts + torch.xlogy(batch.counts, batch.counts / expected)
+    kept = background[:, None] if poisson_spots == "background" else torch.ones_like(background)[:, None]
+    torch.testing.assert_close(
+        batch.losses(field, soft, model)["poisson"], (per_spot * kept).sum(0) / adata.n_obs
+    )
+    assert poisson_loss(batch.counts, expected, torch.zeros_like(background)).abs().max() == 0
+
+
+def test_a_sample_without_background_measures_the_poisson_term_on_every_spot(toy):
+    adata, _ = toy
+    tissue_only = adata[adata.obs["in_tissue"].to_numpy(bool)].copy()
+    batch = trainer(tissue_only, CorrectionConfig(**FAST))
+    assert batch.poisson_spots is None
+
+
+def test_poisson_spots_must_be_background_or_all():
+    with pytest.raises(ValueError, match="poisson_spots must be 'background' or 'all'"):
+        CorrectionConfig(poisson_spots="tissue")
+
+
 @pytest.mark.slow
 def test_image_loss_gradient_reaches_q(toy):
     adata, _ = toy

@@ -156,12 +156,14 @@ def moran_loss(field: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return -morans_i(field, weights)
 
 
-def poisson_loss(counts: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+def poisson_loss(
+    counts: torch.Tensor, expected: torch.Tensor, spots: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""Mean Poisson deviance per spot of the observations under the forward model.
 
     .. math::
 
-        \mathcal L_\text{Poisson} = \frac{1}{N} \sum_i \Big(\mu_i - x_i + x_i \log\frac{x_i}{\mu_i}\Big)
+        \mathcal L_\text{Poisson} = \frac{1}{N} \sum_{i \in S} \Big(\mu_i - x_i + x_i \log\frac{x_i}{\mu_i}\Big)
 
     It is zero when :math:`\mu = x`, identifies the diffusion kernel (background spots must be explained by
     molecules from the tissue), and is finite wherever :math:`\mu > 0` or :math:`x = 0`.
@@ -170,11 +172,16 @@ def poisson_loss(counts: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     ----------
     counts, expected
         ``(N, G)`` observations :math:`x` and expected counts :math:`\mu = K^\top z`.
+    spots
+        ``(N,)`` boolean :math:`S`, the spots measured (default: all); the sum is still divided by :math:`N`.
     """
+    if spots is not None:
+        counts, expected = counts[spots], expected[spots]
     tiny = torch.finfo(expected.dtype).tiny
     log_ratio = torch.where(
         counts > 0,
         torch.log(counts.clamp_min(tiny)) - torch.log(expected.clamp_min(tiny)),
         torch.zeros_like(counts),
     )
-    return (expected - counts + counts * log_ratio).mean(dim=0)
+    n_spots = counts.shape[0] if spots is None else spots.shape[0]
+    return (expected - counts + counts * log_ratio).sum(dim=0) / n_spots

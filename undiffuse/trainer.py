@@ -78,6 +78,9 @@ class KernelTrainer:
         self.phi = torch.zeros((n_genes, n_features), dtype=dtype, device=device, requires_grad=True)
         self.share_logits = torch.log(shares0).to(device).repeat(n_genes, 1).requires_grad_(True)
         self.optimizer = Adam([self.q_logit, self.log_r, self.phi, self.share_logits], lr=config.lr)
+        background = ~geometry.tissue
+        #: Spots of the Poisson term (``None``: all): see ``CorrectionConfig.poisson_spots``.
+        self.poisson_spots = background if config.poisson_spots == "background" and background.any() else None
         self.weights = dict(config.weights)
         if self.weights["image"] > 0 and geometry.raster is None:
             self.weights["image"] = 0.0
@@ -128,7 +131,7 @@ class KernelTrainer:
         if self.weights["moran"] > 0:
             terms["moran"] = moran_loss(field, geometry.moran_weights)
         if self.weights["poisson"] > 0:
-            terms["poisson"] = poisson_loss(self.counts, model.forward(field))
+            terms["poisson"] = poisson_loss(self.counts, model.forward(field), self.poisson_spots)
         return terms
 
     def fit(self, bar: tqdm) -> pd.DataFrame:
