@@ -36,7 +36,12 @@ def test_defaults_fill_every_section():
 def test_partial_sections_keep_given_values_and_fill_the_rest():
     config = validate_config({"correct": {"epochs": 7, "weights": {"moran": 2.5}}})
     assert config["correct"]["epochs"] == 7
-    assert config["correct"]["weights"] == {"image": 1.0, "out_of_tissue": 1.0, "moran": 2.5, "poisson": 100.0}
+    assert config["correct"]["weights"] == {
+        "image": 1.0,
+        "out_of_tissue": 1.0,
+        "moran": 2.5,
+        "poisson": 100.0,
+    }
     assert config["correct"]["operator"] == "auto"
 
 
