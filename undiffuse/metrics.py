@@ -712,21 +712,14 @@ def _truth_tables(
         marker_genes = marker_of[marker_of != ""]
         regions = truth.obs["domain"].astype(str).to_numpy()
         marks_regions = marker_genes.isin(set(regions))
-        if not marker_genes.empty and not marks_regions.any():
-            notes.append(
-                (
-                    "marker_specificity",
-                    "not computed: the truth's markers mark cell types, not the regions of its spots; "
-                    "each marker's border half-width is taken across the border of its home domains",
-                )
-            )
         if not marker_genes.empty:
-            if marks_regions.any():
+            by_region = bool(marks_regions.any())
+            if by_region:
                 marker_genes = marker_genes[marks_regions]
             marker_columns = corrected.var_names.get_indexer(marker_genes.index)
             fields = {stage: values[:, marker_columns] for stage, values in stages.items()}
             fields[TRUTH] = as_dense(truth[:, marker_genes.index].X)
-            if marks_regions.any():
+            if by_region:
                 markers = pd.DataFrame(
                     {"region": marker_genes.to_numpy()}, index=pd.Index(marker_genes.index, name="gene")
                 )
@@ -736,6 +729,13 @@ def _truth_tables(
                     summary.append(("marker_specificity", stage, float(share.mean())))
                 inside = regions[tissue][:, None] == marker_genes.to_numpy()[None, :]
             else:
+                notes.append(
+                    (
+                        "marker_specificity",
+                        "not computed: the truth's markers mark cell types, not the regions of its spots; "
+                        "each marker's border half-width is taken across the border of its home domains",
+                    )
+                )
                 inside = home_domains(fields[TRUTH][tissue], regions[tissue])
                 markers = pd.DataFrame(
                     {"home_domains": [",".join(np.unique(regions[tissue][column])) for column in inside.T]},
@@ -788,9 +788,7 @@ def home_domains(true_values: np.ndarray, domains: np.ndarray) -> np.ndarray:
     """
     true_values = _as_2d(true_values)
     labels, index = np.unique(np.asarray(domains), return_inverse=True)
-    sums = np.zeros((labels.size, true_values.shape[1]))
-    np.add.at(sums, index, true_values)
-    means = sums / np.bincount(index, minlength=labels.size)[:, None]
+    means = aggregate_blocks(true_values, index) / np.bincount(index, minlength=labels.size)[:, None]
     home = means >= 0.5 * means.max(axis=0, keepdims=True)
     return home[index]
 
