@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -19,17 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from undiffuse.memory import peak_rss_mb
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB: VmHWM, which (unlike ru_maxrss) starts afresh at exec."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # Versions before the AnnData-first API return a result object; later ones write into the AnnData.

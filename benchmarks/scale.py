@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from previous import peak_rss_mb
+from undiffuse.memory import peak_rss_mb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

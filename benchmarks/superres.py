@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from previous import peak_rss_mb
+
+from undiffuse.memory import peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

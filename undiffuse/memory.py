@@ -1,4 +1,4 @@
-"""Memory behaviour of large temporary tensors."""
+"""Memory behaviour of large temporary tensors, and the peak memory a step reports."""
 
 from __future__ import annotations
 
@@ -31,3 +31,26 @@ def heap_reuse() -> Iterator[None]:
         mallopt(m_mmap_max, 65536)
         mallopt(m_trim_threshold, 128 * 1024)
         malloc_trim(0)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory in MB of this process, or of its largest finished child process if larger.
+
+    The process's own peak is ``VmHWM``, which (unlike ``ru_maxrss``) starts afresh at ``exec``, so a process
+    started from a large parent reports its own peak. Children count once waited for: the report's notebook
+    kernel runs in one. The function imports what it needs itself, so that ``benchmarks/previous.py`` can
+    copy its source into the scripts that run earlier versions of the package.
+    """
+    import resource
+    import sys
+    from pathlib import Path
+
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    per_mb = 1024 * 1024 if sys.platform == "darwin" else 1024
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mb
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                own = int(line.split()[1]) / 1024
+    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / per_mb)

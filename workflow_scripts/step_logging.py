@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -18,10 +19,13 @@ from pathlib import Path
 def logged_to(log_path: str) -> Iterator[logging.Logger]:
     """Send stdout, stderr, warnings, Python logging and tracebacks of the block to ``log_path``.
 
-    An exception is written to the log and raised again, so that snakemake marks the job as failed. SIGTERM
+    A step that succeeds ends its log with its wall time and peak memory (``undiffuse.memory.peak_rss_mb``:
+    exact, where snakemake's benchmark files sample memory every 30 s). An exception is written to the log and
+    raised again, so that snakemake marks the job as failed. SIGTERM
     (snakemake or the scheduler stopping the job) becomes ``SystemExit``, so that ``atomic_path`` removes
     its temporary files on the way out.
     """
+    started = time.perf_counter()
     signal.signal(signal.SIGTERM, _exit_on_signal)
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", buffering=1) as log, redirect_stdout(log), redirect_stderr(log):
@@ -33,6 +37,11 @@ def logged_to(log_path: str) -> Iterator[logging.Logger]:
         logging.captureWarnings(True)
         try:
             yield logging.getLogger("undiffuse.workflow")
+            from undiffuse.memory import peak_rss_mb
+
+            logging.getLogger("undiffuse.workflow").info(
+                "step finished in %.1f s, peak memory %.0f MB", time.perf_counter() - started, peak_rss_mb()
+            )
         except BaseException:
             logging.getLogger("undiffuse.workflow").exception("step failed")
             raise
