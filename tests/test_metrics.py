@@ -348,3 +348,41 @@ def test_markers_of_cell_types_that_are_not_regions_get_a_note(known_sample):
     halfwidths = [f"halfwidth_{stage}" for stage in ("raw", "corrected", "truth")]
     pd.testing.assert_frame_equal(markers[halfwidths], tables["markers"][halfwidths])
     pd.testing.assert_frame_equal(result["truth"], tables["truth"])
+
+
+def test_evaluate_sample_makes_dense_only_the_columns_a_metric_needs(known_sample, monkeypatch):
+    """A sample holds every gene of the slide (a Visium HD slide: hundreds of thousands of bins x 18,000 genes):
+    the metrics keep the stages sparse and make dense only the corrected genes, the truth's and the markers',
+    with the same tables as before."""
+    corrected, truth, tables = known_sample
+    n_extra = 40
+    extra = sp.random(corrected.n_obs, n_extra, density=0.1, format="csr", random_state=0) * 10
+    wide = AnnData(
+        X=sp.hstack([corrected.X, extra], format="csr"),
+        obs=corrected.obs,
+        var=pd.DataFrame(
+            {"undiffuse_corrected": np.r_[corrected.var["undiffuse_corrected"], np.zeros(n_extra, bool)]},
+            index=[*corrected.var_names, *(f"extra{i}" for i in range(n_extra))],
+        ),
+        layers={"corrected": np.hstack([corrected.layers["corrected"], extra.toarray()])},
+        obsm=dict(corrected.obsm),
+        uns=dict(corrected.uns),
+    )
+    densified = []
+    original = metrics.as_dense
+
+    def recording_as_dense(matrix, **kwargs):
+        dense = original(matrix, **kwargs)
+        densified.append(dense.shape[1] if dense.ndim == 2 else 1)
+        return dense
+
+    monkeypatch.setattr(metrics, "as_dense", recording_as_dense)
+    markers = pd.DataFrame({"cell_type": ["left", "left", "right"], "gene": ["left_a", "left_b", "right_a"]})
+    pitch_xy = known_kernel_sample()[2]
+    rediffuse = known_rediffuse(pitch_xy, corrected.obs["tissue"].to_numpy())
+    wide_tables = metrics.evaluate_sample(wide, truth=truth, markers=markers, rediffuse=rediffuse)
+    assert densified and max(densified) <= corrected.n_vars  # never the 45 columns of the whole sample
+    for name in ("truth", "markers", "consistency"):
+        pd.testing.assert_frame_equal(wide_tables[name], tables[name])
+    pd.testing.assert_frame_equal(wide_tables["genes"].iloc[: corrected.n_vars], tables["genes"])
+    assert (wide_tables["genes"]["relative_change"].iloc[corrected.n_vars :] == 0).all()

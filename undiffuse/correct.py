@@ -524,12 +524,13 @@ def rediffuse(corrected: AnnData, *, layer: str | None = None) -> np.ndarray:
 
     Returns
     -------
-    ``(N, g)`` float64 expected counts under the learned forward model.
+    ``(N, g)`` float64 expected counts under the learned forward model, computed in float32 (as the
+    correction ran) the stored ``batch_genes`` genes at a time (a kernel's FFT spectra take a few times the
+    slide's size per gene).
     """
     provenance = corrected.uns[KEY]["correction"]
     settings = provenance["config"]
     stored = corrected.layers[layer or provenance["layer"]]
-    field_ = torch.as_tensor(as_dense(stored))
     cutoff = settings.get("cutoff", "none")
     config = CorrectionConfig(
         operator=settings.get("operator", "auto"),
@@ -539,18 +540,29 @@ def rediffuse(corrected: AnnData, *, layer: str | None = None) -> np.ndarray:
         device="cpu",
         progress=False,
     )
-    geometry = _geometry(corrected, config, image=None, device=torch.device("cpu"), dtype=torch.float64)
+    # In float32, as the correction ran.
+    geometry = _geometry(corrected, config, image=None, device=torch.device("cpu"), dtype=torch.float32)
     var = corrected.var
     learned = {
-        name: torch.as_tensor(var[parameter_column(name)].to_numpy(np.float64))
+        name: torch.as_tensor(var[parameter_column(name)].to_numpy(np.float32))
         for name in ("r", "bleed", "distal")
     }
-    phi = torch.as_tensor(np.asarray(corrected.varm[PHI_KEY], dtype=np.float64))
-    model = DiffusionModel(
-        geometry, gibbs_log_weights(geometry, phi, learned["r"]), learned["bleed"], learned["distal"]
-    )
+    phi = torch.as_tensor(np.asarray(corrected.varm[PHI_KEY], dtype=np.float32))
+    stored_batch = str(settings.get("batch_genes", ""))
+    batch_genes = int(stored_batch) if stored_batch.isdigit() else DEFAULT_BATCH
+    expected = np.empty(stored.shape, dtype=np.float64)
     with torch.no_grad():
-        return model.forward(field_).numpy()
+        for start in range(0, stored.shape[1], batch_genes):
+            batch = slice(start, start + batch_genes)
+            model = DiffusionModel(
+                geometry,
+                gibbs_log_weights(geometry, phi[batch], learned["r"][batch]),
+                learned["bleed"][batch],
+                learned["distal"][batch],
+            )
+            field_ = torch.as_tensor(as_dense(stored[:, batch], dtype=np.float32))
+            expected[:, batch] = model.forward(field_).numpy()
+    return expected
 
 
 def deconvolve_known_kernel(

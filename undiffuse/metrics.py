@@ -135,25 +135,30 @@ def out_of_tissue_fraction(counts: np.ndarray, tissue: np.ndarray) -> np.ndarray
     Parameters
     ----------
     counts
-        ``(N, G)`` non-negative counts on all spots.
+        ``(N, G)`` non-negative counts on all spots (dense or sparse).
     tissue
         ``(N,)`` boolean tissue mask.
     """
-    counts = _as_2d(counts)
+    counts = sp.csr_matrix(counts) if sp.issparse(counts) else _as_2d(counts)
     tissue = _mask(tissue, counts.shape[0])
-    total = counts.sum(axis=0)
-    outside = counts[~tissue].sum(axis=0)
+    total = _column_sums(counts)
+    outside = _column_sums(counts[~tissue])
     return np.divide(outside, total, out=np.zeros_like(total), where=total > 0)
 
 
 def relative_change(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     r"""How much the correction moved each gene: :math:`\sum_i |a_{ig} - b_{ig}| / \sum_i |b_{ig}|`.
 
-    0 for a gene without counts.
+    0 for a gene without counts. Dense or sparse inputs.
     """
-    before, after = _pair(before, after)
-    moved = np.abs(after - before).sum(axis=0)
-    mass = np.abs(before).sum(axis=0)
+    if sp.issparse(before) or sp.issparse(after):
+        before, after = sp.csr_matrix(before, dtype=np.float64), sp.csr_matrix(after, dtype=np.float64)
+        if before.shape != after.shape:
+            raise ValueError(f"shapes differ: {after.shape} vs {before.shape}")
+    else:
+        before, after = _pair(before, after)
+    moved = _column_sums(abs(after - before))
+    mass = _column_sums(abs(before))
     return np.divide(moved, mass, out=np.zeros_like(moved), where=mass > 0)
 
 
@@ -459,11 +464,16 @@ def consistency_table(
     return pd.DataFrame(columns, index=pd.Index(list(genes), name="gene"))
 
 
-def stage_matrices(adata: AnnData, *, layer: str = "corrected") -> tuple[np.ndarray, np.ndarray]:
-    """Dense float64 ``(N, G)`` ``(raw, corrected)``: ``X`` and ``layers[layer]`` of a corrected sample."""
+def stage_matrices(adata: AnnData, *, layer: str = "corrected") -> tuple[sp.csc_matrix, sp.csc_matrix]:
+    """Sparse float64 ``(N, G)`` ``(raw, corrected)``: ``X`` and ``layers[layer]`` of a corrected sample.
+
+    Sparse and by column: a sample holds every gene of the slide, and a Visium HD slide has hundreds of
+    thousands of bins, so only the columns a metric needs (the corrected genes, the truth's, the markers) are
+    made dense, and those on their own.
+    """
     if layer not in adata.layers:
         raise ValueError(f"the AnnData has no layers[{layer!r}]; run undiffuse.correct first")
-    return as_dense(adata.X), as_dense(adata.layers[layer])
+    return sp.csc_matrix(adata.X, dtype=np.float64), sp.csc_matrix(adata.layers[layer], dtype=np.float64)
 
 
 def corrected_gene_mask(adata: AnnData) -> np.ndarray:
@@ -533,16 +543,15 @@ def evaluate_sample(
 
     summary: list[tuple[str, str, float]] = []
     for stage, values in stages.items():
-        summary.append(
-            ("out_of_tissue_fraction", stage, float(out_of_tissue_fraction(values.sum(1), tissue)[0]))
-        )
-        summary.append(("arc_score", stage, arc_score(values.sum(axis=1), tissue)))
+        totals = np.asarray(values.sum(axis=1)).ravel()
+        summary.append(("out_of_tissue_fraction", stage, float(out_of_tissue_fraction(totals, tissue)[0])))
+        summary.append(("arc_score", stage, arc_score(totals, tissue)))
 
     morans = stage_morans_i(corrected, {RAW: raw, CORRECTED: fixed})
     gene_table = pd.DataFrame(
         {
             "passed_through": ~is_corrected,
-            "total_raw": raw.sum(axis=0),
+            "total_raw": _column_sums(raw),
             "relative_change": relative_change(raw, fixed),
             **{f"out_of_tissue_{stage}": out_of_tissue_fraction(v, tissue) for stage, v in stages.items()},
             **{f"moran_{stage}": values for stage, values in morans.items()},
@@ -583,7 +592,7 @@ def evaluate_sample(
     return {name: tables[name] for name in TABLE_NAMES if name in tables}
 
 
-def stage_morans_i(adata: AnnData, stages: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def stage_morans_i(adata: AnnData, stages: Mapping[str, np.ndarray | sp.spmatrix]) -> dict[str, np.ndarray]:
     """``(G,)`` Moran's I per stage (all spots, first ring): read from the ``var`` columns the merge computed
     once (``undiffuse_moran_raw`` and ``undiffuse_moran_corrected``), else computed from ``stages``."""
     from .merge import MORAN_CORRECTED, MORAN_RAW
@@ -622,8 +631,8 @@ def _consistency(
         raise ValueError(f"rediffuse returned shape {predicted.shape}, expected {expected_shape}")
     if not np.isfinite(predicted).all():
         raise ValueError("rediffuse returned NaN or Inf")
-    observed = raw[:, is_corrected]
-    fields = {REDIFFUSED: predicted, CORRECTED: fixed[:, is_corrected]}
+    observed = as_dense(raw[:, is_corrected])
+    fields = {REDIFFUSED: predicted, CORRECTED: as_dense(fixed[:, is_corrected])}
     blocks = coarse_blocks(corrected.obs["array_row"].to_numpy(), corrected.obs["array_col"].to_numpy())
     table = consistency_table(
         observed, fields[REDIFFUSED], fields[CORRECTED], blocks, corrected.var_names[is_corrected]
@@ -679,7 +688,7 @@ def _cell_types(
 def _truth_tables(
     corrected: AnnData,
     truth: AnnData,
-    stages: Mapping[str, np.ndarray],
+    stages: Mapping[str, sp.csc_matrix],
     tissue: np.ndarray,
     summary: list[tuple[str, str, float]],
     notes: list[tuple[str, str]],
@@ -700,7 +709,7 @@ def _truth_tables(
     true_field = as_dense(truth.X[np.flatnonzero(tissue)])
     table = pd.DataFrame(index=pd.Index(shared, name="gene"))
     for stage, values in stages.items():
-        estimate = values[tissue][:, columns]
+        estimate = as_dense(values[:, columns][tissue])
         table[f"rmse_{stage}"] = rmse(estimate, true_field)
         table[f"pearson_{stage}"] = pearson(estimate, true_field)
         summary.append(("truth_rmse", stage, pooled_rmse(estimate, true_field)))
@@ -717,7 +726,7 @@ def _truth_tables(
             if by_region:
                 marker_genes = marker_genes[marks_regions]
             marker_columns = corrected.var_names.get_indexer(marker_genes.index)
-            fields = {stage: values[:, marker_columns] for stage, values in stages.items()}
+            fields = {stage: as_dense(values[:, marker_columns]) for stage, values in stages.items()}
             fields[TRUTH] = as_dense(truth[:, marker_genes.index].X)
             if by_region:
                 markers = pd.DataFrame(
@@ -858,6 +867,11 @@ def read_metrics(outdir: str | os.PathLike[str]) -> dict[str, pd.DataFrame]:
         if path.is_file():
             tables[name] = pd.read_csv(path, sep="\t", index_col=0, keep_default_na=False)
     return tables
+
+
+def _column_sums(values) -> np.ndarray:
+    """``(G,)`` float64 column sums of a dense or sparse ``(N, G)`` array."""
+    return np.asarray(values.sum(axis=0), dtype=np.float64).reshape(-1)
 
 
 def _as_2d(values) -> np.ndarray:
