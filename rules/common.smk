@@ -285,7 +285,8 @@ VISIUM_SPOTS = 4992
 
 
 def count_spots(prepared):
-    """Number of spots in prepared.h5ad, read from its obs index without loading the data."""
+    """Number of spots in prepared.h5ad (or corrected.h5ad), read from its obs index without loading the
+    data."""
     try:
         import h5py
 
@@ -302,12 +303,18 @@ HEX_NEIGHBOURS_PER_SQUARED_PITCH = 3.63
 PAIR_GENE_SHARE = 0.1
 
 
+#: Memory of a spot x gene of the final EM on the whole sample, relative to one of the kernel training:
+#: the EM keeps no autograd graph, a few arrays per gene where training keeps about 64.
+FINAL_EM_SHARE = 0.125
+
+
 def correct_chunk_mem_mb(wildcards, input, attempt):
     """Memory of a chunk job: a fixed part plus a part per spot x gene optimised at once, times the attempt.
 
     The lattice operator holds FFT grids of a few times the spot count per gene, for batch_genes genes at a
-    time (32 when auto). With operator: pairs, each spot holds its neighbours within the radius (the configured
-    cutoff, else its upper bound max_cutoff: the derived one is not known before the job).
+    time (32 when auto): training on the spots of its window (train_spots), the final EM on all spots. With
+    operator: pairs, each spot holds its neighbours within the radius (the configured cutoff, else its upper
+    bound max_cutoff: the derived one is not known before the job).
     """
     settings = RULE_RESOURCES["correct_chunk"]
     options = config["correct"]
@@ -317,7 +324,29 @@ def correct_chunk_mem_mb(wildcards, input, attempt):
     if options["operator"] == "pairs":
         radius = options["cutoff"] or options["max_cutoff"]
         per_spot = PAIR_GENE_SHARE * HEX_NEIGHBOURS_PER_SQUARED_PITCH * radius**2
-    spot_genes = count_spots(input.prepared) * per_spot * genes_at_once
+    spots = count_spots(input.prepared)
+    trained = min(spots, options["train_spots"] or spots)
+    spot_genes = (trained + FINAL_EM_SHARE * spots) * per_spot * genes_at_once
+    per_spot_gene = settings["mem_mb_per_million_spot_genes"]
+    return int(attempt * (settings["mem_mb"] + per_spot_gene * spot_genes / 1e6))
+
+
+def count_corrected_genes(corrected):
+    """Number of corrected genes of corrected.h5ad (var['undiffuse_corrected']), read without the data;
+    prepare's n_top_genes before the file exists."""
+    try:
+        import h5py
+
+        with h5py.File(corrected, "r") as handle:
+            return int(handle["var"]["undiffuse_corrected"][()].sum())
+    except (ImportError, OSError, KeyError):
+        return config["prepare"]["n_top_genes"]
+
+
+def report_mem_mb(wildcards, input, attempt):
+    """Memory of a report job: a fixed part plus a part per spot x corrected gene, times the attempt."""
+    settings = RULE_RESOURCES["report"]
+    spot_genes = count_spots(input.corrected) * count_corrected_genes(input.corrected)
     per_spot_gene = settings["mem_mb_per_million_spot_genes"]
     return int(attempt * (settings["mem_mb"] + per_spot_gene * spot_genes / 1e6))
 

@@ -53,7 +53,7 @@ rule report:
         "../envs/report.yaml"
     threads: rule_threads("report")
     resources:
-        mem_mb=scaled_mem_mb("report"),
+        mem_mb=report_mem_mb,
         runtime=scaled_runtime("report"),
     params:
         outdir=lambda wildcards: f"{RESULTS}/{wildcards.sample}",

@@ -215,7 +215,10 @@ def test_two_samples_run_end_to_end(workflow_run):
             assert chunk.n_vars <= 4 and chunk.X.nnz <= chunk.n_obs * chunk.n_vars
             assert not chunk.layers and not chunk.obsm and "spatial" not in chunk.uns
         for log in ("prepare", "init_quantiles", "merge"):
-            assert (workflow_run / "logs" / sample / f"{log}.log").is_file()
+            # Each step's log ends with its wall time and exact peak memory.
+            last = (workflow_run / "logs" / sample / f"{log}.log").read_text().splitlines()[-1]
+            peak = re.search(r"step finished in [0-9.]+ s, peak memory ([0-9]+) MB$", last)
+            assert peak and int(peak.group(1)) > 50, last
             assert (workflow_run / "logs" / "benchmarks" / sample / f"{log}.tsv").is_file()
     # The two samples were simulated with different seeds.
     alpha, beta = (ad.read_h5ad(workflow_run / "results" / s / "corrected.h5ad") for s in SAMPLES)
@@ -396,6 +399,10 @@ def test_hd_chunk_jobs_ask_for_memory_and_time_by_bin_count(hd_run):
     plan = check(snakemake(workdir, "results/hd/chunks/chunk_0.h5ad", "-n", "-f"))
     job = plan.split("rule correct_chunk:", 1)[1]
     bin_genes = 128 * 128 * 4  # bins x genes of a chunk (chunk_size 4)
-    # 10 minutes + 100 per million (bin x gene); 1000 MB + 1000 per million (bin x gene).
+    # 10 minutes + 100 per million (bin x gene); 1000 MB + 1000 per million (bin x gene) of the training
+    # window (all 16,384 bins, fewer than train_spots) and an eighth of that for the final EM on all bins.
     assert f"runtime={int(10 + 100 * bin_genes / 1e6)}," in job
-    assert f"mem_mb={int(1000 + 1000 * bin_genes / 1e6)}," in job
+    assert f"mem_mb={int(1000 + 1000 * 1.125 * bin_genes / 1e6)}," in job
+    # The report: 4000 MB + 40 per million (bin x corrected gene), read from corrected.h5ad (10 genes).
+    report_job = check(snakemake(workdir, "results/hd/report.html", "-n", "-f")).split("rule report:", 1)[1]
+    assert f"mem_mb={int(4000 + 40 * 128 * 128 * 10 / 1e6)}," in report_job
