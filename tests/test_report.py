@@ -484,3 +484,14 @@ def test_report_inputs_give_diffusion_lengths_in_microns(tmp_path):
     table = inputs.diffusion_lengths_um()
     assert table.loc["gene", "diffusion_length_um"] == pytest.approx(12.0)
     assert table.loc["gene", "bleed"] == pytest.approx(0.3)
+
+
+def test_report_inputs_list_the_model_settings_with_the_rank_of_the_low_rank_model():
+    adata, _ = hd_bins()
+    config = {"operator": "lattice", "programmes": 8, "prior_strength": "auto", "lr": 0.05}
+    adata.uns["undiffuse"] = {"correction": {"config": config}}
+    settings = report.ReportInputs(sample="hd", corrected=adata, metrics={}).model_settings()
+    assert settings["value"].to_dict() == {"operator": "lattice", "programmes": "8", "prior_strength": "auto"}
+    config["programmes"] = 0
+    settings = report.ReportInputs(sample="hd", corrected=adata, metrics={}).model_settings()
+    assert settings.loc["programmes", "value"].startswith("0 (each gene on its own")

@@ -56,6 +56,7 @@ from .memory import heap_reuse
 from .model import DiffusionModel, SoftStart, gibbs_log_weights
 from .operators import DEFAULT_TOLERANCE, OperatorKind
 from .ot.cost import N_RADIAL_BASIS
+from .ot.programmes import deconvolve_programmes
 from .trainer import LOSS_TERMS, KernelTrainer
 from .validate import check_correct_input, pass_through_failed_genes
 
@@ -119,6 +120,16 @@ class CorrectionConfig:
         expression profiles (computed once per sample from the selected genes' raw counts,
         :func:`undiffuse.geometry.expression_profiles`), so that the prior does not smooth across tissue domain
         borders; ``"uniform"`` alike.
+    programmes
+        Number :math:`k` of expression programmes of the low-rank model (:mod:`undiffuse.ot.programmes`): the
+        genes of a call (a chunk, in the workflow) are deconvolved together as :math:`z = W H`, each with its
+        own kernel, starting from their maximum a posteriori fields; a gene with few counts borrows its shape
+        and borders from the others. 0 (default) deconvolves each gene on its own under the smoothness prior.
+        At most the number of genes; it pays where genes are many more than :math:`k` (Visium HD: cells of a
+        few types). On the HD simulator (2 mm, 8 um bins, 100 genes, 5 cell types), with the true kernel, 8
+        programmes give RMSE 0.74x raw and a marker border half-width of 7.3 um (truth 7.0), where the prior
+        gives 0.89x and 10.8 um. On the Visium simulator, whose genes vary smoothly and each in its own way,
+        it raises the RMSE (by a third with 8 programmes, and above raw with 4): keep it 0 there.
     tissue_cost
         Learn the tissue term of the cost f_phi (the coefficient of the boundary-crossing flag), so that
         diffusion from tissue into background may differ from diffusion within tissue. Off by default (the
@@ -158,6 +169,7 @@ class CorrectionConfig:
     distal_init: float = 0.02
     prior_strength: float | str = "auto"
     prior_weights: PriorWeights = "bilateral"
+    programmes: int = 0
     tissue_cost: bool = False
     image_size: int = 64
     batch_genes: int | str = "auto"
@@ -203,6 +215,12 @@ class CorrectionConfig:
             or (isinstance(self.prior_strength, int | float) and 0 <= self.prior_strength < math.inf)
         ):
             problems.append("prior_strength must be 'auto' or a non-negative number")
+        if not (
+            isinstance(self.programmes, int)
+            and not isinstance(self.programmes, bool)
+            and self.programmes >= 0
+        ):
+            problems.append(f"programmes must be a whole number, 0 or more, not {self.programmes!r}")
         if self.prior_weights not in ("uniform", "bilateral"):
             problems.append(f"prior_weights must be 'uniform' or 'bilateral', not {self.prior_weights!r}")
         unknown = set(self.weights) - set(LOSS_TERMS)
@@ -338,7 +356,7 @@ def correct(
     )
 
     corrected = np.zeros_like(counts_all)
-    param_tables, histories, profiles = [], [], []
+    param_tables, histories, profiles, kernels = [], [], [], []
     batches = [slice(i, i + batch_genes) for i in range(0, len(genes), batch_genes)]
     bar = tqdm(
         total=len(batches) * config.epochs,
@@ -355,12 +373,20 @@ def correct(
                 trained_on, counts[torch.as_tensor(window, device=device)], levels[batch], config
             )
             history = trainer.fit(bar)
-            field_, table, profile_samples = trainer.final(geometry, counts)
+            field_, table, profile_samples, model = trainer.final(geometry, counts)
             corrected[:, batch] = field_.cpu().numpy()
+            if config.programmes:
+                kernels.append((batch, model.kernel, model.bleed, model.distal))
             table.index = genes[batch]
             param_tables.append(table)
             histories.append(history * (counts.shape[1] / len(genes)))
             profiles.append(profile_samples.cpu().numpy())
+        rank = min(config.programmes, len(genes))
+        if rank:
+            corrected, _ = deconvolve_programmes(
+                counts_all, corrected, kernels, geometry.tissue, rank, seed=config.seed, dtype=dtype
+            )
+            kernels.clear()
     bar.close()
     elapsed = time.perf_counter() - started
 
@@ -384,6 +410,7 @@ def correct(
         if geometry.operator.kind == "pairs"
         else "none",
         "batch_genes": batch_genes,
+        "programmes": rank,
         "trained_on_spots": int(window.sum()),
         "n_basis": N_RADIAL_BASIS,
         "device": str(device),

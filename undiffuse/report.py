@@ -32,7 +32,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .atomic import atomic_path
-from .correct import PARAMETER_COLUMNS, parameter_column
+from .correct import KEY, PARAMETER_COLUMNS, parameter_column
 from .errors import InputError, require_extra
 from .io.h5ad import read_h5ad
 from .metrics import Rediffuse
@@ -47,6 +47,19 @@ SIGNIFICANT_DIGITS = 4
 
 #: Key figures of a sample report, saved as PNG next to it (``snakemake --report`` shows them).
 KEY_FIGURES = ("before_after", "cell_types", "kernel", "loss")
+
+#: Correction settings the report lists under the learned diffusion (resolved values, as the correction ran).
+MODEL_SETTINGS = (
+    "operator",
+    "programmes",
+    "prior_strength",
+    "prior_weights",
+    "poisson_spots",
+    "epochs",
+    "em_iterations",
+    "trained_on_spots",
+    "device",
+)
 
 #: Stages of the summary table, in column order.
 STAGE_ORDER = ("raw", "corrected", "rediffused", "truth")
@@ -583,6 +596,17 @@ class ReportInputs:
         learned = var[list(columns)].rename(columns=columns).astype(np.float64)
         table = learned.describe(percentiles=[0.25, 0.5, 0.75])
         return table.loc[["min", "25%", "50%", "75%", "max"]].T
+
+    def model_settings(self) -> pd.DataFrame:
+        """The settings of the correction that shape its model (the first chunk's, which all chunks share; the
+        number of programmes is at most the genes of a chunk)."""
+        config = self.corrected.uns.get(KEY, {}).get("correction", {}).get("config", {})
+        shown = {name: config[name] for name in MODEL_SETTINGS if name in config}
+        if shown.get("programmes") in (0, "0"):
+            shown["programmes"] = "0 (each gene on its own, under the smoothness prior)"
+        return pd.DataFrame(
+            {"value": [str(value) for value in shown.values()]}, index=pd.Index(shown, name="setting")
+        )
 
     def most_changed_genes(self, n: int) -> list[str]:
         """The ``n`` corrected genes that the correction moved most (largest ``relative_change``)."""

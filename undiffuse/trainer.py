@@ -167,10 +167,10 @@ class KernelTrainer:
     @torch.no_grad()
     def final(
         self, geometry: SampleGeometry | None = None, counts: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, pd.DataFrame, torch.Tensor]:
-        """The corrected field (maximum a posteriori EM from the start), the parameter table and the kernel
-        profile samples ``(distances, G)``; on the whole sample (``geometry``, ``counts``) when training saw a
-        window of it."""
+    ) -> tuple[torch.Tensor, pd.DataFrame, torch.Tensor, DiffusionModel]:
+        """The corrected field (maximum a posteriori EM from the start), the parameter table, the kernel
+        profile samples ``(distances, G)`` and the learned model; on the whole sample (``geometry``,
+        ``counts``) when training saw a window of it."""
         geometry = self.geometry if geometry is None else geometry
         soft_start = (
             self.soft_start if counts is None else SoftStart(counts, geometry.tissue, self.config.beta)
@@ -186,7 +186,7 @@ class KernelTrainer:
         field = field * torch.where(mass > 0, totals / torch.where(mass > 0, mass, 1.0), 0.0)
         strength = prior.strength if prior is not None else torch.zeros_like(totals)
         table = self._parameter_table(model, strength, soft_start.threshold(self.q))
-        return field, table, model.profile(geometry.profile_distance)
+        return field, table, model.profile(geometry.profile_distance), model
 
     def _parameter_table(
         self, model: DiffusionModel, strength: torch.Tensor, threshold: torch.Tensor

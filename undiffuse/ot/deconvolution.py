@@ -63,14 +63,27 @@ def em_step(
     return _em_update(field, counts, kernel, bleed, distal, prior, with_likelihood=False)[0]
 
 
-def _em_update(field, counts, kernel, bleed, distal, prior, *, with_likelihood=True):
-    """:func:`em_step`, and the ``(G,)`` Poisson log-likelihood of the field it started from (``None`` without
-    ``with_likelihood``)."""
+def back_projected_ratio(
+    field: torch.Tensor, counts: torch.Tensor, kernel: Kernel, bleed: torch.Tensor, distal: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(N, G)`` :math:`K \rho` with :math:`\rho = x / (K^\top z)`, the EM's multiplicative factor, and
+    ``(N, G)`` the expected counts :math:`K^\top z`.
+
+    On tissue, where :math:`K \mathbf 1 = \mathbf 1`, the factor minus one is the gradient of the Poisson
+    log-likelihood with respect to :math:`z`, which the low-rank model (:mod:`undiffuse.ot.programmes`) uses.
+    """
     mu = expected_counts(field, kernel, bleed, distal)
     tiny = torch.finfo(mu.dtype).tiny
     # 0/0 where a spot neither holds nor receives mass: nothing to explain there.
     ratio = torch.where(mu > 0, counts / mu.clamp_min(tiny), torch.zeros((), dtype=mu.dtype))
-    back = (1.0 - bleed - distal) * ratio + bleed * kernel.pull(ratio) + distal * ratio.mean(0)
+    return (1.0 - bleed - distal) * ratio + bleed * kernel.pull(ratio) + distal * ratio.mean(0), mu
+
+
+def _em_update(field, counts, kernel, bleed, distal, prior, *, with_likelihood=True):
+    """:func:`em_step`, and the ``(G,)`` Poisson log-likelihood of the field it started from (``None`` without
+    ``with_likelihood``)."""
+    back, mu = back_projected_ratio(field, counts, kernel, bleed, distal)
+    tiny = torch.finfo(mu.dtype).tiny
     expected_sources = field * back
     log_likelihood = (counts * torch.log(mu.clamp_min(tiny)) - mu).sum(dim=0) if with_likelihood else None
     if prior is None:

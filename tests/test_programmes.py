@@ -1,0 +1,98 @@
+"""The low-rank model of the true field (undiffuse.ot.programmes): Poisson NMF, its EM with a kernel per gene,
+and the ``programmes`` option of correct."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import hex_sample, tissue_rmse
+
+from undiffuse.correct import KEY, CorrectionConfig, _geometry, correct, deconvolve_known_kernel
+from undiffuse.diffusion import profile
+from undiffuse.errors import ConfigError
+from undiffuse.model import DiffusionModel
+from undiffuse.ot.programmes import deconvolve_programmes, poisson_nmf
+
+SCALE, BLEED, DISTAL = 1.8, 0.3, 0.01
+
+
+def test_poisson_nmf_recovers_an_exact_low_rank_matrix():
+    rng = np.random.default_rng(0)
+    values = torch.as_tensor(rng.gamma(2.0, size=(60, 3)) @ rng.gamma(2.0, size=(3, 12)))
+    weights, programmes = poisson_nmf(values, 3, n_iter=2000)
+    assert weights.shape == (60, 3) and programmes.shape == (3, 12)
+    assert (weights >= 0).all() and (programmes >= 0).all()
+    assert torch.linalg.norm(weights @ programmes - values) < 1e-2 * torch.linalg.norm(values)
+
+
+@pytest.fixture(scope="module")
+def low_counts():
+    """Twelve genes of two domain patterns (an exact rank-2 truth) at a few molecules per spot, and the
+    maximum a posteriori field of each gene under the true kernel."""
+    adata, truth = hex_sample(n_genes=12, depth=4.0, seed=1, bleed=BLEED, scale=SCALE)
+    genes = list(adata.var_names)
+    config = CorrectionConfig(progress=False)
+    start = deconvolve_known_kernel(
+        adata, genes=genes, scale=np.full(len(genes), SCALE), bleed=BLEED, distal=DISTAL, config=config
+    )
+    return adata, truth, start
+
+
+def known_kernels(adata, batches):
+    geometry = _geometry(
+        adata, CorrectionConfig(progress=False), image=None, device=torch.device("cpu"), dtype=torch.float32
+    )
+    kernels = []
+    for genes in batches:
+        n = genes.stop - genes.start
+        model = DiffusionModel(
+            geometry,
+            profile(torch.full((n,), SCALE), "gaussian"),
+            torch.full((n,), BLEED),
+            torch.full((n,), DISTAL),
+        )
+        kernels.append((genes, model.kernel, model.bleed, model.distal))
+    return geometry, kernels
+
+
+def test_low_rank_em_keeps_totals_and_tissue_and_beats_the_per_gene_prior(low_counts):
+    adata, truth, start = low_counts
+    counts = adata.X.toarray()
+    geometry, kernels = known_kernels(adata, [slice(0, 12)])
+    field, programmes = deconvolve_programmes(counts, start, kernels, geometry.tissue, 2)
+    tissue = adata.obs["in_tissue"].to_numpy(bool)
+    assert field.shape == counts.shape and programmes.shape == (2, 12)
+    assert np.isfinite(field).all() and (field >= 0).all()
+    assert (field[~tissue] == 0).all()
+    np.testing.assert_allclose(field.sum(axis=0), counts.sum(axis=0), rtol=1e-5)
+    # A gene with few counts borrows the shape of the others: closer to the truth than each gene alone.
+    assert tissue_rmse(field, truth, tissue) < 0.8 * tissue_rmse(start, truth, tissue)
+
+
+def test_low_rank_em_does_not_depend_on_how_genes_are_batched(low_counts):
+    adata, _, start = low_counts
+    counts = adata.X.toarray()
+    geometry, whole = known_kernels(adata, [slice(0, 12)])
+    _, split = known_kernels(adata, [slice(0, 5), slice(5, 12)])
+    together, _ = deconvolve_programmes(counts, start, whole, geometry.tissue, 3)
+    batched, _ = deconvolve_programmes(counts, start, split, geometry.tissue, 3)
+    np.testing.assert_allclose(batched, together, rtol=1e-4, atol=1e-4 * together.max())
+
+
+def test_correct_with_programmes_records_the_rank_it_used(low_counts):
+    adata, _, _ = low_counts
+    out = correct(adata, programmes=2, epochs=3, em_iterations=10, progress=False, copy=True)
+    assert out.uns[KEY]["correction"]["config"]["programmes"] == 2
+    corrected = out.layers["corrected"].toarray()
+    assert np.isfinite(corrected).all()
+    np.testing.assert_allclose(corrected.sum(axis=0), adata.X.toarray().sum(axis=0), rtol=1e-4)
+    # At most one programme per gene.
+    few = correct(adata[:, :3].copy(), programmes=8, epochs=2, em_iterations=5, progress=False, copy=True)
+    assert few.uns[KEY]["correction"]["config"]["programmes"] == 3
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "auto"])
+def test_programmes_must_be_a_whole_number(value):
+    with pytest.raises(ConfigError, match="programmes"):
+        CorrectionConfig(programmes=value)
