@@ -33,6 +33,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from tables import markdown_table
 
 from undiffuse.correct import correct
 from undiffuse.metrics import (
@@ -233,11 +234,7 @@ def mouse_brain_markdown(brain: dict) -> list[str]:
         "Normalised border profiles (isotonic fit; 0 = outside plateau, 1 = inside plateau):",
         "",
     ]
-    profiles = pd.DataFrame(brain["profiles"])
-    lines.append("| " + " | ".join(profiles.columns) + " |")
-    lines.append("| " + " | ".join("---" for _ in profiles.columns) + " |")
-    for row in profiles.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v) for v in row) + " |")
+    lines += markdown_table(pd.DataFrame(brain["profiles"]))
     return lines
 
 
