@@ -384,7 +384,14 @@ def correct(
         rank = min(config.programmes, len(genes))
         if rank:
             corrected, _ = deconvolve_programmes(
-                counts_all, corrected, kernels, geometry.tissue, rank, seed=config.seed, dtype=dtype
+                counts_all,
+                corrected,
+                kernels,
+                geometry.tissue,
+                rank,
+                seed=config.seed,
+                dtype=dtype,
+                progress=config.progress,
             )
             kernels.clear()
     bar.close()

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..operators import Kernel
 from .deconvolution import back_projected_ratio
@@ -95,6 +96,7 @@ def deconvolve_programmes(
     n_iter: int = PROGRAMME_ITERATIONS,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """EM deconvolution of all genes at once under the low-rank model :math:`z = W H`.
 
@@ -113,6 +115,12 @@ def deconvolve_programmes(
         Number of programmes :math:`k`.
     n_iter
         Updates of :math:`W` and :math:`H` (each applies every gene's kernel and its transpose twice).
+    seed
+        Seed of the start's Poisson NMF.
+    dtype
+        Precision of the updates.
+    progress
+        Show a progress bar over the updates.
 
     Returns
     -------
@@ -134,7 +142,9 @@ def deconvolve_programmes(
     def factors(genes, observed, kernel, bleed, distal):
         return back_projected_ratio(weights @ programmes[:, genes], observed, kernel, bleed, distal)[0]
 
-    for _ in range(n_iter):
+    for _ in tqdm(
+        range(n_iter), desc=f"programmes [k={rank}]", unit="update", disable=not progress or None, leave=False
+    ):
         numerator = torch.zeros_like(weights)
         for genes, observed, *model in batches:
             numerator += factors(genes, observed, *model) @ programmes[:, genes].T
