@@ -331,6 +331,22 @@ def correct_chunk_mem_mb(wildcards, input, attempt):
     return int(attempt * (settings["mem_mb"] + per_spot_gene * spot_genes / 1e6))
 
 
+def simulation_mem_mb(wildcards, attempt):
+    """Memory of a simulation job: a fixed part plus a part per rendered spot (Visium) or 2 um bin (Visium
+    HD) x gene, times the attempt."""
+    options = dict(simulation_params(wildcards))
+    if is_simulated_hd(wildcards.sample):
+        from undiffuse.simulate_hd import HDSimulationParams
+
+        params = HDSimulationParams.from_dict(options, preset=options.pop("preset"))
+        spots, genes = params.width_um * params.height_um / 4.0, params.n_genes
+    else:
+        spots, genes = options["n_rows"] * options["n_cols"], options["n_genes"]
+    settings = RULE_RESOURCES["simulate"]
+    per_spot_gene = settings["mem_mb_per_million_spot_genes"]
+    return int(attempt * (settings["mem_mb"] + per_spot_gene * spots * genes / 1e6))
+
+
 def count_corrected_genes(corrected):
     """Number of corrected genes of corrected.h5ad (var['undiffuse_corrected']), read without the data;
     prepare's n_top_genes before the file exists."""

@@ -15,7 +15,7 @@ rule simulate:
         "../envs/simulate.yaml"
     threads: rule_threads("simulate")
     resources:
-        mem_mb=scaled_mem_mb("simulate"),
+        mem_mb=simulation_mem_mb,
         runtime=scaled_runtime("simulate"),
     params:
         outdir=lambda wildcards: simulated_dir(wildcards.sample),
@@ -50,7 +50,7 @@ rule simulate_hd:
         "../envs/simulate.yaml"
     threads: rule_threads("simulate")
     resources:
-        mem_mb=scaled_mem_mb("simulate"),
+        mem_mb=simulation_mem_mb,
         runtime=scaled_runtime("simulate"),
     params:
         outdir=lambda wildcards: simulated_dir(wildcards.sample),

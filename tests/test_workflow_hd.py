@@ -145,6 +145,10 @@ def test_dry_run_reads_the_square_folder_of_the_bin_size(tmp_path):
     assert "results/sim/simulated/outs/binned_outputs/square_016um/raw_feature_bc_matrix.h5" in output
     assert "results/sim/simulated/truth/square_016um.h5ad" in output
     assert "results/sim/simulated/markers.tsv" in output
+    # Memory from what the simulation renders: 4000 MB + 6 per million (2 um bin x gene), the test config's
+    # 1 mm ci preset with 12 genes.
+    job = output.split("rule simulate_hd:", 1)[1].split("\n\n", 1)[0]
+    assert f"mem_mb={int(4000 + 6 * 1024 * 1024 / 4 * 12 / 1e6)}," in job
 
 
 def test_dry_run_aggregates_hd_bins_into_coarser_bins_and_cells(tmp_path):
