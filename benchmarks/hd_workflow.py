@@ -15,7 +15,7 @@ Writes ``benchmarks/results/hd_workflow_<bin>um_<genes>genes.json`` and ``.md``.
 
 Usage::
 
-    .venv/bin/python benchmarks/hd_workflow.py --bin-um 8 --genes 100 --workdir /tmp/hd_workflow
+    .venv/bin/python benchmarks/hd_workflow.py --bin-um 8 --genes 100 --programmes 8 --workdir /tmp/hd_workflow
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ SAMPLE = "hd"
 FINISHED = re.compile(r"step finished in ([0-9.]+) s, peak memory ([0-9]+) MB$")
 
 
-def write_config(workdir: Path, *, preset: str, bin_um: int, genes: int, chunk_size: int, seed: int) -> Path:
+def write_config(
+    workdir: Path, *, preset: str, bin_um: int, genes: int, chunk_size: int, programmes: int, seed: int
+) -> Path:
     """Sample sheet and config of the run; every key not set here keeps the workflow's default."""
     sheet = workdir / "samples.tsv"
     sheet.write_text(f"sample\tinput\tseed\tbin_size\n{SAMPLE}\tsimulate_hd\t{seed}\t{bin_um}\n")
@@ -53,7 +55,7 @@ def write_config(workdir: Path, *, preset: str, bin_um: int, genes: int, chunk_s
                 "outdir": "results",
                 "simulation_hd": {"preset": preset, "n_genes": genes},
                 "prepare": {"n_top_genes": genes},
-                "correct": {"chunk_size": chunk_size},
+                "correct": {"chunk_size": chunk_size, "programmes": programmes},
             },
             indent=2,
         )
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--bin-um", type=int, choices=(2, 8, 16), default=8)
     parser.add_argument("--genes", type=int, default=100)
     parser.add_argument("--chunk-size", type=int, default=50, help="genes per correct_chunk job")
+    parser.add_argument("--programmes", type=int, default=8, help="correct.programmes (8: the HD setting)")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -158,6 +161,7 @@ def main() -> None:
         bin_um=args.bin_um,
         genes=args.genes,
         chunk_size=args.chunk_size,
+        programmes=args.programmes,
         seed=args.seed,
     )
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
@@ -186,6 +190,7 @@ def main() -> None:
         "bins": n_bins,
         "genes": n_genes,
         "chunk_size": args.chunk_size,
+        "programmes": args.programmes,
         "cores": args.cores,
         "rerun_from": args.rerun_from,
         "workflow_seconds": wall,
@@ -210,8 +215,10 @@ def markdown(record: dict) -> str:
         f"{record['genes']} genes",
         "",
         f"`snakemake --cores {record['cores']}` on one simulated sample (`simulate_hd`, preset `{record['preset']}`),"
-        f" genes corrected in chunks of {record['chunk_size']}: {record['workflow_seconds'] / 60:.1f} min in all."
-        " Wall time and peak memory of each job are the ones its log ends with (exact peak RSS of the job's"
+        f" genes corrected in chunks of {record['chunk_size']} with `programmes: {record.get('programmes', 0)}`:"
+        f" {record['workflow_seconds'] / 60:.1f} min in all"
+        + (f" from `{record['rerun_from']}` on." if record.get("rerun_from") else ".")
+        + " Wall time and peak memory of each job are the ones its log ends with (exact peak RSS of the job's"
         " process and its largest child); requested memory and run time are what the workflow asked the"
         " scheduler for."
         + (
