@@ -288,9 +288,9 @@ def test_correct_passes_a_failed_gene_through_and_removes_stale_leftovers(
     real_final = KernelTrainer.final
 
     def failing_first_gene(self, *args, **kwargs):
-        field, table, profile = real_final(self, *args, **kwargs)
+        field, table, profile, model = real_final(self, *args, **kwargs)
         field[:, 0] = float("nan")
-        return field, table, profile
+        return field, table, profile, model
 
     monkeypatch.setattr(KernelTrainer, "final", failing_first_gene)
     config = tmp_path / "config.yaml"

@@ -277,10 +277,11 @@ def test_a_lost_chunk_is_recomputed_alone_and_identically(workflow_run):
     assert planned_jobs(plan) == {"correct_chunk": 1, "merge": 1, "total": 2}
     assert "chunk=1" in plan and "sample=beta" not in plan
     # Resources of the chunk job (the lattice operator): 1000 MB + 1000 MB per million (spot x gene) at once,
-    # and 10 minutes + 100 per million (spot x gene) of the chunk; 4 genes.
+    # the training window (all spots, fewer than train_spots) and an eighth for the final EM, and 10 minutes
+    # + 100 per million (spot x gene) of the chunk; 4 genes.
     job = plan.split("rule correct_chunk:", 1)[1]
     spot_genes = before.n_obs * 4
-    assert f"mem_mb={int(1000 + 1000 * spot_genes / 1e6)}," in job
+    assert f"mem_mb={int(1000 + 1000 * 1.125 * spot_genes / 1e6)}," in job
     assert f"runtime={int(10 + 100 * spot_genes / 1e6)}," in job
 
     check(snakemake(workflow_run, *targets("alpha"), *targets("beta")))
