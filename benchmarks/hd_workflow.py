@@ -15,7 +15,7 @@ Writes ``benchmarks/results/hd_workflow_<bin>um_<genes>genes.json`` and ``.md``.
 
 Usage::
 
-    .venv/bin/python benchmarks/hd_workflow.py --bin-um 8 --genes 100 --programmes 8 --workdir /tmp/hd_workflow
+    .venv/bin/python benchmarks/hd_workflow.py --bin-um 8 --genes 100 --workdir /tmp/hd_workflow
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ FINISHED = re.compile(r"step finished in ([0-9.]+) s, peak memory ([0-9]+) MB$")
 
 
 def write_config(
-    workdir: Path, *, preset: str, bin_um: int, genes: int, chunk_size: int, programmes: int, seed: int
+    workdir: Path, *, preset: str, bin_um: int, genes: int, chunk_size: int, programmes: int | str, seed: int
 ) -> Path:
     """Sample sheet and config of the run; every key not set here keeps the workflow's default."""
     sheet = workdir / "samples.tsv"
@@ -92,8 +92,9 @@ def job_name(rule: str, wildcards: dict[str, str]) -> str:
     return rule
 
 
-def step_table(workdir: Path, requested: dict[str, dict[str, str]]) -> list[dict]:
-    """One row per finished job: wall time and peak memory from its log, and what it asked for."""
+def step_table(workdir: Path, requested: dict[str, dict[str, str]], jobs: set[str]) -> list[dict]:
+    """One row per finished job of the workflow's ``jobs``: wall time and peak memory from its log, and what
+    it asked for. Logs of jobs that are no longer in the workflow (an earlier run's chunks) are left out."""
     rows = []
     # In the order the jobs finished.
     for log in sorted((workdir / "logs").rglob("*.log"), key=lambda path: path.stat().st_mtime):
@@ -102,6 +103,8 @@ def step_table(workdir: Path, requested: dict[str, dict[str, str]]) -> list[dict
             continue
         relative = log.relative_to(workdir / "logs").with_suffix("")
         name = str(relative.relative_to(SAMPLE)) if relative.parts[0] == SAMPLE else str(relative)
+        if name not in jobs:
+            continue
         asked = requested.get(name, {})
         rows.append(
             {
@@ -138,8 +141,13 @@ def main() -> None:
     )
     parser.add_argument("--bin-um", type=int, choices=(2, 8, 16), default=8)
     parser.add_argument("--genes", type=int, default=100)
-    parser.add_argument("--chunk-size", type=int, default=50, help="genes per correct_chunk job")
-    parser.add_argument("--programmes", type=int, default=8, help="correct.programmes (8: the HD setting)")
+    parser.add_argument("--chunk-size", type=int, default=100, help="genes per correct_chunk job")
+    parser.add_argument(
+        "--programmes",
+        type=lambda value: value if value == "auto" else int(value),
+        default="auto",
+        help="correct.programmes (auto: 8 on Visium HD)",
+    )
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -179,7 +187,13 @@ def main() -> None:
     if status.returncode != 0:
         sys.exit(f"the workflow failed (exit {status.returncode}); see {workdir / 'snakemake.log'}")
 
-    steps = step_table(workdir, requested_resources(snakemake_log))
+    # The jobs of this run, and those a dry run of the whole workflow lists: it cannot list the chunk jobs,
+    # which the quantile checkpoint decides, so an earlier run's chunk logs are left out.
+    listing = subprocess.run(
+        [*command, "--forceall", "--dry-run"], capture_output=True, text=True, check=True
+    ).stdout
+    requested = requested_resources(snakemake_log)
+    steps = step_table(workdir, requested, set(requested) | set(requested_resources(listing)))
     results = workdir / "results" / SAMPLE
     corrected = results / "corrected.h5ad"
     n_bins, n_genes = shape_of(corrected)

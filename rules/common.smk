@@ -280,6 +280,14 @@ def scaled_runtime(rule):
     return lambda wildcards, attempt: RULE_RESOURCES[rule]["runtime"] * attempt
 
 
+def per_spot_gene_request(rule, resource, spot_genes, attempt):
+    """A rule's mem_mb or runtime for a job holding spot_genes spot x gene values: the fixed part plus the part
+    per million spot x gene (<resource>_per_million_spot_genes), times the attempt."""
+    settings = RULE_RESOURCES[rule]
+    per_million = settings[f"{resource}_per_million_spot_genes"]
+    return int(attempt * (settings[resource] + per_million * spot_genes / 1e6))
+
+
 #: Spots assumed before prepared.h5ad exists (a full Visium slide).
 VISIUM_SPOTS = 4992
 
@@ -306,17 +314,20 @@ PAIR_GENE_SHARE = 0.1
 #: Memory of a spot x gene of the final EM on the whole sample, relative to one of the kernel training:
 #: the EM keeps no autograd graph, a few arrays per gene where training keeps about 64.
 FINAL_EM_SHARE = 0.125
+#: Memory of a spot x gene of the whole chunk, relative to one of the kernel training: the chunk's counts and
+#: field are held dense on every spot, and the low-rank model (programmes) keeps a few copies of them.
+CHUNK_GENE_SHARE = 0.04
 
 
 def correct_chunk_mem_mb(wildcards, input, attempt):
     """Memory of a chunk job: a fixed part plus a part per spot x gene optimised at once, times the attempt.
 
     The lattice operator holds FFT grids of a few times the spot count per gene, for batch_genes genes at a
-    time (32 when auto): training on the spots of its window (train_spots), the final EM on all spots. With
+    time (32 when auto): training on the spots of its window (train_spots), the final EM on all spots. The
+    chunk's counts and field are held on every spot for all its genes. With
     operator: pairs, each spot holds its neighbours within the radius (the configured cutoff, else its upper
     bound max_cutoff: the derived one is not known before the job).
     """
-    settings = RULE_RESOURCES["correct_chunk"]
     options = config["correct"]
     batch = options["batch_genes"] if options["batch_genes"] != "auto" else 32
     genes_at_once = min(options["chunk_size"], batch)
@@ -327,8 +338,8 @@ def correct_chunk_mem_mb(wildcards, input, attempt):
     spots = count_spots(input.prepared)
     trained = min(spots, options["train_spots"] or spots)
     spot_genes = (trained + FINAL_EM_SHARE * spots) * per_spot * genes_at_once
-    per_spot_gene = settings["mem_mb_per_million_spot_genes"]
-    return int(attempt * (settings["mem_mb"] + per_spot_gene * spot_genes / 1e6))
+    spot_genes += CHUNK_GENE_SHARE * spots * options["chunk_size"]
+    return per_spot_gene_request("correct_chunk", "mem_mb", spot_genes, attempt)
 
 
 def simulation_mem_mb(wildcards, attempt):
@@ -342,9 +353,7 @@ def simulation_mem_mb(wildcards, attempt):
         spots, genes = params.width_um * params.height_um / 4.0, params.n_genes
     else:
         spots, genes = options["n_rows"] * options["n_cols"], options["n_genes"]
-    settings = RULE_RESOURCES["simulate"]
-    per_spot_gene = settings["mem_mb_per_million_spot_genes"]
-    return int(attempt * (settings["mem_mb"] + per_spot_gene * spots * genes / 1e6))
+    return per_spot_gene_request("simulate", "mem_mb", spots * genes, attempt)
 
 
 def count_corrected_genes(corrected):
@@ -361,19 +370,15 @@ def count_corrected_genes(corrected):
 
 def report_mem_mb(wildcards, input, attempt):
     """Memory of a report job: a fixed part plus a part per spot x corrected gene, times the attempt."""
-    settings = RULE_RESOURCES["report"]
     spot_genes = count_spots(input.corrected) * count_corrected_genes(input.corrected)
-    per_spot_gene = settings["mem_mb_per_million_spot_genes"]
-    return int(attempt * (settings["mem_mb"] + per_spot_gene * spot_genes / 1e6))
+    return per_spot_gene_request("report", "mem_mb", spot_genes, attempt)
 
 
 def correct_chunk_runtime(wildcards, input, attempt):
     """Wall time of a chunk job in minutes: a fixed part plus a part per spot (or HD bin) x gene of the chunk,
     times the attempt."""
-    settings = RULE_RESOURCES["correct_chunk"]
     spot_genes = count_spots(input.prepared) * config["correct"]["chunk_size"]
-    per_spot_gene = settings["runtime_per_million_spot_genes"]
-    return int(attempt * (settings["runtime"] + per_spot_gene * spot_genes / 1e6))
+    return per_spot_gene_request("correct_chunk", "runtime", spot_genes, attempt)
 
 
 def all_outputs():

@@ -8,7 +8,16 @@ import pytest
 import torch
 from conftest import hex_sample, tissue_rmse
 
-from undiffuse.correct import KEY, CorrectionConfig, _geometry, correct, deconvolve_known_kernel
+from undiffuse.correct import (
+    HD_PROGRAMMES,
+    HD_PROGRAMMES_MIN_GENES,
+    KEY,
+    CorrectionConfig,
+    _geometry,
+    _programmes,
+    correct,
+    deconvolve_known_kernel,
+)
 from undiffuse.diffusion import profile
 from undiffuse.errors import ConfigError
 from undiffuse.model import DiffusionModel
@@ -60,9 +69,9 @@ def test_low_rank_em_keeps_totals_and_tissue_and_beats_the_per_gene_prior(low_co
     adata, truth, start = low_counts
     counts = adata.X.toarray()
     geometry, kernels = known_kernels(adata, [slice(0, 12)])
-    field, programmes = deconvolve_programmes(counts, start, kernels, geometry.tissue, 2)
+    field = deconvolve_programmes(counts, start, kernels, geometry.tissue, 2)
     tissue = adata.obs["in_tissue"].to_numpy(bool)
-    assert field.shape == counts.shape and programmes.shape == (2, 12)
+    assert field.shape == counts.shape
     assert np.isfinite(field).all() and (field >= 0).all()
     assert (field[~tissue] == 0).all()
     np.testing.assert_allclose(field.sum(axis=0), counts.sum(axis=0), rtol=1e-5)
@@ -75,8 +84,8 @@ def test_low_rank_em_does_not_depend_on_how_genes_are_batched(low_counts):
     counts = adata.X.toarray()
     geometry, whole = known_kernels(adata, [slice(0, 12)])
     _, split = known_kernels(adata, [slice(0, 5), slice(5, 12)])
-    together, _ = deconvolve_programmes(counts, start, whole, geometry.tissue, 3)
-    batched, _ = deconvolve_programmes(counts, start, split, geometry.tissue, 3)
+    together = deconvolve_programmes(counts, start, whole, geometry.tissue, 3)
+    batched = deconvolve_programmes(counts, start, split, geometry.tissue, 3)
     np.testing.assert_allclose(batched, together, rtol=1e-4, atol=1e-4 * together.max())
 
 
@@ -92,7 +101,22 @@ def test_correct_with_programmes_records_the_rank_it_used(low_counts):
     assert few.uns[KEY]["correction"]["config"]["programmes"] == 3
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, True, "auto"])
+def test_auto_programmes_are_for_visium_hd_calls_with_enough_genes(low_counts):
+    visium = low_counts[0]
+    hd = visium.copy()
+    hd.uns[KEY] = {**visium.uns.get(KEY, {}), "platform": "visium_hd"}
+    auto = CorrectionConfig(progress=False)
+    assert auto.programmes == "auto"
+    assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES) == HD_PROGRAMMES
+    assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES - 1) == 0
+    assert _programmes(auto, visium, 100) == 0
+    # A number is used on either platform, at most one programme per gene.
+    assert _programmes(CorrectionConfig(programmes=5, progress=False), visium, 100) == 5
+    assert _programmes(CorrectionConfig(programmes=5, progress=False), hd, 3) == 3
+    assert _programmes(CorrectionConfig(programmes=0, progress=False), hd, 100) == 0
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "all"])
 def test_programmes_must_be_a_whole_number(value):
     with pytest.raises(ConfigError, match="programmes"):
         CorrectionConfig(programmes=value)

@@ -277,11 +277,11 @@ def test_a_lost_chunk_is_recomputed_alone_and_identically(workflow_run):
     assert planned_jobs(plan) == {"correct_chunk": 1, "merge": 1, "total": 2}
     assert "chunk=1" in plan and "sample=beta" not in plan
     # Resources of the chunk job (the lattice operator): 1000 MB + 1000 MB per million (spot x gene) at once,
-    # the training window (all spots, fewer than train_spots) and an eighth for the final EM, and 10 minutes
-    # + 100 per million (spot x gene) of the chunk; 4 genes.
+    # the training window (all spots, fewer than train_spots), an eighth for the final EM and 0.04 for the
+    # whole chunk held on every spot, and 10 minutes + 100 per million (spot x gene) of the chunk; 4 genes.
     job = plan.split("rule correct_chunk:", 1)[1]
     spot_genes = before.n_obs * 4
-    assert f"mem_mb={int(1000 + 1000 * 1.125 * spot_genes / 1e6)}," in job
+    assert f"mem_mb={int(1000 + 1000 * (1.125 + 0.04) * spot_genes / 1e6)}," in job
     assert f"runtime={int(10 + 100 * spot_genes / 1e6)}," in job
 
     check(snakemake(workflow_run, *targets("alpha"), *targets("beta")))
@@ -401,9 +401,10 @@ def test_hd_chunk_jobs_ask_for_memory_and_time_by_bin_count(hd_run):
     job = plan.split("rule correct_chunk:", 1)[1]
     bin_genes = 128 * 128 * 4  # bins x genes of a chunk (chunk_size 4)
     # 10 minutes + 100 per million (bin x gene); 1000 MB + 1000 per million (bin x gene) of the training
-    # window (all 16,384 bins, fewer than train_spots) and an eighth of that for the final EM on all bins.
+    # window (all 16,384 bins, fewer than train_spots), an eighth of that for the final EM on all bins and
+    # 0.04 for the whole chunk held on every bin.
     assert f"runtime={int(10 + 100 * bin_genes / 1e6)}," in job
-    assert f"mem_mb={int(1000 + 1000 * 1.125 * bin_genes / 1e6)}," in job
+    assert f"mem_mb={int(1000 + 1000 * (1.125 + 0.04) * bin_genes / 1e6)}," in job
     # The report: 4000 MB + 40 per million (bin x corrected gene), read from corrected.h5ad (10 genes).
     report_job = check(snakemake(workdir, "results/hd/report.html", "-n", "-f")).split("rule report:", 1)[1]
     assert f"mem_mb={int(4000 + 40 * 128 * 128 * 10 / 1e6)}," in report_job

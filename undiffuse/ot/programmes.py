@@ -97,7 +97,7 @@ def deconvolve_programmes(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """EM deconvolution of all genes at once under the low-rank model :math:`z = W H`.
 
     Parameters
@@ -124,8 +124,7 @@ def deconvolve_programmes(
 
     Returns
     -------
-    ``(N, G)`` field :math:`W H` with each gene's total of ``counts``, and the ``(k, G)`` programmes
-    :math:`H`, each column scaled to the gene's total.
+    ``(N, G)`` field :math:`W H` with each gene's total of ``counts``.
     """
     device = tissue.device
     rows = torch.as_tensor(np.flatnonzero(tissue.cpu().numpy()), device=device)
@@ -156,4 +155,4 @@ def deconvolve_programmes(
     totals = counts.sum(axis=0, dtype=np.float64)
     mass = field.sum(axis=0, dtype=np.float64)
     scale = np.divide(totals, mass, out=np.zeros_like(totals), where=mass > 0)
-    return (field * scale).astype(counts.dtype, copy=False), programmes.cpu().numpy() * scale
+    return (field * scale).astype(counts.dtype, copy=False)
