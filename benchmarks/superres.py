@@ -5,11 +5,12 @@
    10 um and 20 um grids (``simulate_hd(..., visium_view=True)``). The input spot maps are the simulator's
    true undiffused spot values (``visium/truth.h5ad``, ``X``), so that the benchmark measures the
    super-resolution and not the diffusion correction. Both models run (``cells``, the default, and
-   ``network``, the per-pixel network with the C3-Diff contrastive term at the seed's weights). Every method is scored on the truth's tissue pixels by
-   RMSE (expected molecules per pixel, per gene, mean over genes) and Pearson (per gene, mean over genes), and
-   by pixel-level cell-type accuracy (seed section 4 on the maps against the majority cell type of each
-   pixel's 2 um bins, pixels at least half covered by cells). Each ``superresolve`` run is a child process,
-   so that its wall time and peak memory (max RSS) are its own.
+   ``network``, the per-pixel network with the C3-Diff contrastive term at the seed's weights), and the cell
+   model once more with its cells typed from their looks alone (``neighbour_sigma=0``, an ablation). Every
+   method is scored on the truth's tissue pixels by RMSE (expected molecules per pixel, per gene, mean over
+   genes) and Pearson (per gene, mean over genes), and by pixel-level cell-type accuracy (seed section 4 on
+   the maps against the majority cell type of each pixel's 2 um bins, pixels at least half covered by cells).
+   Each ``superresolve`` run is a child process, so that its wall time and peak memory (max RSS) are its own.
 2. **Real mouse brain** (``../shared/data/visium_mouse_brain_raw_top100``, no truth): prepared, corrected
    (``undiffuse.correct``, ``epochs=10``), super-resolved at 5x and 10x; downsample consistency is the Pearson
    of ``A @ maps`` with the corrected spots over tissue spots (mean over genes), for the result and for the
@@ -47,6 +48,9 @@ REAL = REPO.parent / "shared" / "data" / "visium_mouse_brain_raw_top100" / "outs
 #: The simulated pair: 2 x 2 mm of tissue, 300 genes.
 SIMULATION = dict(width_um=2048.0, height_um=2048.0, n_genes=300, seed=3)
 FACTORS = {5: 20, 10: 10}  # factor -> grid of the truth (um)
+#: ``superresolve`` settings of each child run: the default, the network model, and the cell model typing cells
+#: from their looks alone (no surrounding spots' programme mix).
+VARIANTS = {"cells": {}, "network": {"model": "network"}, "cells, looks only": {"neighbour_sigma": 0.0}}
 #: Guided filter: window radius in pixels per factor (half a spot pitch) and regularisation (standardised guide).
 GUIDED_EPS = 1e-2
 
@@ -73,13 +77,15 @@ def _origin(truth) -> tuple[float, float]:
     return (FRAME_UM / mpp, FRAME_UM / mpp)
 
 
-def child(sample: Path, factor: int, out: Path, threads: int, model: str) -> None:
+def child(sample: Path, factor: int, out: Path, threads: int, variant: str) -> None:
     """One ``superresolve`` run (a child process): writes maps, unprojected maps and pixels to ``out``."""
     adata, truth = _simulated_input(sample)
     from undiffuse.superres import superresolve
 
     start = time.perf_counter()
-    result = superresolve(adata, factor=factor, origin_px=_origin(truth), threads=threads, model=model)
+    result = superresolve(
+        adata, factor=factor, origin_px=_origin(truth), threads=threads, **VARIANTS[variant]
+    )
     seconds = time.perf_counter() - start
     np.savez(
         out,
@@ -96,7 +102,7 @@ def child(sample: Path, factor: int, out: Path, threads: int, model: str) -> Non
         "device": result.device,
         "n_pixels": int(result.pixels.size),
         "n_genes": len(result.genes),
-        "model": model,
+        "model": variant,
         "extra": result.extra,
         "final_loss": {k: v for k, v in result.loss_history.iloc[-1].to_dict().items() if k != "stage"},
     }
@@ -140,7 +146,7 @@ def _true_cell_types(sample: Path, size_um: int, truth_grid) -> tuple[np.ndarray
     return types[np.argmax(counts, axis=1)], covered
 
 
-def _run_child(sample: Path, factor: int, threads: int, model: str) -> tuple[dict, dict]:
+def _run_child(sample: Path, factor: int, threads: int, variant: str) -> tuple[dict, dict]:
     """Run :func:`child` in a fresh process; its maps and its time and memory."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "run.npz"
@@ -154,7 +160,7 @@ def _run_child(sample: Path, factor: int, threads: int, model: str) -> tuple[dic
             "--out",
             str(out),
         ]
-        command += ["--threads", str(threads), "--model", model]
+        command += ["--threads", str(threads), "--variant", variant]
         subprocess.run(command, check=True)
         return dict(np.load(out)), json.loads(out.with_suffix(".json").read_text())
 
@@ -187,8 +193,10 @@ def simulated(sample: Path, threads: int) -> tuple[list[dict], dict]:
         on_tissue = truth_grid.obs["in_tissue"].to_numpy(bool)
         run, info = _run_child(sample, factor, threads, "cells")
         network, network_info = _run_child(sample, factor, threads, "network")
+        looks, looks_info = _run_child(sample, factor, threads, "cells, looks only")
         runs[f"{factor}x"] = info
         runs[f"{factor}x network"] = network_info
+        runs[f"{factor}x looks only"] = looks_info
         grid = PixelGrid(tuple(run["origin"]), float(run["pixel_px"]), *map(int, run["shape"]))
         pixels = run["pixels"]
         values, genes, tissue, coords, pitch, radius = spot_inputs(adata, layer="corrected")
@@ -205,6 +213,7 @@ def simulated(sample: Path, threads: int) -> tuple[list[dict], dict]:
             ),
             "bicubic + projection (ablation)": project(cubic, A, values),
             "cell model before projection (ablation)": run["unprojected"],
+            "cell model typing cells from their looks alone (ablation, `neighbour_sigma=0`)": looks["maps"],
             "network model (C3-Diff contrastive term, `model='network'`)": network["maps"],
             "**undiffuse superres** (cell model)": run["maps"],
         }
@@ -329,7 +338,7 @@ def _markdown(rows: list[dict], runs: dict, real_rows: list[dict], machine: dict
         )
     lines += ["", "### Time and peak memory of `superresolve` (child process, CPU)", ""]
     lines += [
-        "| scale | model | genes | tissue pixels | seconds | peak RSS (GB) |",
+        "| scale | run | genes | tissue pixels | seconds | peak RSS (GB) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for scale, info in runs.items():
@@ -371,10 +380,10 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="cells", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="cells", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.sample, args.child, args.out, args.threads, args.model)
+        child(args.sample, args.child, args.out, args.threads, args.variant)
         return
     import torch
 

@@ -31,6 +31,7 @@ from undiffuse.superres import (
     project,
     segment_nuclei,
     superresolve,
+    surrounding_programmes,
 )
 
 PITCH = 100.0
@@ -335,6 +336,8 @@ def test_nuclei_are_segmented_split_and_own_their_cells():
     assert nuclei.features.shape[0] == 3 and np.isfinite(nuclei.features).all()
     at = [nuclei.owner[int(r), int(c)] for r, c in centres]
     assert len(set(at)) == 3 and max(at) < 3
+    # Centres (x, y) in image pixels: the disc drawn around pixel (row, col) is centred at (col + 0.5, row + 0.5).
+    np.testing.assert_allclose(nuclei.centres[at], centres[:, ::-1] + 0.5, atol=0.1)
     # A cell reaches 3 um beyond its nucleus, no further.
     assert nuclei.owner[60, 55 + 4 + 2] == at[2]
     assert nuclei.owner[60, 55 + 4 + 6] == nuclei.n_cells
@@ -360,6 +363,51 @@ def test_cell_areas_of_pixels_and_footprints():
     np.testing.assert_allclose(np.asarray(areas.sum(axis=1)).ravel(), math.pi * 144.0 / 100.0)
     assert areas[0, nuclei.owner[20, 20]] > 0.9 * math.pi * 49.0 / 100.0
     assert areas[1, nuclei.n_cells] == pytest.approx(math.pi * 144.0 / 100.0)
+
+
+def test_surrounding_programmes_leave_out_the_cells_own_spot():
+    spots = np.array([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    abundance = np.array([[4.0, 0.0], [1.0, 3.0], [0.0, 2.0]])
+    # The cells: under the first spot's footprint; halfway between the first two; beyond every spot's reach.
+    cells = np.array([[5.0, 0.0], [50.0, 0.0], [1000.0, 1000.0]])
+    mix = surrounding_programmes(cells, spots, abundance, sigma=100.0, radius=27.5)
+    shares = abundance / abundance.sum(axis=1, keepdims=True)
+
+    def expected(cell, spots_in_reach):
+        weights = np.exp(-0.5 * (np.hypot(*(cell - spots[spots_in_reach]).T) / 100.0) ** 2)
+        return weights @ shares[spots_in_reach] / weights.sum()
+
+    np.testing.assert_allclose(mix[0], expected(cells[0], [1, 2]))  # its own spot is left out
+    np.testing.assert_allclose(mix[1], expected(cells[1], [0, 1, 2]))  # between footprints, every spot counts
+    np.testing.assert_allclose(mix[2], [0.5, 0.5])
+    np.testing.assert_allclose(mix.sum(axis=1), 1.0)
+
+
+def test_surrounding_spots_type_the_cells_between_footprints():
+    """Cells that all look alike, in two halves of opposite expression: only the surrounding spots' programme
+    mix tells the halves apart in the gaps between footprints, where no spot is measured."""
+    coords = hex_lattice(12, 11) * PITCH + 150.0
+    left = coords[:, 0] < coords[:, 0].mean()
+    values = np.column_stack([np.where(left, 40.0, 4.0), np.where(left, 4.0, 40.0), np.full(left.size, 10.0)])
+    adata = _sample(values)
+    settings = {**FAST, "epochs": 200}
+    typed = superresolve(adata, factor=5, **settings)
+    alone = superresolve(adata, factor=5, neighbour_sigma=0.0, **settings)
+    np.testing.assert_array_equal(typed.pixels, alone.pixels)
+    gaps = np.asarray(typed.aggregation.sum(axis=0)).ravel() == 0
+    centres = typed.grid.centres_px(typed.pixels[gaps])
+    # Gap pixels at least half a pitch from the border between the halves.
+    side = np.where(
+        centres[:, 0] < coords[:, 0].mean() - 50, 1, np.where(centres[:, 0] > coords[:, 0].mean() + 50, -1, 0)
+    )
+
+    def contrast(result):
+        log_ratio = np.log((result.maps[gaps, 0] + 1e-3) / (result.maps[gaps, 1] + 1e-3))
+        return float(np.mean(log_ratio[side == 1]) - np.mean(log_ratio[side == -1]))
+
+    # The truth's contrast is 2 log 10 = 4.6; the stain context alone guesses part of it.
+    assert contrast(typed) > 2.3
+    assert contrast(typed) > contrast(alone) + 0.6
 
 
 def test_unknown_model_is_refused():

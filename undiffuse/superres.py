@@ -28,7 +28,8 @@ all of it).
 - ``cells`` (default). Nuclei are segmented from the image's haematoxylin density (:func:`segment_nuclei`);
   each image pixel belongs to its nearest nucleus within ``cell_reach_um``, which makes the cells. The spots are
   factorised into a few expression programmes per unit area, :math:`y_s \approx n_s M` (Poisson NMF,
-  :func:`poisson_nmf`); a small network types every cell from its image descriptors,
+  :func:`poisson_nmf`); a small network types every cell from its image descriptors, tempered by the programme
+  mix of the spots around it (:func:`surrounding_programmes`, its own spot left out),
   :math:`w_c = \mathrm{softmax}(f_\theta(\phi_c))` over the programmes and "nothing", and is trained so that the
   cells under each footprint reproduce the spot, first in programme abundances and then, with :math:`M` refined
   alongside, in every gene under the Poisson deviance. A pixel holds its cells' areas times their programmes,
@@ -65,6 +66,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,9 @@ NUCLEUS_SMOOTHING_UM = 0.8
 NUCLEUS_SEPARATION_UM = 3.0
 #: Spacing (microns) of the points at which a pixel is sampled to find the cells it holds.
 CELL_SAMPLING_UM = 2.0
+#: Floor added to the surrounding spots' programme shares (:func:`surrounding_programmes`) before their log, so
+#: that a programme absent around a cell lowers its odds without ruling it out.
+SURROUNDING_FLOOR = 0.02
 
 
 # --------------------------------------------------------------------------------------------- grid
@@ -316,10 +321,14 @@ class Nuclei:
     features
         ``(n_cells, F)`` float32 image descriptors of each cell, standardised per column
         (:func:`segment_nuclei`).
+    centres
+        ``(n_cells, 2)`` ``(x, y)`` of each nucleus's centre of mass, in image pixels (divided by the image's
+        scale factor, full-resolution pixels).
     """
 
     owner: np.ndarray
     features: np.ndarray
+    centres: np.ndarray
 
     @property
     def n_cells(self) -> int:
@@ -381,7 +390,11 @@ def segment_nuclei(
             nuclei &= tissue_mask
     labels, n_cells = _split_nuclei(nuclei, um_per_px)
     if n_cells == 0:
-        return Nuclei(np.zeros(haematoxylin.shape, dtype=np.int64), np.zeros((0, 4), dtype=np.float32))
+        return Nuclei(
+            np.zeros(haematoxylin.shape, dtype=np.int64),
+            np.zeros((0, 4 + 2 * len(CELL_CONTEXT_UM)), dtype=np.float32),
+            np.zeros((0, 2)),
+        )
     index = np.arange(1, n_cells + 1)
     distance, (rows, cols) = ndimage.distance_transform_edt(~nuclei, return_indices=True)
     owner = labels[rows, cols].astype(np.int64) - 1
@@ -399,7 +412,8 @@ def segment_nuclei(
     features = np.column_stack(columns)
     spread = features.std(axis=0)
     features = (features - features.mean(axis=0)) / np.where(spread > 1e-12, spread, 1.0)
-    return Nuclei(owner, features.astype(np.float32))
+    # Image pixel (row, col) spans [row, row + 1) x [col, col + 1): its centre is at + 0.5.
+    return Nuclei(owner, features.astype(np.float32), centres[:, ::-1] + 0.5)
 
 
 def _blurred_at(image: np.ndarray, sigma: float, points: np.ndarray) -> np.ndarray:
@@ -490,6 +504,45 @@ def footprint_cells(
     return nuclei.areas(coords_px[:, 0:1] + dx, coords_px[:, 1:2] + dy, image_scalef, point_area)
 
 
+def surrounding_programmes(
+    cell_xy: np.ndarray, spot_xy: np.ndarray, abundance: np.ndarray, *, sigma: float, radius: float
+) -> np.ndarray:
+    r"""``(C, K)`` programme mix of the spots around each cell.
+
+    The Gaussian-weighted mean of the spots' programme shares,
+
+    .. math::
+
+        a_{ck} = \frac{\sum_s \omega_{cs}\, n_{sk} / \sum_j n_{sj}}{\sum_s \omega_{cs}}, \qquad
+        \omega_{cs} = \exp\left(-\frac{\lVert x_c - c_s \rVert^2}{2 \sigma^2}\right)
+        \mathbf 1\left[\rho < \lVert x_c - c_s \rVert \le 3 \sigma\right],
+
+    leaves out the spot whose footprint (radius :math:`\rho`) holds the cell's centre: the cells the model is
+    trained on all lie under a footprint, and would otherwise read their own spot's answer, which a cell in the
+    gaps between footprints cannot. A cell with no spot in reach has the uniform mix :math:`1 / K`.
+
+    Parameters
+    ----------
+    cell_xy, spot_xy
+        ``(C, 2)`` cell and ``(S, 2)`` spot centres, in the same frame as ``sigma`` and ``radius``.
+    abundance
+        ``(S, K)`` non-negative programme abundances :math:`n` of the spots.
+    """
+    n_programmes = abundance.shape[1]
+    shares = abundance / np.maximum(abundance.sum(axis=1, keepdims=True), 1e-300)
+    pairs = cKDTree(cell_xy).sparse_distance_matrix(cKDTree(spot_xy), 3.0 * sigma, output_type="coo_matrix")
+    keep = pairs.data > radius
+    weights = sp.csr_matrix(
+        (np.exp(-0.5 * (pairs.data[keep] / sigma) ** 2), (pairs.row[keep], pairs.col[keep])),
+        shape=(cell_xy.shape[0], spot_xy.shape[0]),
+    )
+    total = np.asarray(weights.sum(axis=1)).ravel()
+    reached = total > 0
+    mix = np.full((cell_xy.shape[0], n_programmes), 1.0 / n_programmes)
+    mix[reached] = (weights @ shares)[reached] / total[reached, None]
+    return mix
+
+
 def poisson_nmf(
     counts: np.ndarray, rank: int, *, iterations: int = 500, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -543,6 +596,10 @@ class SuperResConfig:
         Rank of the cell model's Poisson factorisation of the spots (capped by the genes and spots).
     cell_reach_um
         How far a cell reaches beyond its nucleus, in microns (cell model).
+    neighbour_sigma
+        Width, in spot pitches, of the Gaussian weights of the surrounding spots whose programme mix
+        (:func:`surrounding_programmes`) tempers each cell's typing (cell model); 0 types cells from their
+        looks alone.
     ensemble
         Cell models fitted from different random starts (seeds ``seed`` onwards) and averaged.
     epochs, learning_rate, weight_decay
@@ -572,6 +629,7 @@ class SuperResConfig:
     model: str = "cells"
     programmes: int = 10
     ensemble: int = 8
+    neighbour_sigma: float = 1.0
     cell_reach_um: float = CELL_REACH_UM
     epochs: int = 300
     refine_epochs: int = 100
@@ -985,9 +1043,31 @@ def _fit(
         spot_cells = footprint_cells(
             coords[train], radius, nuclei, image_scalef, um_per_px=um_per_px, pixel_px=grid.pixel_px
         )
+        surroundings = (
+            partial(
+                surrounding_programmes,
+                nuclei.centres / image_scalef,
+                coords[train],
+                sigma=config.neighbour_sigma * pitch,
+                radius=radius,
+            )
+            if config.neighbour_sigma > 0
+            else None
+        )
         # Members differ in their random starts only; their mean is still exact after the projection.
         members = [
-            _cell_model(values, train, spot_cells, shares, nuclei.features, config, seed, device, progress)
+            _cell_model(
+                values,
+                train,
+                spot_cells,
+                shares,
+                nuclei.features,
+                surroundings,
+                config,
+                seed,
+                device,
+                progress,
+            )
             for seed in range(config.seed, config.seed + config.ensemble)
         ]
         unprojected = np.mean([maps for maps, _ in members], axis=0)
@@ -1038,13 +1118,20 @@ def _torch_sparse(matrix: sp.spmatrix, device) -> Any:
     )
 
 
-def _cell_model(values, train, spot_cells, shares, cell_features, config, seed, device, progress):
+def _cell_model(
+    values, train, spot_cells, shares, cell_features, surroundings, config, seed, device, progress
+):
     r"""The cell model: ``(P, G)`` maps before the projection onto the spots, and the loss history.
 
     1. The tissue spots' values are factorised, :math:`y_s \approx n_s M` (:func:`poisson_nmf`, ``programmes``
        expression programmes :math:`M` per unit area, abundances :math:`n_s` in pixel areas).
     2. Cell :math:`c` has programme weights :math:`w_c = \mathrm{softmax}(f_\theta(\phi_c))_{1..K}` (the last
-       of :math:`K + 1` classes emits nothing); area outside every cell has one learned set of weights.
+       of :math:`K + 1` classes emits nothing); area outside every cell has one learned set of weights. When
+       ``surroundings`` is given (it maps the abundances to the ``(C, K)`` programme mix :math:`a_c` of the
+       spots around each cell, :func:`surrounding_programmes`), the weights are
+       :math:`\mathrm{softmax}(f_\theta(\phi_c) + \beta \log(a_c + \epsilon))_{1..K}`: the cell's looks
+       times its surroundings' mix raised to a learned power :math:`\beta` (from 0), a tempered Bayes rule
+       whose prior strength the spots decide.
        :math:`f_\theta` is trained (``epochs``) so that the cell areas :math:`C` in the training spots'
        footprints (:func:`footprint_cells`) reproduce the abundances, under the Poisson deviance of
        :math:`C w` against :math:`n`.
@@ -1071,7 +1158,15 @@ def _cell_model(values, train, spot_cells, shares, cell_features, config, seed, 
     used = np.unique(spot_cells.indices)
     has_background = bool(used.size and used[-1] == n_cells)
     C = _torch_sparse(spot_cells[:, used], device)
-    features = torch.as_tensor(cell_features[used[used < n_cells]], device=device)
+    in_footprints = torch.as_tensor(used[used < n_cells], device=device)
+    every_cell = torch.arange(n_cells, device=device)
+    features = torch.as_tensor(cell_features, device=device)
+    # The log of the surrounding spots' programme mix, added to the logits with a learned weight.
+    surrounding = torch.zeros((n_cells, rank + 1), device=device)
+    if surroundings is not None:
+        mix = np.log(surroundings(abundance) + SURROUNDING_FLOOR)
+        surrounding[:, :rank] = torch.as_tensor(mix, dtype=torch.float32, device=device)
+    temper = torch.zeros(1, device=device, requires_grad=True)
     net = torch.nn.Sequential(
         torch.nn.Linear(cell_features.shape[1], config.hidden),
         torch.nn.GELU(),
@@ -1082,7 +1177,8 @@ def _cell_model(values, train, spot_cells, shares, cell_features, config, seed, 
     background = torch.zeros(rank + 1, device=device, requires_grad=True)
 
     def weights(cells: torch.Tensor, with_background: bool) -> torch.Tensor:
-        w = torch.softmax(net(cells), dim=1)[:, :rank]
+        logits = net(features[cells]) + temper * surrounding[cells]
+        w = torch.softmax(logits, dim=1)[:, :rank]
         return torch.cat([w, torch.softmax(background, dim=0)[None, :rank]]) if with_background else w
 
     def deviance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -1104,11 +1200,11 @@ def _cell_model(values, train, spot_cells, shares, cell_features, config, seed, 
         disable=None if progress else True,
     )
     for stage, epochs in stages:
-        trained = [*net.parameters(), background] + ([log_programmes] if stage == "genes" else [])
+        trained = [*net.parameters(), background, temper] + ([log_programmes] if stage == "genes" else [])
         optimiser = Adam(trained, lr=config.learning_rate)
         for _ in range(epochs):
             optimiser.zero_grad()
-            areas = torch.sparse.mm(C, weights(features, has_background))
+            areas = torch.sparse.mm(C, weights(in_footprints, has_background))
             if stage == "programmes":
                 loss = torch.mean(deviance(areas, target))
             else:
@@ -1119,7 +1215,7 @@ def _cell_model(values, train, spot_cells, shares, cell_features, config, seed, 
             bar.update()
     bar.close()
     with torch.no_grad():
-        cell_weights = weights(torch.as_tensor(cell_features, device=device), True).cpu().numpy()
+        cell_weights = weights(every_cell, True).cpu().numpy()
         programmes = torch.exp(log_programmes).cpu().numpy()
     maps = (shares @ cell_weights.astype(np.float64)) @ programmes.astype(np.float64)
     return maps, pd.DataFrame(history, columns=["epoch", "stage", "loss"])
