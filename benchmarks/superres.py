@@ -102,7 +102,7 @@ def child(sample: Path, factor: int, out: Path, threads: int, variant: str) -> N
         "device": result.device,
         "n_pixels": int(result.pixels.size),
         "n_genes": len(result.genes),
-        "model": variant,
+        "variant": variant,
         "extra": result.extra,
         "final_loss": {k: v for k, v in result.loss_history.iloc[-1].to_dict().items() if k != "stage"},
     }
@@ -343,7 +343,7 @@ def _markdown(rows: list[dict], runs: dict, real_rows: list[dict], machine: dict
     ]
     for scale, info in runs.items():
         lines.append(
-            f"| {scale.split()[0]} | {info['model']} | {info['n_genes']} | {info['n_pixels']} | "
+            f"| {scale.split()[0]} | {info['variant']} | {info['n_genes']} | {info['n_pixels']} | "
             f"{info['seconds']:.1f} | {info['peak_rss_gb']:.2f} |"
         )
     if real_rows:

@@ -1158,14 +1158,14 @@ def _cell_model(
     used = np.unique(spot_cells.indices)
     has_background = bool(used.size and used[-1] == n_cells)
     C = _torch_sparse(spot_cells[:, used], device)
-    in_footprints = torch.as_tensor(used[used < n_cells], device=device)
-    every_cell = torch.arange(n_cells, device=device)
     features = torch.as_tensor(cell_features, device=device)
     # The log of the surrounding spots' programme mix, added to the logits with a learned weight.
     surrounding = torch.zeros((n_cells, rank + 1), device=device)
     if surroundings is not None:
         mix = np.log(surroundings(abundance) + SURROUNDING_FLOOR)
         surrounding[:, :rank] = torch.as_tensor(mix, dtype=torch.float32, device=device)
+    in_footprints = torch.as_tensor(used[used < n_cells], device=device)
+    trained_cells = (features[in_footprints], surrounding[in_footprints])
     temper = torch.zeros(1, device=device, requires_grad=True)
     net = torch.nn.Sequential(
         torch.nn.Linear(cell_features.shape[1], config.hidden),
@@ -1176,9 +1176,10 @@ def _cell_model(
     ).to(device)
     background = torch.zeros(rank + 1, device=device, requires_grad=True)
 
-    def weights(cells: torch.Tensor, with_background: bool) -> torch.Tensor:
-        logits = net(features[cells]) + temper * surrounding[cells]
-        w = torch.softmax(logits, dim=1)[:, :rank]
+    def weights(cells: tuple[torch.Tensor, torch.Tensor], with_background: bool) -> torch.Tensor:
+        """Programme weights of cells given as their ``(looks, surrounding mix)`` rows."""
+        looks, mix = cells
+        w = torch.softmax(net(looks) + temper * mix, dim=1)[:, :rank]
         return torch.cat([w, torch.softmax(background, dim=0)[None, :rank]]) if with_background else w
 
     def deviance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -1204,7 +1205,7 @@ def _cell_model(
         optimiser = Adam(trained, lr=config.learning_rate)
         for _ in range(epochs):
             optimiser.zero_grad()
-            areas = torch.sparse.mm(C, weights(in_footprints, has_background))
+            areas = torch.sparse.mm(C, weights(trained_cells, has_background))
             if stage == "programmes":
                 loss = torch.mean(deviance(areas, target))
             else:
@@ -1215,7 +1216,7 @@ def _cell_model(
             bar.update()
     bar.close()
     with torch.no_grad():
-        cell_weights = weights(every_cell, True).cpu().numpy()
+        cell_weights = weights((features, surrounding), True).cpu().numpy()
         programmes = torch.exp(log_programmes).cpu().numpy()
     maps = (shares @ cell_weights.astype(np.float64)) @ programmes.astype(np.float64)
     return maps, pd.DataFrame(history, columns=["epoch", "stage", "loss"])
