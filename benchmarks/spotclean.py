@@ -3,10 +3,11 @@
 For each diffusion setting, simulates the sample of ``benchmarks/accuracy.py``, then corrects the same genes
 (every ``--gene-stride``-th selected gene) with SpotClean (``createSlide`` + ``spotclean`` on all spots, the
 background included, at the simulated slide positions; ``benchmarks/spotclean.R``) and with undiffuse's
-``correct`` (defaults; ``benchmarks/previous.py``'s runner). Each method runs in a process of its own on the same
-machine under the same load, so their times are reported as a ratio. Scores over tissue spots with
-``benchmarks/accuracy.py``'s ``score``, beside raw counts, the zero-background baseline and EM with the true
-kernel (maximum likelihood). Not part of CI.
+``correct`` (defaults, then one option changed per row: ``VARIANTS``; ``benchmarks/previous.py``'s runner).
+Each method runs in a process of its own on the same machine under the same load, so their times are reported
+as a ratio. Scores over tissue spots with ``benchmarks/accuracy.py``'s ``score``, beside raw counts, the
+zero-background baseline and EM with the true kernel (maximum likelihood), and checks issue 12's accuracy
+criteria for the defaults. Not part of CI.
 
 SpotClean is never copied into this repository: its source is fetched at benchmark time and installed, with
 the imports Debian does not package, into a private R library (``--r-library``, default under
@@ -55,6 +56,13 @@ from undiffuse.correct import CorrectionConfig
 RESULTS = Path(__file__).resolve().parent / "results"
 R_SCRIPT = Path(__file__).resolve().parent / "spotclean.R"
 DEFAULT_R_LIBRARY = Path.home() / ".cache" / "undiffuse-benchmarks" / "R-library"
+
+#: undiffuse's rows: the defaults (the time ratio is taken against it), then one option changed per row.
+VARIANTS = {
+    "undiffuse": {},
+    "undiffuse_uniform_prior": {"prior_weights": "uniform"},
+    "undiffuse_programmes": {"programmes": 8},
+}
 
 SETTINGS = {
     "moderate": {"kernel": "gaussian", "kernel_scale": 2.5},
@@ -149,11 +157,14 @@ def benchmark_setting(root: Path, simulation: dict, *, gene_stride: int, library
     figures["spotclean"] = score(spotclean["corrected"], truth, tissue, genes)
     seconds["spotclean"] = spotclean["seconds"]
 
-    started = time.perf_counter()
-    ours = run_previous(None, sample.prepared, genes, sample.q_init)
-    undiffuse_process_seconds = time.perf_counter() - started
-    figures["undiffuse"] = score(ours["corrected"].astype(np.float64), truth, tissue, genes)
-    seconds["undiffuse"] = ours["seconds"]
+    for variant, options in VARIANTS.items():
+        started = time.perf_counter()
+        run = run_previous(None, sample.prepared, genes, sample.q_init, options)
+        process_seconds = time.perf_counter() - started
+        figures[variant] = score(run["corrected"].astype(np.float64), truth, tissue, genes)
+        seconds[variant] = run["seconds"]
+        if variant == "undiffuse":
+            ours, undiffuse_process_seconds = run, process_seconds
     return {
         "simulation": simulation,
         "n_spots": int(sample.adata.n_obs),
@@ -228,7 +239,7 @@ def main() -> None:
     report = {
         "settings": {name: (kept | results)[name] for name in SETTINGS if name in kept | results},
         "machine": {
-            "description": "shared 2-core x86-64 CPU sandbox, no GPU, heavily loaded by other jobs during the run",
+            "description": "shared 2-core x86-64 CPU sandbox, no GPU; other jobs may run at the same time",
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
@@ -240,6 +251,29 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def criteria(result: dict) -> list[tuple[str, str, bool]]:
+    """Issue 12's accuracy criteria for undiffuse's defaults on one setting: (label, value, met)."""
+    figures = result["figures"]
+    ours, theirs, oracle, raw = (figures[k] for k in ("undiffuse", "spotclean", "em_true_kernel", "raw"))
+    ratio = ours["rmse"] / theirs["rmse"]
+    purity = ours["marker_specificity_mean"]
+    return [
+        ("RMSE <= 0.9x SpotClean's", f"{ratio:.2f}x", ratio <= 0.9),
+        (
+            "marker specificity >= SpotClean's and > EM with the true kernel's",
+            f"{purity:.4f} (SpotClean {theirs['marker_specificity_mean']:.4f}, "
+            f"EM {oracle['marker_specificity_mean']:.4f})",
+            purity >= theirs["marker_specificity_mean"] and purity > oracle["marker_specificity_mean"],
+        ),
+        (
+            "mean Pearson >= raw's",
+            f"{ours['pearson_mean']:.4f} (raw {raw['pearson_mean']:.4f})",
+            ours["pearson_mean"] >= raw["pearson_mean"],
+        ),
+        ("background share <= 1%", f"{ours['background_share']:.4f}", ours["background_share"] <= 0.01),
+    ]
 
 
 def markdown(report: dict) -> str:
@@ -261,7 +295,9 @@ def markdown(report: dict) -> str:
         "zero_background_rescaled": "zero-background baseline",
         "em_true_kernel": "EM with the true kernel (maximum likelihood)",
         "spotclean": "SpotClean",
-        "undiffuse": "undiffuse `correct`",
+        "undiffuse": "undiffuse `correct` (defaults)",
+        "undiffuse_uniform_prior": "undiffuse, prior without edge weights (`prior_weights: uniform`)",
+        "undiffuse_programmes": "undiffuse, low-rank model (`programmes: 8`)",
     }
     for name, result in report["settings"].items():
         simulation = result["simulation"]
@@ -285,6 +321,10 @@ def markdown(report: dict) -> str:
                 f"{'' if seconds is None else f'{seconds:.1f}'} |"
             )
         ours = result["undiffuse_params_median"]
+        lines += ["", "| issue 12 criterion, defaults | value | met |", "| --- | --- | --- |"]
+        lines += [
+            f"| {label} | {value} | {'yes' if met else 'no'} |" for label, value, met in criteria(result)
+        ]
         lines += [
             "",
             f"Time ratio SpotClean / undiffuse: {result['time_ratio_spotclean_over_undiffuse']:.2f} "

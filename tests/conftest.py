@@ -31,7 +31,7 @@ def hex_lattice(n_rows: int, n_cols: int) -> np.ndarray:
     return np.column_stack([x.ravel(), y.ravel()]).astype(np.float64)
 
 
-def hex_sample(n_rows=20, n_cols=16, n_genes=6, *, depth=200.0, seed=0, bleed=0.3, scale=1.8):
+def hex_sample(n_rows=20, n_cols=16, n_genes=6, *, depth=200.0, seed=0, bleed=0.3, scale=1.8, distal=0.01):
     """A small hexagonal sample with striped domains diffused by the forward model, plus its truth."""
     rng = np.random.default_rng(seed)
     coords = hex_lattice(n_rows, n_cols)
@@ -44,7 +44,7 @@ def hex_sample(n_rows=20, n_cols=16, n_genes=6, *, depth=200.0, seed=0, bleed=0.
         truth[:, g] = np.where(domain == g % 2, level, 0.05 * level) * tissue
     from undiffuse.diffusion import diffuse
 
-    expected = diffuse(truth, coords, tissue, scale=np.full(n_genes, scale), bleed=bleed, distal=0.01)
+    expected = diffuse(truth, coords, tissue, scale=np.full(n_genes, scale), bleed=bleed, distal=distal)
     counts = rng.poisson(expected).astype(np.float32)
     image = np.ones((60, 60, 3))
     adata = AnnData(sp.csr_matrix(counts))

@@ -21,7 +21,7 @@ from undiffuse.correct import (
 from undiffuse.errors import ConfigError, InputError
 from undiffuse.ot.baseline import balanced_ot_baseline
 from undiffuse.ot.cost import N_RADIAL_BASIS
-from undiffuse.trainer import KernelTrainer
+from undiffuse.trainer import DISTAL_FALLBACK, KernelTrainer
 
 FAST = dict(epochs=8, em_iterations=30, progress=False)
 
@@ -99,6 +99,31 @@ def test_poisson_spots_must_be_background_or_all():
 
 
 @pytest.mark.slow
+def test_distal_share_starts_from_the_far_background(toy):
+    adata, _ = hex_sample(30, 30, n_genes=4, depth=400.0, scale=1.0, distal=0.1)
+    adata.uns["undiffuse"]["diffusion_scale"] = 1.0  # a diffusion range of 3 pitches
+    measured = trainer(adata, CorrectionConfig(progress=False))
+    assert int(measured.geometry.far_background.sum()) >= 100
+    assert torch.allclose(measured.shares[:, 2], torch.tensor(0.1), rtol=0.2)
+    fixed = trainer(adata, CorrectionConfig(distal_init=0.05, progress=False)).shares[:, 2]
+    assert torch.allclose(fixed, torch.tensor(0.05))
+    # The toy's background lies within the default range of 8 pitches: nothing to measure on.
+    fallback = trainer(toy[0], CorrectionConfig(progress=False))
+    assert not fallback.geometry.far_background.any()
+    assert torch.allclose(fallback.shares[:, 2], torch.tensor(DISTAL_FALLBACK))
+
+
+@pytest.mark.slow
+def test_learned_local_share_tracks_the_truth():
+    adata, _ = hex_sample(30, 30, n_genes=4, depth=400.0, scale=1.5, distal=0.1)
+    adata.uns["undiffuse"]["diffusion_scale"] = 1.5
+    out = correct(adata, copy=True, progress=False)
+    params = parameter_table(out)
+    assert np.allclose(params["bleed"], 0.3, rtol=0.2), params["bleed"]
+    assert np.allclose(params["distal"], 0.1, rtol=0.2), params["distal"]
+    assert np.allclose(params["diffusion_length"], 1.5, rtol=0.1), params["diffusion_length"]
+
+
 def test_image_loss_gradient_reaches_q(toy):
     adata, _ = toy
     batch = trainer(adata, CorrectionConfig(**FAST))
@@ -260,6 +285,8 @@ def test_bad_options_and_inputs(toy):
         CorrectionConfig(prior_strength=-1.0)
     with pytest.raises(ConfigError, match="prior_strength"):
         CorrectionConfig(prior_strength="strong")
+    with pytest.raises(ConfigError, match="distal_init"):
+        CorrectionConfig(distal_init="far")
     with pytest.raises(ConfigError, match="unknown correction options"):
         CorrectionConfig.from_dict({"epoch": 3})
     with pytest.raises(InputError, match="not in the matrix"):

@@ -115,8 +115,16 @@ class CorrectionConfig:
         Initial entropic regularisation: ``"qc"`` (default) takes :math:`2 s^2` from the QC's diffusion scale
         :math:`s`, so that the initial heat kernel has the measured width, and falls back to the seed's 1
         without QC; or a positive number.
-    bleed_init, distal_init
-        Initial local and uniform bleeding shares.
+    bleed_init
+        Initial local bleeding share.
+    distal_init
+        Initial uniform (distal) bleeding share: ``"background"`` (default) measures it per gene on the
+        background spots beyond the diffusion range (:func:`undiffuse.trainer.initial_distal`), or a number for
+        every gene. Started from a share far from the truth, training first widens the local kernel to explain
+        the far background and needs several times the default epochs to undo it: on
+        ``benchmarks/accuracy.py``'s sample (true local share 0.3), 25 epochs from 0.02 learn a local share
+        of 0.23 and a diffusion length 1.4x the truth's; from the measured share, 0.30 and 0.97x
+        (``benchmarks/results/accuracy_full_stride5_engine.md``).
     prior_strength
         Strength :math:`\alpha` of the smoothness prior (:mod:`undiffuse.ot.prior`): ``"auto"`` (default)
         estimates it per gene by empirical Bayes; a number sets it for every gene; 0 is maximum-likelihood EM.
@@ -173,7 +181,7 @@ class CorrectionConfig:
     kernel_tolerance: float = DEFAULT_TOLERANCE
     r_init: float | str = "qc"
     bleed_init: float = 0.3
-    distal_init: float = 0.02
+    distal_init: float | Literal["background"] = "background"
     prior_strength: float | str = "auto"
     prior_weights: PriorWeights = "bilateral"
     programmes: int | Literal["auto"] = "auto"
@@ -207,7 +215,12 @@ class CorrectionConfig:
             problems.append("tail_iterations must be at least 1")
         if not (self.lr > 0 and self.beta > 0):
             problems.append("lr and beta must be positive")
-        if not (0 <= self.bleed_init and 0 <= self.distal_init and self.bleed_init + self.distal_init < 1):
+        if self.distal_init == "background":
+            if not 0 <= self.bleed_init < 1:
+                problems.append("bleed_init must be in [0, 1)")
+        elif isinstance(self.distal_init, str):
+            problems.append(f"distal_init must be 'background' or a number, not {self.distal_init!r}")
+        elif not (0 <= self.bleed_init and 0 <= self.distal_init and self.bleed_init + self.distal_init < 1):
             problems.append("bleed_init and distal_init must be non-negative with a sum below 1")
         if not self.max_cutoff > 0:
             problems.append("max_cutoff must be positive (spot pitches)")

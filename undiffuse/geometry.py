@@ -168,6 +168,13 @@ class SampleGeometry:
         )
 
     @cached_property
+    def far_background(self) -> torch.Tensor:
+        """``(N,)`` background spots farther than ``reach`` from every tissue spot: the local kernel leaves
+        (almost) nothing there, so their counts measure the uniform (distal) share."""
+        far = distance_to_mask(self.coords, self.tissue.cpu().numpy()) > self.reach
+        return torch.as_tensor(far, device=self.device)
+
+    @cached_property
     def moran_weights(self) -> SpatialWeights:
         """The first-ring spot graph of the Moran's I loss."""
         return spatial_weights(self.coords, dtype=self.dtype, device=self.device)

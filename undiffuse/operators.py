@@ -295,8 +295,9 @@ class LatticeOperator:
             dtype=values.dtype,
             device=values.device,
         )
-        flat = self._flat(fft_shape, n_planes)
-        return grid.index_copy(1, flat, values.T).reshape(values.shape[1], n_planes, *fft_shape)
+        # An indexed assignment is several times faster here than index_copy along the inner dimension.
+        grid[:, self._flat(fft_shape, n_planes)] = values.T
+        return grid.reshape(values.shape[1], n_planes, *fft_shape)
 
     def gather(self, grid: torch.Tensor) -> torch.Tensor:
         """``(G, n_planes, Fi, Fj)`` -> ``(N, G)``, each spot from its plane."""

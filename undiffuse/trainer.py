@@ -36,6 +36,11 @@ if TYPE_CHECKING:
     from .correct import CorrectionConfig
 
 LOSS_TERMS = ("image", "out_of_tissue", "moran", "poisson")
+#: Fewest background spots beyond the diffusion range from which the distal share is measured
+#: (:func:`initial_distal`), the share taken without them, and the range a measured share is clipped to.
+DISTAL_MIN_SPOTS = 20
+DISTAL_FALLBACK = 0.02
+DISTAL_INIT_RANGE = (1e-3, 0.5)
 
 
 class KernelTrainer:
@@ -68,15 +73,15 @@ class KernelTrainer:
         self.q_init = torch.as_tensor(q_init, dtype=dtype, device=device)
 
         r0 = initial_reg(config, geometry)
-        shares0 = torch.tensor(
-            [1.0 - config.bleed_init - config.distal_init, config.bleed_init, config.distal_init], dtype=dtype
-        ).clamp_min(1e-4)
+        distal0 = initial_distal(config, geometry, counts)
+        bleed0 = torch.full_like(distal0, config.bleed_init)
+        shares0 = torch.stack([1.0 - bleed0 - distal0, bleed0, distal0], dim=1).clamp_min(1e-4)
         self.q_logit = torch.logit(self.q_init.clamp(0.01, 0.99)).clone().requires_grad_(True)
         self.log_r = torch.full((n_genes,), math.log(max(r0 - self.R_MIN, 1e-12)), dtype=dtype, device=device)
         self.log_r.requires_grad_(True)
         n_features = geometry.features(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=torch.bool)).shape[1]
         self.phi = torch.zeros((n_genes, n_features), dtype=dtype, device=device, requires_grad=True)
-        self.share_logits = torch.log(shares0).to(device).repeat(n_genes, 1).requires_grad_(True)
+        self.share_logits = torch.log(shares0).requires_grad_(True)
         self.optimizer = Adam([self.q_logit, self.log_r, self.phi, self.share_logits], lr=config.lr)
         background = ~geometry.tissue
         #: Spots of the Poisson term (``None``: all): see ``CorrectionConfig.poisson_spots``.
@@ -256,6 +261,32 @@ class Adam:
             mean.lerp_(param.grad, 1 - beta1)
             square.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
             param.addcdiv_(mean, (square.sqrt() / bias_correction2).add_(self.eps), value=-step_size)
+
+
+def initial_distal(config: CorrectionConfig, geometry: SampleGeometry, counts: torch.Tensor) -> torch.Tensor:
+    r"""``(G,)`` initial uniform (distal) shares :math:`d`.
+
+    ``config.distal_init == "background"`` measures them per gene on the background spots beyond the diffusion
+    range (:attr:`~undiffuse.geometry.SampleGeometry.far_background`), where the forward model leaves only
+    :math:`d\, Z / N` per spot (:math:`Z` the gene's total, :math:`N` the spots):
+    :math:`\hat d = (\sum_\text{far} x + \tfrac12) / n_\text{far} \cdot N / Z` (half a count keeps genes
+    with no far count off zero), clipped to :data:`DISTAL_INIT_RANGE` and to half of what the local share
+    leaves. Started from a share far from the truth, training first widens the local kernel to explain the far
+    counts and needs many epochs to undo it. With fewer than :data:`DISTAL_MIN_SPOTS` far spots it falls back to
+    :data:`DISTAL_FALLBACK`; a number is taken for every gene.
+    """
+    n_genes, dtype, device = counts.shape[1], counts.dtype, counts.device
+    if config.distal_init != "background":
+        return torch.full((n_genes,), float(config.distal_init), dtype=dtype, device=device)
+    far = geometry.far_background
+    n_far = int(far.sum())
+    if n_far < DISTAL_MIN_SPOTS:
+        return torch.full((n_genes,), DISTAL_FALLBACK, dtype=dtype, device=device)
+    totals = counts.sum(dim=0)
+    level = (counts[far].sum(dim=0) + 0.5) / n_far
+    share = level * counts.shape[0] / totals.clamp_min(1.0)
+    low, high = DISTAL_INIT_RANGE
+    return share.clamp(low, min(high, 0.5 * (1.0 - config.bleed_init)))
 
 
 def initial_reg(config: CorrectionConfig, geometry: SampleGeometry) -> float:
