@@ -213,27 +213,39 @@ def expression_profiles(
     domains apart there, and the spots that carry the blurred mix lose both weights alike.
     """
     tissue = np.asarray(tissue, dtype=bool)
-    counts = sp.csr_array(adata[:, selected_genes(adata)].X, dtype=np.float64)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
+    counts = sp.csr_array(adata[:, selected_genes(adata)].X)
+    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     lit = totals > 0
     target = float(np.median(totals[tissue & lit])) if (tissue & lit).any() else 1.0
     scale = np.where(lit, target / np.where(lit, totals, 1.0), 0.0)
-    logged = sp.csr_array(sp.diags_array(scale) @ counts)
-    logged.data = np.log1p(logged.data)
-    inside = logged[np.flatnonzero(tissue)]
-    n = max(inside.shape[0], 1)
-    mean = np.asarray(inside.sum(axis=0)).ravel() / n
-    variance = np.asarray(inside.multiply(inside).sum(axis=0)).ravel() / n - mean**2
+    inside = np.flatnonzero(tissue)
+    n = max(len(inside), 1)
+
+    def logged(spots: np.ndarray, genes: np.ndarray | None = None):
+        """Dense row blocks of the normalised log counts: counts of tissue spots are mostly non-zero, where
+        sparse products are slow, and a whole dense or float64 copy of a Visium HD matrix is gigabytes."""
+        step = max(1, PROFILE_BLOCK_VALUES // max(counts.shape[1] if genes is None else len(genes), 1))
+        for start in range(0, len(spots), step):
+            block = spots[start : start + step]
+            part = counts[block] if genes is None else counts[block][:, genes]
+            yield np.log1p(part.toarray().astype(np.float64) * scale[block, None])
+
+    sums, squares = np.zeros(counts.shape[1]), np.zeros(counts.shape[1])
+    for block in logged(inside):
+        sums += block.sum(axis=0)
+        squares += np.square(block).sum(axis=0)
+    mean = sums / n
+    variance = squares / n - mean**2
     kept = np.sort(np.argsort(-variance, kind="stable")[:PROFILE_MAX_GENES])
-    inside, logged, mean = inside[:, kept], logged[:, kept], mean[kept]
-    # Dense row blocks: counts of tissue spots are mostly non-zero, where a sparse product is slow.
-    rows = max(1, PROFILE_BLOCK_VALUES // max(len(kept), 1))
-    blocks = (inside[i : i + rows].toarray() for i in range(0, inside.shape[0], rows))
-    gram = sum(block.T @ block for block in blocks)
-    covariance = np.asarray(gram) / n - np.outer(mean, mean)
+    mean = mean[kept]
+    gram = np.zeros((len(kept), len(kept)))
+    for block in logged(inside, kept):
+        gram += block.T @ block
+    covariance = gram / n - np.outer(mean, mean)
     _, vectors = np.linalg.eigh(covariance)
     axes = vectors[:, ::-1][:, : min(n_components, len(kept))]
-    return logged @ axes - mean @ axes
+    every_spot = np.arange(counts.shape[0])
+    return np.concatenate([block @ axes for block in logged(every_spot, kept)]) - mean @ axes
 
 
 def _image_raster(
