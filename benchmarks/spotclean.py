@@ -157,14 +157,14 @@ def benchmark_setting(root: Path, simulation: dict, *, gene_stride: int, library
     figures["spotclean"] = score(spotclean["corrected"], truth, tissue, genes)
     seconds["spotclean"] = spotclean["seconds"]
 
+    runs, process_seconds = {}, {}
     for variant, options in VARIANTS.items():
         started = time.perf_counter()
-        run = run_previous(None, sample.prepared, genes, sample.q_init, options)
-        process_seconds = time.perf_counter() - started
-        figures[variant] = score(run["corrected"].astype(np.float64), truth, tissue, genes)
-        seconds[variant] = run["seconds"]
-        if variant == "undiffuse":
-            ours, undiffuse_process_seconds = run, process_seconds
+        runs[variant] = run_previous(None, sample.prepared, genes, sample.q_init, options)
+        process_seconds[variant] = time.perf_counter() - started
+        figures[variant] = score(runs[variant]["corrected"].astype(np.float64), truth, tissue, genes)
+        seconds[variant] = runs[variant]["seconds"]
+    ours = runs["undiffuse"]
     return {
         "simulation": simulation,
         "n_spots": int(sample.adata.n_obs),
@@ -174,7 +174,7 @@ def benchmark_setting(root: Path, simulation: dict, *, gene_stride: int, library
         "seconds": seconds,
         "process_seconds": {
             "spotclean": spotclean["process_seconds"],
-            "undiffuse": undiffuse_process_seconds,
+            "undiffuse": process_seconds["undiffuse"],
         },
         "time_ratio_spotclean_over_undiffuse": seconds["spotclean"] / seconds["undiffuse"],
         "spotclean_fit": spotclean["meta"],

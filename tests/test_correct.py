@@ -98,7 +98,6 @@ def test_poisson_spots_must_be_background_or_all():
         CorrectionConfig(poisson_spots="tissue")
 
 
-@pytest.mark.slow
 def test_distal_share_starts_from_the_far_background(toy):
     adata, _ = hex_sample(30, 30, n_genes=4, depth=400.0, scale=1.0, distal=0.1)
     adata.uns["undiffuse"]["diffusion_scale"] = 1.0  # a diffusion range of 3 pitches
@@ -124,6 +123,7 @@ def test_learned_local_share_tracks_the_truth():
     assert np.allclose(params["diffusion_length"], 1.5, rtol=0.1), params["diffusion_length"]
 
 
+@pytest.mark.slow
 def test_image_loss_gradient_reaches_q(toy):
     adata, _ = toy
     batch = trainer(adata, CorrectionConfig(**FAST))
