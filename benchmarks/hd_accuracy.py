@@ -69,14 +69,15 @@ from undiffuse.simulate_hd import simulate_hd_sample
 from undiffuse.spatial import pitch_coordinates
 
 RESULTS = Path(__file__).resolve().parent / "results"
-#: ``correct`` with its defaults, with the smoothness prior alone, and with neither (maximum likelihood with the
-#: learned kernel).
+#: ``correct`` with its defaults, with the smoothness prior alone, with neither (maximum likelihood with the
+#: learned kernel), and with the simulator's single-cell reference of the cell types (``reference.h5ad``).
 CORRECTIONS = {
     "corrected": {},
     "corrected_prior_only": {"programmes": 0},
     "corrected_no_prior": {"programmes": 0, "prior_strength": 0.0},
+    "corrected_reference": {"reference": "reference.h5ad"},
 }
-OPTIONAL_ROWS = ("em_true_kernel", "corrected_prior_only", "corrected_no_prior")
+OPTIONAL_ROWS = ("em_true_kernel", "corrected_prior_only", "corrected_no_prior", "corrected_reference")
 
 
 def simulate_prepared(
@@ -187,9 +188,12 @@ def main() -> None:
             )
             seconds["em_true_kernel"] = time.perf_counter() - started
         runs = {}
+        sample_dir = args.sample or Path(scratch) / "sample"
         for name, options in CORRECTIONS.items():
             if name in args.skip:
                 continue
+            if "reference" in options:
+                options = {**options, "reference": str(sample_dir / options["reference"])}
             runs[name] = run_previous(None, sample.prepared, sample.genes, sample.q_init, options)
             fields[name] = runs[name]["corrected"]
             seconds[name] = runs[name]["seconds"]

@@ -107,6 +107,11 @@ def is_simulated_hd(sample):
     return sheet_value(sample, "input") == SIMULATED_HD_INPUT
 
 
+def sample_pattern(names):
+    """A wildcard constraint matching exactly these samples (nothing when there are none)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
 def bin_size(sample):
     """Bin size in microns of a Visium HD sample (the sheet's bin_size, 8 for simulate_hd rows by default);
     None for a sample without one (Visium, or an HD square folder named directly)."""
@@ -221,6 +226,43 @@ def report_markers(sample):
     if is_simulated_hd(sample):
         return f"{simulated_dir(sample)}/markers.tsv"
     return SIMULATED_MARKERS if is_simulated(sample) else []
+
+
+def reference_file(sample):
+    """The reference .h5ad of a sample: the config's correct.reference with {sample} replaced (the
+    simulator's own reference.h5ad when that is what it names), or None."""
+    template = config["correct"].get("reference")
+    if not template:
+        return None
+    path = template.replace("{sample}", sample)
+    if (
+        is_simulated(sample)
+        and Path(path) == Path(simulated_dir(sample)) / "reference.h5ad"
+    ):
+        return f"{simulated_dir(sample)}/reference.h5ad"
+    return str(resolve_path(path))
+
+
+def reference_profiles_input(wildcards):
+    """The cell-type profiles a sample's chunks use (rule reference_profiles), or nothing."""
+    if reference_file(wildcards.sample) is None:
+        return []
+    return f"{RESULTS}/{wildcards.sample}/reference_profiles.tsv"
+
+
+# A reference the workflow does not write must exist before any job starts.
+for _sample in SAMPLES:
+    _reference = reference_file(_sample)
+    if (
+        _reference is not None
+        and not _reference.startswith(f"{RESULTS}/")
+        and not Path(_reference).is_file()
+    ):
+        raise InputError(
+            _reference,
+            f"reference of sample {_sample} not found (config correct.reference); give an .h5ad of single "
+            "cells with a cell-type column, or set correct.reference to null",
+        )
 
 
 def simulation_params(wildcards):

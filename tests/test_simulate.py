@@ -181,6 +181,7 @@ def test_one_seed_gives_identical_files(tiny_sample, tmp_path):
     again = _file_hashes(tmp_path)
     assert set(again) == {
         "truth.h5ad",
+        "reference.h5ad",
         "outs/raw_feature_bc_matrix.h5",
         "outs/spatial/tissue_positions.csv",
         "outs/spatial/scalefactors_json.json",

@@ -408,3 +408,62 @@ def test_hd_chunk_jobs_ask_for_memory_and_time_by_bin_count(hd_run):
     # The report: 4000 MB + 40 per million (bin x corrected gene), read from corrected.h5ad (10 genes).
     report_job = check(snakemake(workdir, "results/hd/report.html", "-n", "-f")).split("rule report:", 1)[1]
     assert f"mem_mb={int(4000 + 40 * 128 * 128 * 10 / 1e6)}," in report_job
+
+
+def config_with_reference(tmp_path: Path, reference: str) -> Path:
+    """The test config with ``correct.reference`` set."""
+    import yaml
+
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    config["correct"]["reference"] = reference
+    config["samples"] = str(REPO / config["samples"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_a_missing_reference_stops_before_any_job(tmp_path):
+    config = config_with_reference(tmp_path, str(tmp_path / "atlas_{sample}.h5ad"))
+    result = snakemake(tmp_path, "-n", configfile=config)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"{tmp_path}/atlas_alpha.h5ad: reference of sample alpha not found" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.workflow
+def test_a_reference_guides_every_chunk_of_a_sample(tmp_path):
+    from undiffuse.chunks import chunk_genes
+    from undiffuse.config import correction_options
+    from undiffuse.correct import CorrectionConfig, correct
+
+    config = config_with_reference(tmp_path, "results/{sample}/simulated/reference.h5ad")
+    check(snakemake(tmp_path, *targets("alpha"), configfile=config))
+    folder = tmp_path / "results" / "alpha"
+    profiles = folder / "reference_profiles.tsv"
+    merged = ad.read_h5ad(folder / "corrected.h5ad")
+    provenance = merged.uns["undiffuse"]["correction"]["config"]
+    assert provenance["reference_types"] == "layer1,layer2,layer3,blob1,blob2"
+    # The merged chunks are the library's correction of each chunk's genes with the same profiles.
+    prepared = ad.read_h5ad(folder / "prepared.h5ad")
+    quantiles = read_quantile_table(folder / "quantiles.tsv")
+    workflow_config = resolved_config(merged)
+    options = correction_options(workflow_config)
+    genes = chunk_genes(list(quantiles.index), workflow_config["correct"]["chunk_size"], 0)
+    correct(
+        prepared,
+        genes=genes,
+        q_init=quantiles.loc[genes, "q_init"],
+        reference=profiles,
+        config=CorrectionConfig(**options),
+    )
+    direct = prepared[:, genes].layers["corrected"].toarray()
+    np.testing.assert_allclose(
+        merged[:, genes].layers["corrected"].toarray(), direct, rtol=0, atol=1e-5 * np.abs(direct).max()
+    )
+    np.testing.assert_allclose(
+        merged[:, genes].var["undiffuse_prior_strength"],
+        prepared[:, genes].var["undiffuse_prior_strength"],
+        rtol=1e-4,
+    )

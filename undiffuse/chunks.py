@@ -67,6 +67,7 @@ def run_chunk(
     index: int,
     chunk_size: int,
     options: dict | None = None,
+    reference: str | PathLike[str] | None = None,
 ) -> list[str]:
     """Correct chunk ``index`` of a sample and write its chunk file (the ``correct_chunk`` step).
 
@@ -82,6 +83,9 @@ def run_chunk(
         Which chunk, of chunks of at most ``chunk_size`` genes.
     options
         Keyword arguments of ``CorrectionConfig`` (``undiffuse.config.correction_options``).
+    reference
+        ``reference_profiles.tsv`` of the sample's reference (:func:`undiffuse.reference.write_profiles`), or
+        ``None``.
 
     Returns
     -------
@@ -101,6 +105,7 @@ def run_chunk(
         adata,
         genes=genes,
         q_init=table.loc[genes, "q_init"],
+        reference=reference,
         config=CorrectionConfig(**(options or {})),
         allow_degenerate_tissue=True,
     )

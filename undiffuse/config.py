@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 #: Keys of the ``correct`` section that steer the workflow, not the correction itself.
-WORKFLOW_ONLY_CORRECT_KEYS = frozenset({"chunk_size", "gpu"})
+WORKFLOW_ONLY_CORRECT_KEYS = frozenset({"chunk_size", "gpu", "reference"})
 
 #: What a sample sheet looks like, for error messages.
 SHEET_LAYOUT = (

@@ -38,6 +38,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
+from os import PathLike
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -56,8 +58,9 @@ from .memory import heap_reuse
 from .model import DiffusionModel, SoftStart, gibbs_log_weights
 from .operators import DEFAULT_TOLERANCE, OperatorKind
 from .ot.cost import N_RADIAL_BASIS
-from .ot.programmes import deconvolve_programmes
+from .ot.programmes import deconvolve_programmes, reference_centre
 from .qc import is_visium_hd
+from .reference import profiles_for, read_profiles, read_reference, reference_profiles
 from .trainer import LOSS_TERMS, KernelTrainer
 from .validate import check_correct_input, pass_through_failed_genes
 
@@ -144,7 +147,10 @@ class CorrectionConfig:
         half-width 1.08x the truth's, where the prior alone gives 0.92x and 1.68x; on its 1 mm slide they
         lowered the RMSE of every call of 12 or 16 genes tried, not reliably of 8 or fewer. On the Visium
         simulator, whose genes vary smoothly and each in its own way, they raise the RMSE (by a third with 8
-        programmes, and above raw with 4).
+        programmes, and above raw with 4). With a reference (:func:`correct`'s ``reference``) the programmes
+        are its cell types, and this option must stay ``"auto"``.
+    reference_key
+        ``obs`` column of a reference ``.h5ad``'s cell types (:mod:`undiffuse.reference`).
     tissue_cost
         Learn the tissue term of the cost f_phi (the coefficient of the boundary-crossing flag), so that
         diffusion from tissue into background may differ from diffusion within tissue. Off by default (the
@@ -185,6 +191,7 @@ class CorrectionConfig:
     prior_strength: float | str = "auto"
     prior_weights: PriorWeights = "bilateral"
     programmes: int | Literal["auto"] = "auto"
+    reference_key: str = "cell_type"
     tissue_cost: bool = False
     image_size: int = 64
     batch_genes: int | str = "auto"
@@ -259,9 +266,10 @@ class CorrectionConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CorrectionConfig:
         """Build from a mapping (e.g. the workflow config's ``correct`` section), ignoring ``None`` values
-        and workflow-only keys (``chunk_size``, ``gpu``, ``resources``)."""
+        and workflow-only keys (``chunk_size``, ``gpu``, ``resources``, ``reference``: the workflow passes the
+        reference's profiles to :func:`correct` itself)."""
         known = {f.name for f in fields(cls)}
-        workflow_only = {"chunk_size", "gpu", "resources", "threads"}
+        workflow_only = {"chunk_size", "gpu", "resources", "threads", "reference"}
         unknown = set(values) - known - workflow_only
         if unknown:
             raise ConfigError(f"unknown correction options {sorted(unknown)}; known: {sorted(known)}")
@@ -298,6 +306,7 @@ def correct(
     copy: bool = False,
     image: np.ndarray | None = None,
     q_init: Mapping[str, float] | pd.Series | float | None = None,
+    reference: AnnData | pd.DataFrame | str | PathLike[str] | None = None,
     config: CorrectionConfig | None = None,
     allow_degenerate_tissue: bool = False,
     **overrides: Any,
@@ -324,6 +333,19 @@ def correct(
     q_init
         Initial quantile levels: a mapping gene -> level (from the Moran's I scan), or one level for all genes;
         default 0.5.
+    reference
+        Cell types whose profiles guide the correction (:mod:`undiffuse.reference`): an AnnData of single
+        cells (or of a less-diffused spatial sample) with the types in ``obs[config.reference_key]``, its
+        ``.h5ad`` file, or a table of profiles (genes by types, :func:`undiffuse.reference.reference_profiles`,
+        or its ``.tsv``). After the per-gene maximum a posteriori EM, the genes of the call are deconvolved
+        again under a Gamma prior centred on the part of their fields that a mixture of the types explains
+        (each gene keeping its profile's shape across the types and learning its own scale; genes the
+        reference lacks learn theirs freely): where the low-rank model runs (``programmes``), its programmes
+        are the types, and its field is that centre; elsewhere the mixture is fitted to the per-gene fields
+        (:func:`undiffuse.ot.programmes.reference_centre`). The prior's strength is set per gene by empirical
+        Bayes, and a gene takes the result only where that strength exceeds the smoothness prior's (the mixture
+        describes its spot-to-spot variation more tightly than its neighbours do); the others keep their maximum
+        a posteriori fields, so a reference that does not describe the tissue changes nothing. Default: none.
     config
         Options; keyword ``overrides`` replace its fields (e.g. ``epochs=20``).
     allow_degenerate_tissue
@@ -365,6 +387,7 @@ def correct(
     genes = _resolve_genes(
         counts_view, check_correct_input(counts_view, genes, allow_degenerate_tissue=allow_degenerate_tissue)
     )
+    reference_types, type_profiles = _reference_profiles(reference, config, counts_view, genes)
     device = _resolve_device(config.device)
     torch.manual_seed(config.seed)
     dtype = torch.float32
@@ -374,6 +397,8 @@ def correct(
     levels = _resolve_q_init(q_init, genes)
     batch_genes = _batch_genes(config, geometry, device)
     rank = _programmes(config, counts_view, len(genes))
+    if rank and type_profiles is not None:
+        rank = len(reference_types)
     window = geometry.training_window(config.train_spots or geometry.n_spots)
     trained_on = (
         geometry
@@ -382,7 +407,7 @@ def correct(
     )
 
     corrected = np.zeros_like(counts_all)
-    param_tables, histories, profiles, kernels = [], [], [], []
+    param_tables, histories, profiles, models = [], [], [], []
     batches = [slice(i, i + batch_genes) for i in range(0, len(genes), batch_genes)]
     bar = tqdm(
         total=len(batches) * config.epochs,
@@ -401,24 +426,46 @@ def correct(
             history = trainer.fit(bar)
             field_, table, profile_samples, model = trainer.final(geometry, counts)
             corrected[:, batch] = field_.cpu().numpy()
-            if rank:
-                kernels.append((batch, model.kernel, model.bleed, model.distal))
+            if rank or type_profiles is not None:
+                models.append((batch, model))
             table.index = genes[batch]
             param_tables.append(table)
             histories.append(history * (counts.shape[1] / len(genes)))
             profiles.append(profile_samples.cpu().numpy())
         if rank:
-            corrected = deconvolve_programmes(
+            low_rank = deconvolve_programmes(
                 counts_all,
                 corrected,
-                kernels,
+                [(batch, model.kernel, model.bleed, model.distal) for batch, model in models],
                 geometry.tissue,
                 rank,
                 seed=config.seed,
+                profiles=type_profiles,
                 dtype=dtype,
                 progress=config.progress,
             )
-            kernels.clear()
+        if type_profiles is not None:
+            centre = (
+                torch.as_tensor(low_rank, device=device)
+                if rank
+                else reference_centre(corrected, geometry.tissue, type_profiles)
+            )
+            guided = 0
+            for (batch, model), table in zip(models, param_tables, strict=True):
+                corrected[:, batch], strength = _deconvolve_towards(
+                    centre[:, batch],
+                    corrected[:, batch],
+                    counts_all[:, batch],
+                    model,
+                    table["prior_strength"].to_numpy(),
+                    config,
+                )
+                guided += int((strength != table["prior_strength"].to_numpy()).sum())
+                table["prior_strength"] = strength
+            logger.info("the reference guided %d of %d genes", guided, len(genes))
+        elif rank:
+            corrected = low_rank
+        models.clear()
     bar.close()
     elapsed = time.perf_counter() - started
 
@@ -443,6 +490,7 @@ def correct(
         else "none",
         "batch_genes": batch_genes,
         "programmes": rank,
+        "reference_types": ",".join(reference_types) or "none",
         "trained_on_spots": int(window.sum()),
         "n_basis": N_RADIAL_BASIS,
         "device": str(device),
@@ -788,6 +836,78 @@ def _programmes(config: CorrectionConfig, adata: AnnData, n_genes: int) -> int:
     if config.programmes == "auto":
         return HD_PROGRAMMES if is_visium_hd(adata) and n_genes >= HD_PROGRAMMES_MIN_GENES else 0
     return min(config.programmes, n_genes)
+
+
+@torch.no_grad()
+def _deconvolve_towards(
+    centre: torch.Tensor,
+    start: np.ndarray,
+    counts: np.ndarray,
+    model: DiffusionModel,
+    smoothness_strength: np.ndarray,
+    config: CorrectionConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's genes deconvolved again from their maximum a posteriori fields ``start`` under the Gamma prior
+    of mode ``centre``, the part of their fields a reference's cell types explain
+    (:meth:`~undiffuse.model.DiffusionModel.reference_prior`), for the genes whose strength under that prior
+    exceeds the one under the smoothness prior (``smoothness_strength``): the mixture then describes their
+    spot-to-spot variation more tightly than the neighbours' mean does. The others keep ``start``: a reference
+    that does not describe a gene (another tissue, missing types) leaves it as it was. Returns the ``(N, g)``
+    fields, with each gene's total, and the ``(g,)`` strengths of the priors used."""
+    observed = torch.as_tensor(counts, dtype=centre.dtype, device=centre.device)
+    prior = model.reference_prior(observed, centre)
+    field = model.deconvolve(
+        observed,
+        torch.as_tensor(start, dtype=centre.dtype, device=centre.device),
+        n_iter=config.em_iterations,
+        prior=prior,
+        accelerate=True,
+    )
+    totals, mass = observed.sum(dim=0), field.sum(dim=0)
+    field = (field * torch.where(mass > 0, totals / torch.where(mass > 0, mass, 1.0), 0.0)).cpu().numpy()
+    strength = prior.strength.cpu().numpy()
+    guided = strength > smoothness_strength
+    return np.where(guided, field, start), np.where(guided, strength, smoothness_strength)
+
+
+def _gene_ids(adata: AnnData, genes: Sequence[str]) -> pd.Index | None:
+    return pd.Index(adata.var.loc[list(genes), "gene_ids"].astype(str)) if "gene_ids" in adata.var else None
+
+
+def _reference_profiles(
+    reference: AnnData | pd.DataFrame | str | PathLike[str] | None,
+    config: CorrectionConfig,
+    adata: AnnData,
+    genes: Sequence[str],
+) -> tuple[list[str], np.ndarray | None]:
+    """The cell types of ``reference`` (see :func:`correct`) and their ``(types, G)`` profiles of ``genes``
+    (:func:`undiffuse.reference.profiles_for`); no types and ``None`` without a reference."""
+    if reference is None:
+        return [], None
+    source = None
+    if isinstance(reference, str | PathLike):
+        source = Path(reference)
+        table = (
+            read_profiles(source)
+            if source.suffix in (".tsv", ".txt")
+            else read_reference(source, config.reference_key)
+        )
+    elif isinstance(reference, AnnData):
+        table = reference_profiles(reference, config.reference_key)
+    else:
+        table = reference
+    if config.programmes != "auto":
+        raise ConfigError(
+            f"programmes is set by the reference's {table.shape[1]} cell types; leave programmes at 'auto'"
+        )
+    profiles = profiles_for(table, pd.Index(genes), _gene_ids(adata, genes))
+    if not np.isfinite(profiles).all(axis=0).any():
+        raise InputError(
+            source,
+            f"the reference shares none of the {len(genes)} genes to correct (e.g. {', '.join(list(genes)[:3])}); "
+            "give a reference with the sample's gene names or ids",
+        )
+    return list(map(str, table.columns)), profiles
 
 
 def _counts_view(adata: AnnData, layer: str | None) -> AnnData:

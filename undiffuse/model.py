@@ -20,7 +20,14 @@ from .geometry import SampleGeometry
 from .operators import Kernel, LogWeights
 from .ot.cost import cost_weights
 from .ot.deconvolution import deconvolve_em
-from .ot.prior import GammaFieldPrior, blur_attenuation, empirical_strength, local_excess_variation
+from .ot.prior import (
+    CentredPrior,
+    GammaFieldPrior,
+    blur_attenuation,
+    centred_strength,
+    empirical_strength,
+    local_excess_variation,
+)
 from .ot.quantile import dequantised_order_statistics, quantile, soft_threshold
 
 
@@ -154,6 +161,13 @@ class DiffusionModel:
         excess, energy = local_excess_variation(counts, neighbours)
         attenuation = blur_attenuation(self.forward, neighbours, counts)
         return GammaFieldPrior(neighbours, empirical_strength(excess, energy, attenuation))
+
+    @torch.no_grad()
+    def reference_prior(self, counts: torch.Tensor, centre: torch.Tensor) -> CentredPrior:
+        """The Gamma prior centred on the part of the field a reference explains
+        (:class:`~undiffuse.ot.prior.CentredPrior`), its strength by empirical Bayes under this model's blur."""
+        strength = centred_strength(counts, centre, self.forward, self.geometry.neighbours.centre)
+        return CentredPrior(centre, strength)
 
     @torch.no_grad()
     def profile(self, distance: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ KEY_FIGURES = ("before_after", "cell_types", "kernel", "loss")
 MODEL_SETTINGS = (
     "operator",
     "programmes",
+    "reference_types",
     "prior_strength",
     "prior_weights",
     "poisson_spots",
@@ -602,7 +603,12 @@ class ReportInputs:
         number of programmes is at most the genes of a chunk)."""
         config = self.corrected.uns.get(KEY, {}).get("correction", {}).get("config", {})
         shown = {name: config[name] for name in MODEL_SETTINGS if name in config}
-        if shown.get("programmes") in (0, "0"):
+        types = str(shown.get("reference_types", "none"))
+        if types != "none":
+            shown["reference_types"] = (
+                f"{len(types.split(','))} ({types.replace(',', ', ')}): the prior is centred on their mixture"
+            )
+        if shown.get("programmes") in (0, "0") and types == "none":
             shown["programmes"] = "0 (each gene on its own, under the smoothness prior)"
         return pd.DataFrame(
             {"value": [str(value) for value in shown.values()]}, index=pd.Index(shown, name="setting")

@@ -50,11 +50,21 @@ from scipy import ndimage
 from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path
+from .atomic import atomic_paths
 from .diffusion import KernelKind, diffuse
 from .errors import ConfigError, InputError
 from .memory import heap_reuse
 from .spatial import adjacency
+
+#: Prefix of the truth's ``var`` columns holding each domain's expression profile (expected count at mean
+#: density, before the spot noise).
+PROFILE_PREFIX = "profile_"
+#: Cells per domain, mean UMIs per cell, and the spread (log scale) of the reference's capture efficiency per
+#: gene, of its cell sizes and of its cells' expression around their type's profile (:func:`simulate_reference`).
+REFERENCE_CELLS = 200
+REFERENCE_DEPTH = 2000.0
+REFERENCE_CAPTURE_SD = 0.3
+REFERENCE_CELL_SD = 0.3
 
 #: Ratio of fiducial to spot diameter in Space Ranger's scale factors.
 FIDUCIAL_TO_SPOT_DIAMETER = 1.6154
@@ -841,6 +851,9 @@ class SimulatedSample:
         Space Ranger scale factors.
     hires_image, lowres_image
         ``(H, W, 3)`` uint8 RGB.
+    reference
+        A matching single-cell reference of the domains (:func:`simulate_reference`, the content of
+        ``reference.h5ad``).
     """
 
     counts: sp.csr_matrix
@@ -849,6 +862,7 @@ class SimulatedSample:
     scalefactors: dict[str, float]
     hires_image: np.ndarray
     lowres_image: np.ndarray
+    reference: AnnData
 
 
 def _rmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -879,6 +893,8 @@ def _draw_truth(
     truth *= depth_factor
     var = genes.assign(expressed_in=expressed_in, level=levels * depth_factor, kernel_scale=kernel_scales)
     var["gene_type"] = pd.Categorical(var["gene_type"], categories=["marker", "shared", "housekeeping"])
+    for k, name in enumerate(params.domains):
+        var[f"{PROFILE_PREFIX}{name}"] = levels * profiles[k] * depth_factor
     return truth, var
 
 
@@ -926,13 +942,16 @@ def simulate(params: SimulationParams | None = None) -> SimulatedSample:
     SimulatedSample whose ``truth`` holds, besides the layout of ``docs/architecture.md``:
     ``obs['density']`` (relative cell density), ``obsm['spatial']`` (full-resolution pixels, x then y),
     ``var['expressed_in']`` (domains of marker and shared genes), ``var['level']`` (expected count in the
-    gene's top domain at mean density), ``var['kernel_cutoff']`` (neighbour radius in pitches) and
+    gene's top domain at mean density), ``var['profile_{domain}']`` (expected count in each domain at mean
+    density), ``var['kernel_cutoff']`` (neighbour radius in pitches) and
     ``uns['summary']`` (tissue fraction, background share of UMIs, RMSE of raw counts and of a Poisson draw
     of the truth against the truth over tissue spots, for marker genes and for all genes).
     """
     params = params or SimulationParams()
-    streams = np.random.SeedSequence(params.seed).spawn(6)
-    anatomy_rng, gene_rng, noise_rng, count_rng, image_rng, check_rng = map(np.random.default_rng, streams)
+    streams = np.random.SeedSequence(params.seed).spawn(7)
+    anatomy_rng, gene_rng, noise_rng, count_rng, image_rng, check_rng, reference_rng = map(
+        np.random.default_rng, streams
+    )
 
     grid = _grid(params)
     anatomy, tissue = _draw_anatomy(params, grid, anatomy_rng)
@@ -1003,7 +1022,55 @@ def simulate(params: SimulationParams | None = None) -> SimulatedSample:
         scalefactors=scalefactors,
         hires_image=hires,
         lowres_image=lowres,
+        reference=simulate_reference(domain_profiles(truth_adata), reference_rng),
     )
+
+
+def simulate_reference(
+    profiles: pd.DataFrame, rng: np.random.Generator, *, n_cells: int = REFERENCE_CELLS
+) -> AnnData:
+    r"""A single-cell reference of a simulated sample: ``n_cells`` cells of each type.
+
+    Cell :math:`c` of type :math:`k` draws :math:`x_{cg} \sim \mathrm{Poisson}(n_c\, e_g\, \pi_{kg}\,
+    \epsilon_{cg} / \sum_h e_h \pi_{kh})` from the type's profile :math:`\pi_k`, with a log-normal cell size
+    :math:`n_c` around :data:`REFERENCE_DEPTH` UMIs, a log-normal capture efficiency :math:`e_g` per gene (the
+    reference is another platform) and log-normal cell noise :math:`\epsilon`.
+
+    Parameters
+    ----------
+    profiles
+        ``(G, types)`` expected expression of each gene in each type (the truth's domain profiles); the
+        index holds the gene names, a ``gene_ids`` column is not expected.
+    rng
+        Random stream.
+
+    Returns
+    -------
+    ``(cells, G)`` AnnData: CSR counts in ``X``, the type in ``obs['cell_type']``, the genes of ``profiles``.
+    """
+    types = [str(t) for t in profiles.columns]
+    n_genes = profiles.shape[0]
+    capture = np.exp(REFERENCE_CAPTURE_SD * rng.standard_normal(n_genes))
+    shares = profiles.to_numpy(np.float64).T * capture
+    shares /= shares.sum(axis=1, keepdims=True)
+    labels = np.repeat(np.arange(len(types)), n_cells)
+    sd = REFERENCE_CELL_SD
+    sizes = REFERENCE_DEPTH * np.exp(sd * rng.standard_normal(len(labels)) - sd**2 / 2)
+    noise = np.exp(sd * rng.standard_normal((len(labels), n_genes)) - sd**2 / 2)
+    counts = rng.poisson(sizes[:, None] * shares[labels] * noise)
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical.from_codes(labels, types)},
+        index=[f"cell{i + 1}" for i in range(len(labels))],
+    )
+    return AnnData(
+        X=sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=pd.DataFrame(index=profiles.index)
+    )
+
+
+def domain_profiles(truth: AnnData) -> pd.DataFrame:
+    """``(G, domains)`` the truth's domain profiles (``var['profile_{domain}']``)."""
+    columns = [c for c in truth.var.columns if c.startswith(PROFILE_PREFIX)]
+    return truth.var[columns].rename(columns=lambda c: c.removeprefix(PROFILE_PREFIX))
 
 
 def output_folder(outdir: str | PathLike[str]) -> Path:
@@ -1051,9 +1118,10 @@ def write_outs_of_truth(
 
 
 def write_sample(outdir: str | PathLike[str], sample: SimulatedSample) -> Path:
-    """Write a simulated sample as ``outdir/outs`` (Space Ranger layout) and ``outdir/truth.h5ad``.
+    """Write a simulated sample as ``outdir/outs`` (Space Ranger layout), ``outdir/truth.h5ad`` and its
+    single-cell reference ``outdir/reference.h5ad``.
 
-    Both appear only when complete: a failure leaves neither behind (nor changes older ones).
+    Each appears only when complete: a failure leaves none behind (nor changes older ones).
 
     Returns
     -------
@@ -1062,8 +1130,12 @@ def write_sample(outdir: str | PathLike[str], sample: SimulatedSample) -> Path:
 
     outdir = output_folder(outdir)
     truth = sample.truth
-    with atomic_path(outdir / "truth.h5ad") as truth_tmp:
+    with atomic_paths([(outdir / "truth.h5ad", False), (outdir / "reference.h5ad", False)]) as (
+        truth_tmp,
+        ref_tmp,
+    ):
         truth.write_h5ad(truth_tmp)
+        sample.reference.write_h5ad(ref_tmp)
         write_outs_of_truth(
             outdir / "outs",
             sample.counts,
@@ -1083,7 +1155,8 @@ def simulate_sample(
     """Simulate a sample and write it as a Space Ranger ``outs/`` folder plus ``truth.h5ad``.
 
     Writes ``outdir/outs/raw_feature_bc_matrix.h5``, ``outdir/outs/spatial/{tissue_positions.csv,
-    scalefactors_json.json, tissue_hires_image.png, tissue_lowres_image.png}`` and ``outdir/truth.h5ad``
+    scalefactors_json.json, tissue_hires_image.png, tissue_lowres_image.png}``, ``outdir/reference.h5ad``
+    (:func:`simulate_reference`) and ``outdir/truth.h5ad``
     (layout in ``docs/architecture.md``), each only once complete.
 
     Parameters

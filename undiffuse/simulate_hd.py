@@ -77,6 +77,7 @@ from .simulate import (
     _SimulationParamsBase,
     _stained_rgb,
     output_folder,
+    simulate_reference,
     write_outs_of_truth,
 )
 
@@ -525,7 +526,8 @@ class BinLevel:
 class SimulatedHDSample:
     """A simulated Visium HD sample in memory: one :class:`BinLevel` per bin size, the cell map as an
     AnnData (``cells``, as written) and as a :class:`CellMap` (``cell_map``, to render the same tissue on
-    other grids with :func:`render_truth`), scale factors by bin size and the images."""
+    other grids with :func:`render_truth`), scale factors by bin size, the images and a single-cell reference
+    of the cell types (:func:`undiffuse.simulate.simulate_reference`)."""
 
     levels: dict[int, BinLevel]
     cells: AnnData
@@ -534,6 +536,7 @@ class SimulatedHDSample:
     hires_image: np.ndarray
     lowres_image: np.ndarray
     summary: dict[str, float | int]
+    reference: AnnData
     visium: VisiumView | None = None
 
 
@@ -704,8 +707,10 @@ def simulate_hd(params: HDSimulationParams | None = None, *, visium_view: bool =
     ``summary`` holds the realised figures (cells, tissue share, background share of UMIs, ...).
     """
     params = params or HDSimulationParams()
-    streams = np.random.SeedSequence(params.seed).spawn(6)
-    anatomy_rng, cell_rng, gene_rng, noise_rng, count_rng, image_rng = map(np.random.default_rng, streams)
+    streams = np.random.SeedSequence(params.seed).spawn(7)
+    anatomy_rng, cell_rng, gene_rng, noise_rng, count_rng, image_rng, reference_rng = map(
+        np.random.default_rng, streams
+    )
     fine_um = min(BIN_SIZES_UM)
     grids = {
         b: SquareGrid(float(b), round(params.height_um / b), round(params.width_um / b)) for b in BIN_SIZES_UM
@@ -871,6 +876,10 @@ def simulate_hd(params: HDSimulationParams | None = None, *, visium_view: bool =
         hires_image=hires,
         lowres_image=lowres,
         summary=summary,
+        reference=simulate_reference(
+            pd.DataFrame((levels[None, :] * profiles).T, index=var.index, columns=params.cell_types),
+            reference_rng,
+        ),
         visium=view,
     )
 
@@ -1084,7 +1093,8 @@ def bin_folder(bin_um: int) -> str:
 
 
 def write_hd_sample(outdir: str | PathLike[str], sample: SimulatedHDSample) -> Path:
-    """Write a simulated HD sample: ``outdir/outs/binned_outputs/``, ``outdir/truth/`` and, with a Visium
+    """Write a simulated HD sample: ``outdir/outs/binned_outputs/``, ``outdir/truth/``,
+    ``outdir/reference.h5ad`` (single cells of its types) and, with a Visium
     view, ``outdir/visium/`` (``outs/`` in the Visium layout, ``truth.h5ad`` of the spots and
     ``truth_grid_010um.h5ad``, ``truth_grid_020um.h5ad``).
 
@@ -1106,6 +1116,8 @@ def write_hd_sample(outdir: str | PathLike[str], sample: SimulatedHDSample) -> P
         for b, level in sample.levels.items():
             level.truth.write_h5ad(truth_tmp / f"{bin_folder(b)}.h5ad", compression="gzip")
         sample.cells.write_h5ad(truth_tmp / "cells.h5ad", compression="gzip")
+        reference_tmp = stack.enter_context(atomic_path(outdir / "reference.h5ad"))
+        sample.reference.write_h5ad(reference_tmp)
         with atomic_path(outdir / "outs", directory=True) as outs_tmp:
             for b, level in sample.levels.items():
                 write_hd_bin_folder(

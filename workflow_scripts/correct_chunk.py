@@ -18,5 +18,6 @@ with logged_to(snakemake.log[0]) as log:
         index=index,
         chunk_size=snakemake.params.chunk_size,
         options=dict(snakemake.params.options),
+        reference=snakemake.input.get("reference") or None,
     )
     log.info("corrected chunk %d: %d genes", index, len(genes))

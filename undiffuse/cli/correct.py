@@ -49,6 +49,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="file with one gene name or id per line ('#' starts a comment), as `prepare --genes`",
     )
     parser.add_argument("--quantiles", type=Path, default=None, help="quantiles.tsv from `init-quantiles`")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="an .h5ad of single cells (or of a less-diffused spatial sample) whose cell types guide the "
+        "correction (the config's correct.reference is for the workflow)",
+    )
+    parser.add_argument(
+        "--reference-key",
+        default=None,
+        metavar="COLUMN",
+        help="obs column of the reference's cell types (default cell_type)",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     parser.add_argument("--epochs", type=positive_int, default=None)
     parser.add_argument(
@@ -84,7 +97,7 @@ def correction_config(args: argparse.Namespace) -> CorrectionConfig:
         if "gpu" in given:
             given.add("device")
         settings = {key: value for key, value in options.items() if key in given}
-    for key in ("operator", "device", "epochs"):
+    for key in ("operator", "device", "epochs", "reference_key"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.quiet:
@@ -105,12 +118,17 @@ def run(args: argparse.Namespace) -> None:
     from ..io.h5ad import is_prepared, read_prepared
     from ..validate import check_genes
 
-    # Fail before the work: the output, the config, the gene list and the quantile table first.
+    # Fail before the work: the output, the config, the reference, the gene list and the quantile table first.
     check_output_path(args.output)
     config = correction_config(args)
     genes, gene_source, gene_what = args.genes, None, "--genes"
     if args.genes_file is not None:
         genes, gene_source, gene_what = read_gene_list(args.genes_file), args.genes_file, "the gene list"
+    reference = None
+    if args.reference is not None:
+        from ..reference import read_reference
+
+        reference = read_reference(args.reference, config.reference_key)
     q_init = None
     if args.quantiles is not None:
         from ..quantiles import read_quantile_table
@@ -149,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
         if not ((values >= 0) & (values <= 1)).all():
             raise InputError(args.quantiles, "q_init values must lie in [0, 1]")
 
-    correct(adata, genes=genes, q_init=q_init, config=config)
+    correct(adata, genes=genes, q_init=q_init, reference=reference, config=config)
     with atomic_path(args.output) as tmp:
         adata.write_h5ad(tmp, compression="gzip")
     print(args.output)

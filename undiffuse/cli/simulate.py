@@ -1,7 +1,9 @@
 """``undiffuse simulate OUTDIR``: write a simulated sample (Space Ranger ``outs/`` plus its truth).
 
-``--platform visium`` (default) writes ``outs/`` and ``truth.h5ad``; ``--platform visium_hd`` writes
-``outs/binned_outputs/square_{002,008,016}um/`` and ``truth/`` (see :mod:`undiffuse.simulate_hd`).
+``--platform visium`` (default) writes ``outs/``, ``truth.h5ad`` and ``reference.h5ad``; ``--platform visium_hd``
+writes ``outs/binned_outputs/square_{002,008,016}um/``, ``truth/`` and ``reference.h5ad`` (see
+:mod:`undiffuse.simulate_hd`). ``reference.h5ad`` holds single cells of the sample's domains or cell types, for
+``undiffuse correct --reference``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write a simulated Visium or Visium HD sample with known truth",
         description=(
             "Simulate a sample with known undiffused expression. Visium: a Space Ranger outs/ folder "
-            "(raw_feature_bc_matrix.h5, spatial/) plus truth.h5ad; parameters given nowhere take the defaults "
+            "(raw_feature_bc_matrix.h5, spatial/) plus truth.h5ad and reference.h5ad (single cells of each domain, for "
+            "`undiffuse correct --reference`); parameters given nowhere take the defaults "
             "of the moderate demo sample (78 x 64 spots, 300 genes). Visium HD: cells rendered at 2 um, "
             "written as outs/binned_outputs/square_{002,008,016}um/ plus truth/ (truth per bin size and the "
             "cell map); --preset ci (1 mm square) or full (the 6.5 mm capture area). Options override "

@@ -186,11 +186,78 @@ class GammaFieldPrior:
         ``(N, G)`` the updated field (not yet rescaled to the totals). Spots whose neighbours hold nothing keep
         :math:`y`: an isolated spot is not pulled to zero.
         """
-        centre = self.neighbours.mean(field)
-        strength = self.strength.to(field.dtype)
-        tiny = torch.finfo(field.dtype).tiny
-        shrunk = centre * (expected_sources + strength) / (centre + strength).clamp_min(tiny)
-        return torch.where(centre > 0, shrunk, expected_sources)
+        return shrink(expected_sources, self.neighbours.mean(field), self.strength)
+
+
+def shrink(expected_sources: torch.Tensor, centre: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
+    r"""``(N, G)`` the M-step under a Gamma prior of mode ``centre``, :math:`m (y + \alpha) / (m + \alpha)`;
+    spots whose centre is zero keep :math:`y`."""
+    strength = strength.to(expected_sources.dtype)
+    tiny = torch.finfo(expected_sources.dtype).tiny
+    shrunk = centre * (expected_sources + strength) / (centre + strength).clamp_min(tiny)
+    return torch.where(centre > 0, shrunk, expected_sources)
+
+
+@dataclass(frozen=True)
+class CentredPrior:
+    r"""A Gamma prior of fixed mode: :math:`z_i \sim \mathrm{Gamma}(\alpha + 1, \mathrm{rate} = \alpha / m_i)`
+    with :math:`m` the part of the field that a reference's cell types explain
+    (:func:`undiffuse.ot.programmes.reference_centre`), instead of the neighbours' mean. It pulls no spot
+    towards its neighbours, so it keeps domain borders, and it keeps the share of expression that the
+    reference's profiles explain high while leaving each spot :math:`1 / \sqrt\alpha` relative freedom.
+
+    Attributes
+    ----------
+    centre
+        ``(N, G)`` the mode :math:`m` (zero off tissue).
+    strength
+        ``(G,)`` :math:`\alpha` (:func:`centred_strength`).
+    """
+
+    centre: torch.Tensor
+    strength: torch.Tensor
+
+    def update(self, expected_sources: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+        """The M-step, as :meth:`GammaFieldPrior.update` with the fixed centre."""
+        return shrink(expected_sources, self.centre, self.strength)
+
+
+def centred_strength(
+    counts: torch.Tensor,
+    centre: torch.Tensor,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    impulse_spot: int,
+) -> torch.Tensor:
+    r"""``(G,)`` strength :math:`\alpha` of a :class:`CentredPrior` by the method of moments.
+
+    The counts deviate from the blurred centre by the blurred deviation of the field plus Poisson noise,
+    :math:`x - K^\top m = K^\top (z - m) + \eta`. With :math:`\mathrm{Var}(z_i - m_i) = m_i^2 / \alpha`,
+    independent between spots, and the blur of a single spot :math:`a = \|K^\top e_c\|^2` alike everywhere,
+
+    .. math::
+
+        \frac{1}{\alpha} = \frac{\sum_i (x_i - (K^\top m)_i)^2 - \sum_i x_i}{a \sum_i m_i^2},
+
+    clipped to [:data:`MIN_STRENGTH`, :data:`MAX_STRENGTH`].
+
+    Parameters
+    ----------
+    counts
+        ``(N, G)`` observations.
+    centre
+        ``(N, G)`` the prior's mode.
+    forward
+        The forward model, ``(N, G)`` field -> ``(N, G)`` expected counts.
+    impulse_spot
+        A tissue spot away from the border, where the blur of a single spot is measured.
+    """
+    tiny = torch.finfo(counts.dtype).tiny
+    excess = (counts - forward(centre)).square().sum(dim=0) - counts.sum(dim=0)
+    impulse = torch.zeros_like(counts)
+    impulse[impulse_spot] = 1.0
+    attenuation = forward(impulse).square().sum(dim=0)
+    relative = excess.clamp_min(0.0) / (attenuation * centre.square().sum(dim=0)).clamp_min(tiny)
+    return (1.0 / relative.clamp_min(tiny)).clamp(MIN_STRENGTH, MAX_STRENGTH)
 
 
 def local_excess_variation(

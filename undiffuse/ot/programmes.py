@@ -29,6 +29,11 @@ The start is a plain Poisson NMF (no blur) of the maximum a posteriori field, an
 small (:data:`PROGRAMME_ITERATIONS`): with :math:`k` close to :math:`G` the model can fit counting noise, and
 stopping early keeps the denoising of its start.
 
+A reference of cell types gives the programmes instead (``profiles``): their shapes across the types are
+kept and each gene learns only its scale. Spots vary beyond a mixture of a few types, so the correction does
+not stop at that mixture; it centres a Gamma prior on it (:class:`~undiffuse.ot.prior.CentredPrior`). Where
+the low-rank model is off, :func:`reference_centre` fits the mixture to the per-gene fields instead.
+
 References
 ----------
 Lee, D. D. & Seung, H. S. (2001). Algorithms for non-negative matrix factorization. Advances in Neural
@@ -50,10 +55,38 @@ from .deconvolution import back_projected_ratio
 PROGRAMME_ITERATIONS = 30
 #: Updates of the Poisson NMF that starts it.
 START_ITERATIONS = 100
+#: Updates of the Poisson NMF that fits a reference's cell types to a field (:func:`reference_centre`).
+REFERENCE_ITERATIONS = 200
+
+
+def update_programmes(
+    programmes: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, shaped: torch.Tensor | None
+) -> torch.Tensor:
+    r"""The multiplicative update :math:`H \leftarrow H \odot N / D` of ``(k, G)`` programmes, in place.
+
+    ``numerator`` is ``(k, G)`` :math:`W^\top B`, ``denominator`` ``(k,)`` :math:`W^\top \mathbf 1`. The genes
+    of the ``(G,)`` mask ``shaped`` keep the shape of their column (a reference's cell-type profile) and take
+    only a scale :math:`s_g`, whose EM update pools the programmes:
+    :math:`s_g \leftarrow s_g \sum_t H_{tg} N_{tg} / \sum_t H_{tg} D_t`.
+    """
+    tiny = torch.finfo(programmes.dtype).tiny
+    free = numerator / denominator.clamp_min(tiny)[:, None]
+    if shaped is not None and bool(shaped.any()):
+        pooled = (programmes * numerator).sum(dim=0) / (programmes * denominator[:, None]).sum(
+            dim=0
+        ).clamp_min(tiny)
+        free = torch.where(shaped[None, :], pooled[None, :], free)
+    return programmes.mul_(free)
 
 
 def poisson_nmf(
-    values: torch.Tensor, rank: int, *, n_iter: int = START_ITERATIONS, seed: int = 0
+    values: torch.Tensor,
+    rank: int,
+    *,
+    n_iter: int = START_ITERATIONS,
+    seed: int = 0,
+    programmes: torch.Tensor | None = None,
+    shaped: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Poisson (KL) NMF :math:`V \approx W H` by multiplicative updates, from a seeded random start.
 
@@ -63,6 +96,10 @@ def poisson_nmf(
         ``(M, G)`` non-negative values.
     rank
         :math:`k`.
+    programmes
+        ``(k, G)`` start of :math:`H` (default: random around each gene's mean).
+    shaped
+        ``(G,)`` genes whose column of ``programmes`` keeps its shape (:func:`update_programmes`).
 
     Returns
     -------
@@ -71,17 +108,20 @@ def poisson_nmf(
     generator = torch.Generator().manual_seed(seed)
     dtype, tiny = values.dtype, torch.finfo(values.dtype).tiny
     weights = (torch.rand(values.shape[0], rank, generator=generator, dtype=dtype) + 0.5).to(values.device)
-    scale = values.mean(dim=0, keepdim=True) + tiny
-    programmes = (
-        scale
-        * (torch.rand(rank, values.shape[1], generator=generator, dtype=dtype) + 0.5).to(values.device)
-        / rank
-    )
+    if programmes is None:
+        scale = values.mean(dim=0, keepdim=True) + tiny
+        programmes = (
+            scale
+            * (torch.rand(rank, values.shape[1], generator=generator, dtype=dtype) + 0.5).to(values.device)
+            / rank
+        )
+    else:
+        programmes = programmes.clone()
     for _ in range(n_iter):
         weights = weights * ((values / (weights @ programmes).clamp_min(tiny)) @ programmes.T)
         weights = weights / programmes.sum(dim=1).clamp_min(tiny)
         ratio = values / (weights @ programmes).clamp_min(tiny)
-        programmes = programmes * (weights.T @ ratio) / weights.sum(dim=0).clamp_min(tiny)[:, None]
+        update_programmes(programmes, weights.T @ ratio, weights.sum(dim=0), shaped)
     return weights, programmes
 
 
@@ -95,6 +135,7 @@ def deconvolve_programmes(
     *,
     n_iter: int = PROGRAMME_ITERATIONS,
     seed: int = 0,
+    profiles: np.ndarray | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> np.ndarray:
@@ -117,6 +158,10 @@ def deconvolve_programmes(
         Updates of :math:`W` and :math:`H` (each applies every gene's kernel and its transpose twice).
     seed
         Seed of the start's Poisson NMF.
+    profiles
+        ``(k, G)`` a reference's cell-type profiles (:func:`undiffuse.reference.profiles_for`; NaN for a gene
+        it lacks): the programmes start from them, and a gene the reference holds keeps its profile's shape
+        across the types, learning only its scale (:func:`update_programmes`).
     dtype
         Precision of the updates.
     progress
@@ -129,8 +174,13 @@ def deconvolve_programmes(
     device = tissue.device
     rows = torch.as_tensor(np.flatnonzero(tissue.cpu().numpy()), device=device)
     tiny = torch.finfo(dtype).tiny
+    shaped, initial = _reference_start(profiles, dtype, device)
     inside, programmes = poisson_nmf(
-        torch.as_tensor(start, dtype=dtype, device=device)[rows], rank, seed=seed
+        torch.as_tensor(start, dtype=dtype, device=device)[rows],
+        rank,
+        seed=seed,
+        programmes=initial,
+        shaped=shaped,
     )
     weights = torch.zeros(tissue.shape[0], rank, dtype=dtype, device=device).index_copy(0, rows, inside)
     batches = [
@@ -149,8 +199,12 @@ def deconvolve_programmes(
             numerator += factors(genes, observed, *model) @ programmes[:, genes].T
         weights = weights * numerator / programmes.sum(dim=1).clamp_min(tiny)
         for genes, observed, *model in batches:
-            update = weights.T @ factors(genes, observed, *model)
-            programmes[:, genes] = programmes[:, genes] * update / weights.sum(dim=0).clamp_min(tiny)[:, None]
+            update_programmes(  # in place: ``genes`` is a slice, so the columns are a view
+                programmes[:, genes],
+                weights.T @ factors(genes, observed, *model),
+                weights.sum(dim=0),
+                None if shaped is None else shaped[genes],
+            )
     field = (weights @ programmes).cpu().numpy()
     totals = counts.sum(axis=0, dtype=np.float64)
     mass = field.sum(axis=0, dtype=np.float64)
@@ -158,3 +212,55 @@ def deconvolve_programmes(
     # In place: on a Visium HD call the field is gigabytes.
     np.multiply(field, scale, out=field, casting="unsafe")
     return field.astype(counts.dtype, copy=False)
+
+
+@torch.no_grad()
+def reference_centre(
+    field: np.ndarray,
+    tissue: torch.Tensor,
+    profiles: np.ndarray,
+    *,
+    n_iter: int = REFERENCE_ITERATIONS,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    r"""``(N, G)`` the part of a field that a reference's cell types explain: :math:`W H` with the programmes
+    :math:`H` kept to the shapes of the reference's profiles.
+
+    A Poisson NMF of the field's tissue spots (:func:`poisson_nmf`) whose ``(k, G)`` programmes start from
+    ``profiles`` and keep, for every gene the reference holds, its profile's shape across the :math:`k` types,
+    learning only a scale per gene (capture differs between platforms); a gene the reference lacks (NaN)
+    starts flat and learns its programme values. Each gene keeps its total; zero off tissue.
+
+    Parameters
+    ----------
+    field
+        ``(N, G)`` a deconvolved field, zero off tissue.
+    tissue
+        ``(N,)`` boolean tissue mask.
+    profiles
+        ``(k, G)`` the reference's profiles (:func:`undiffuse.reference.profiles_for`).
+    dtype
+        Precision of the updates.
+    """
+    device = tissue.device
+    rows = torch.as_tensor(np.flatnonzero(tissue.cpu().numpy()), device=device)
+    values = torch.as_tensor(field, dtype=dtype, device=device)
+    shaped, initial = _reference_start(profiles, dtype, device)
+    weights, programmes = poisson_nmf(
+        values[rows], initial.shape[0], n_iter=n_iter, programmes=initial, shaped=shaped
+    )
+    centre = torch.zeros_like(values).index_copy_(0, rows, weights @ programmes)
+    totals, mass = values.sum(dim=0), centre.sum(dim=0)
+    return centre * torch.where(mass > 0, totals / torch.where(mass > 0, mass, 1.0), 0.0)
+
+
+def _reference_start(
+    profiles: np.ndarray | None, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The ``(G,)`` genes that keep their reference profile's shape and the ``(k, G)`` programmes to start
+    from (a gene the reference lacks starts flat across the types); ``None`` twice without a reference."""
+    if profiles is None:
+        return None, None
+    reference = torch.as_tensor(profiles, dtype=dtype, device=device)
+    shaped = torch.isfinite(reference).all(dim=0)
+    return shaped, torch.where(shaped[None, :], reference, torch.ones((), dtype=dtype, device=device))
