@@ -306,4 +306,6 @@ def test_a_reference_that_does_not_describe_the_genes_leaves_them_as_without_one
     plain = correct(adata, **options)
     guided = correct(adata, reference=swapped, **options)
     np.testing.assert_array_equal(guided.layers["corrected"].toarray(), plain.layers["corrected"].toarray())
-    np.testing.assert_array_equal(guided.var["undiffuse_prior_strength"], plain.var["undiffuse_prior_strength"])
+    np.testing.assert_array_equal(
+        guided.var["undiffuse_prior_strength"], plain.var["undiffuse_prior_strength"]
+    )
