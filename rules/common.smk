@@ -228,6 +228,11 @@ def report_markers(sample):
     return SIMULATED_MARKERS if is_simulated(sample) else []
 
 
+def simulated_reference(sample):
+    """The reference.h5ad rule simulate or simulate_hd writes for a simulated sample, else None."""
+    return f"{simulated_dir(sample)}/reference.h5ad" if is_simulated(sample) else None
+
+
 def reference_file(sample):
     """The reference .h5ad of a sample: the config's correct.reference with {sample} replaced (the
     simulator's own reference.h5ad when that is what it names), or None."""
@@ -235,11 +240,9 @@ def reference_file(sample):
     if not template:
         return None
     path = template.replace("{sample}", sample)
-    if (
-        is_simulated(sample)
-        and Path(path) == Path(simulated_dir(sample)) / "reference.h5ad"
-    ):
-        return f"{simulated_dir(sample)}/reference.h5ad"
+    simulated = simulated_reference(sample)
+    if simulated is not None and Path(path) == Path(simulated):
+        return simulated
     return str(resolve_path(path))
 
 
@@ -255,7 +258,7 @@ for _sample in SAMPLES:
     _reference = reference_file(_sample)
     if (
         _reference is not None
-        and not _reference.startswith(f"{RESULTS}/")
+        and _reference != simulated_reference(_sample)
         and not Path(_reference).is_file()
     ):
         raise InputError(

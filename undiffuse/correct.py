@@ -58,6 +58,7 @@ from .memory import heap_reuse
 from .model import DiffusionModel, SoftStart, gibbs_log_weights
 from .operators import DEFAULT_TOLERANCE, OperatorKind
 from .ot.cost import N_RADIAL_BASIS
+from .ot.deconvolution import with_totals
 from .ot.programmes import deconvolve_programmes, reference_centre
 from .qc import is_visium_hd
 from .reference import profiles_for, read_profiles, read_reference, reference_profiles
@@ -452,7 +453,7 @@ def correct(
             )
             guided = 0
             for (batch, model), table in zip(models, param_tables, strict=True):
-                corrected[:, batch], strength = _deconvolve_towards(
+                corrected[:, batch], strength, used = _deconvolve_towards(
                     centre[:, batch],
                     corrected[:, batch],
                     counts_all[:, batch],
@@ -460,7 +461,7 @@ def correct(
                     table["prior_strength"].to_numpy(),
                     config,
                 )
-                guided += int((strength != table["prior_strength"].to_numpy()).sum())
+                guided += int(used.sum())
                 table["prior_strength"] = strength
             logger.info("the reference guided %d of %d genes", guided, len(genes))
         elif rank:
@@ -846,16 +847,20 @@ def _deconvolve_towards(
     model: DiffusionModel,
     smoothness_strength: np.ndarray,
     config: CorrectionConfig,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A batch's genes deconvolved again from their maximum a posteriori fields ``start`` under the Gamma prior
     of mode ``centre``, the part of their fields a reference's cell types explain
     (:meth:`~undiffuse.model.DiffusionModel.reference_prior`), for the genes whose strength under that prior
     exceeds the one under the smoothness prior (``smoothness_strength``): the mixture then describes their
     spot-to-spot variation more tightly than the neighbours' mean does. The others keep ``start``: a reference
     that does not describe a gene (another tissue, missing types) leaves it as it was. Returns the ``(N, g)``
-    fields, with each gene's total, and the ``(g,)`` strengths of the priors used."""
+    fields, with each gene's total, the ``(g,)`` strengths of the priors used and the ``(g,)`` guided genes."""
     observed = torch.as_tensor(counts, dtype=centre.dtype, device=centre.device)
     prior = model.reference_prior(observed, centre)
+    strength = prior.strength.cpu().numpy()
+    guided = strength > smoothness_strength
+    if not guided.any():
+        return start, smoothness_strength, guided
     field = model.deconvolve(
         observed,
         torch.as_tensor(start, dtype=centre.dtype, device=centre.device),
@@ -863,11 +868,8 @@ def _deconvolve_towards(
         prior=prior,
         accelerate=True,
     )
-    totals, mass = observed.sum(dim=0), field.sum(dim=0)
-    field = (field * torch.where(mass > 0, totals / torch.where(mass > 0, mass, 1.0), 0.0)).cpu().numpy()
-    strength = prior.strength.cpu().numpy()
-    guided = strength > smoothness_strength
-    return np.where(guided, field, start), np.where(guided, strength, smoothness_strength)
+    field = with_totals(field, observed.sum(dim=0)).cpu().numpy()
+    return np.where(guided, field, start), np.where(guided, strength, smoothness_strength), guided
 
 
 def _gene_ids(adata: AnnData, genes: Sequence[str]) -> pd.Index | None:

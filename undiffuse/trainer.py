@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .geometry import SampleGeometry
 from .losses import image_loss, moran_loss, out_of_tissue_loss, poisson_loss
 from .model import DiffusionModel, SoftStart, gibbs_log_weights
-from .ot.deconvolution import through_start
+from .ot.deconvolution import through_start, with_totals
 
 if TYPE_CHECKING:
     from .correct import CorrectionConfig
@@ -186,10 +186,8 @@ class KernelTrainer:
         field = model.deconvolve(
             soft_start.counts, start, n_iter=self.config.em_iterations, prior=prior, accelerate=True
         )
-        # FFT round-off moves totals by ~1e-7; the model keeps them exactly.
-        totals, mass = soft_start.totals, field.sum(dim=0)
-        field = field * torch.where(mass > 0, totals / torch.where(mass > 0, mass, 1.0), 0.0)
-        strength = prior.strength if prior is not None else torch.zeros_like(totals)
+        field = with_totals(field, soft_start.totals)
+        strength = prior.strength if prior is not None else torch.zeros_like(soft_start.totals)
         table = self._parameter_table(model, strength, soft_start.threshold(self.q))
         return field, table, model.profile(geometry.profile_distance), model
 

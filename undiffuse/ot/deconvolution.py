@@ -149,6 +149,13 @@ def through_start(start: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     return torch.where(fixed > 0, start * factor, field.detach())
 
 
+def with_totals(field: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+    """``(N, G)`` ``field`` rescaled to the ``(G,)`` gene totals (a gene with no mass stays zero): EM keeps them
+    in exact arithmetic, FFT round-off moves them by ~1e-7."""
+    mass = field.sum(dim=0)
+    return field * torch.where(mass > 0, totals / torch.where(mass > 0, mass, 1.0), 0.0)
+
+
 def deconvolve_em(
     counts: torch.Tensor,
     start: torch.Tensor,

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..operators import Kernel
-from .deconvolution import back_projected_ratio
+from .deconvolution import back_projected_ratio, with_totals
 
 #: Multiplicative updates of the low-rank EM, after its start.
 PROGRAMME_ITERATIONS = 30
@@ -250,8 +250,7 @@ def reference_centre(
         values[rows], initial.shape[0], n_iter=n_iter, programmes=initial, shaped=shaped
     )
     centre = torch.zeros_like(values).index_copy_(0, rows, weights @ programmes)
-    totals, mass = values.sum(dim=0), centre.sum(dim=0)
-    return centre * torch.where(mass > 0, totals / torch.where(mass > 0, mass, 1.0), 0.0)
+    return with_totals(centre, values.sum(dim=0))
 
 
 def _reference_start(
