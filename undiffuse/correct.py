@@ -59,7 +59,7 @@ from .model import DiffusionModel, SoftStart, gibbs_log_weights
 from .operators import DEFAULT_TOLERANCE, OperatorKind
 from .ot.cost import N_RADIAL_BASIS
 from .ot.deconvolution import with_totals
-from .ot.programmes import deconvolve_programmes, reference_centre
+from .ot.programmes import START_EM_ITERATIONS, deconvolve_programmes, reference_centre
 from .qc import is_visium_hd
 from .reference import profiles_for, read_profiles, read_reference, reference_profiles
 from .trainer import LOSS_TERMS, KernelTrainer
@@ -90,7 +90,9 @@ class CorrectionConfig:
     lr
         Adam learning rate.
     em_iterations
-        EM updates of the final deconvolution (SQUAREM-accelerated).
+        EM updates of the final deconvolution (SQUAREM-accelerated); where the low-rank model follows
+        (``programmes``, without a reference), at most
+        :data:`~undiffuse.ot.programmes.START_EM_ITERATIONS`, as its field only starts that model.
     tail_iterations
         EM updates differentiated per epoch.
     beta
@@ -407,6 +409,13 @@ def correct(
         else _geometry(counts_view[window], config, image=image, device=device, dtype=dtype)
     )
 
+    # Without a reference the low-rank model replaces the per-gene fields; with one, genes the reference does
+    # not describe keep them.
+    final_iterations = (
+        min(config.em_iterations, START_EM_ITERATIONS)
+        if rank and type_profiles is None
+        else config.em_iterations
+    )
     corrected = np.zeros_like(counts_all)
     param_tables, histories, profiles, models = [], [], [], []
     batches = [slice(i, i + batch_genes) for i in range(0, len(genes), batch_genes)]
@@ -425,7 +434,7 @@ def correct(
                 trained_on, counts[torch.as_tensor(window, device=device)], levels[batch], config
             )
             history = trainer.fit(bar)
-            field_, table, profile_samples, model = trainer.final(geometry, counts)
+            field_, table, profile_samples, model = trainer.final(geometry, counts, n_iter=final_iterations)
             corrected[:, batch] = field_.cpu().numpy()
             if rank or type_profiles is not None:
                 models.append((batch, model))
@@ -491,6 +500,7 @@ def correct(
         else "none",
         "batch_genes": batch_genes,
         "programmes": rank,
+        "final_em_iterations": final_iterations,
         "reference_types": ",".join(reference_types) or "none",
         "trained_on_spots": int(window.sum()),
         "n_basis": N_RADIAL_BASIS,

@@ -291,13 +291,14 @@ class LatticeOperator:
         """``(N, G)`` -> ``(G, n_planes, Fi, Fj)``, zero in empty cells, in the padding and, with two planes, in
         the other plane."""
         grid = torch.zeros(
-            (values.shape[1], n_planes * fft_shape[0] * fft_shape[1]),
+            (n_planes * fft_shape[0] * fft_shape[1], values.shape[1]),
             dtype=values.dtype,
             device=values.device,
         )
-        # An indexed assignment is several times faster here than index_copy along the inner dimension.
-        grid[:, self._flat(fft_shape, n_planes)] = values.T
-        return grid.reshape(values.shape[1], n_planes, *fft_shape)
+        # Copying whole rows of the spots-by-genes values and transposing the grid once is several times faster
+        # than writing the transposed values into a genes-by-cells grid.
+        grid.index_copy_(0, self._flat(fft_shape, n_planes), values)
+        return grid.T.contiguous().reshape(values.shape[1], n_planes, *fft_shape)
 
     def gather(self, grid: torch.Tensor) -> torch.Tensor:
         """``(G, n_planes, Fi, Fj)`` -> ``(N, G)``, each spot from its plane."""

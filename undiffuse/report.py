@@ -58,6 +58,7 @@ MODEL_SETTINGS = (
     "poisson_spots",
     "epochs",
     "em_iterations",
+    "final_em_iterations",
     "trained_on_spots",
     "device",
 )

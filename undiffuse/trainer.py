@@ -171,11 +171,15 @@ class KernelTrainer:
 
     @torch.no_grad()
     def final(
-        self, geometry: SampleGeometry | None = None, counts: torch.Tensor | None = None
+        self,
+        geometry: SampleGeometry | None = None,
+        counts: torch.Tensor | None = None,
+        *,
+        n_iter: int | None = None,
     ) -> tuple[torch.Tensor, pd.DataFrame, torch.Tensor, DiffusionModel]:
-        """The corrected field (maximum a posteriori EM from the start), the parameter table, the kernel
-        profile samples ``(distances, G)`` and the learned model; on the whole sample (``geometry``,
-        ``counts``) when training saw a window of it."""
+        """The corrected field (``n_iter`` maximum a posteriori EM updates from the start, default
+        ``config.em_iterations``), the parameter table, the kernel profile samples ``(distances, G)`` and the
+        learned model; on the whole sample (``geometry``, ``counts``) when training saw a window of it."""
         geometry = self.geometry if geometry is None else geometry
         soft_start = (
             self.soft_start if counts is None else SoftStart(counts, geometry.tissue, self.config.beta)
@@ -184,7 +188,11 @@ class KernelTrainer:
         prior = model.smoothness_prior(soft_start.counts, self.config.prior_strength)
         start = soft_start.start(soft_start.soft(self.q))
         field = model.deconvolve(
-            soft_start.counts, start, n_iter=self.config.em_iterations, prior=prior, accelerate=True
+            soft_start.counts,
+            start,
+            n_iter=self.config.em_iterations if n_iter is None else n_iter,
+            prior=prior,
+            accelerate=True,
         )
         field = with_totals(field, soft_start.totals)
         strength = prior.strength if prior is not None else torch.zeros_like(soft_start.totals)
