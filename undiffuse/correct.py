@@ -453,6 +453,8 @@ def correct(
                 profiles=type_profiles,
                 dtype=dtype,
                 progress=config.progress,
+                # Without a reference the per-gene fields are not needed after the low-rank model starts.
+                out=corrected if type_profiles is None else None,
             )
         if type_profiles is not None:
             centre = (

@@ -236,11 +236,14 @@ def fast_fft_size(n: int) -> int:
 
 
 def kernel_spectrum(kernel: torch.Tensor, fft_shape: tuple[int, int]) -> torch.Tensor:
-    """``(..., 2 pi + 1, 2 pj + 1)`` kernels centred on their middle -> ``(..., Fi, Fj // 2 + 1)`` spectra, with
-    the zero offset at the FFT grid's origin and negative offsets wrapped to the end."""
+    """``(..., 2 pi + 1, 2 pj + 1)`` kernels centred on their middle -> ``(..., Fi, Fj // 2 + 1)`` real spectra,
+    with the zero offset at the FFT grid's origin and negative offsets wrapped to the end.
+
+    A radial kernel takes the same value at offsets ``d`` and ``-d``, so its spectrum is real; the imaginary
+    part, round-off alone, is dropped, which halves the memory of the spectra a Visium HD call keeps."""
     half_i, half_j = (kernel.shape[-2] - 1) // 2, (kernel.shape[-1] - 1) // 2
     padded = torch.nn.functional.pad(
         kernel, (0, fft_shape[1] - kernel.shape[-1], 0, fft_shape[0] - kernel.shape[-2])
     )
     centred = torch.roll(padded, shifts=(-half_i, -half_j), dims=(-2, -1))
-    return torch.fft.rfft2(centred, s=fft_shape)
+    return torch.fft.rfft2(centred, s=fft_shape).real.contiguous()

@@ -59,7 +59,7 @@ PROGRAMME_ITERATIONS = 30
 START_ITERATIONS = 100
 #: Per-gene maximum a posteriori EM updates of the field that the Poisson NMF of the start factorises: on the
 #: HD simulator's slide, 9, 15 and 60 updates give the low-rank model's result the same RMSE to 1e-3.
-START_EM_ITERATIONS = 15
+START_EM_ITERATIONS = 9
 #: Updates of the Poisson NMF that fits a reference's cell types to a field (:func:`reference_centre`).
 REFERENCE_ITERATIONS = 200
 
@@ -122,11 +122,16 @@ def poisson_nmf(
         )
     else:
         programmes = programmes.clone()
+
+    def ratio() -> torch.Tensor:
+        # In place on the product: ``values`` may be a whole Visium HD call.
+        product = (weights @ programmes).clamp_min_(tiny)
+        return torch.div(values, product, out=product)
+
     for _ in range(n_iter):
-        weights = weights * ((values / (weights @ programmes).clamp_min(tiny)) @ programmes.T)
+        weights = weights * (ratio() @ programmes.T)
         weights = weights / programmes.sum(dim=1).clamp_min(tiny)
-        ratio = values / (weights @ programmes).clamp_min(tiny)
-        update_programmes(programmes, weights.T @ ratio, weights.sum(dim=0), shaped)
+        update_programmes(programmes, weights.T @ ratio(), weights.sum(dim=0), shaped)
     return weights, programmes
 
 
@@ -143,6 +148,7 @@ def deconvolve_programmes(
     profiles: np.ndarray | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """EM deconvolution of all genes at once under the low-rank model :math:`z = W H`.
 
@@ -171,10 +177,12 @@ def deconvolve_programmes(
         Precision of the updates.
     progress
         Show a progress bar over the updates.
+    out
+        ``(N, G)`` array to write the field into; it may be ``start``, which is read before.
 
     Returns
     -------
-    ``(N, G)`` field :math:`W H` with each gene's total of ``counts``.
+    ``(N, G)`` field :math:`W H` with each gene's total of ``counts`` (``out`` when given).
     """
     device = tissue.device
     rows = torch.as_tensor(np.flatnonzero(tissue.cpu().numpy()), device=device)
@@ -188,10 +196,9 @@ def deconvolve_programmes(
         shaped=shaped,
     )
     weights = torch.zeros(tissue.shape[0], rank, dtype=dtype, device=device).index_copy(0, rows, inside)
-    batches = [
-        (genes, torch.as_tensor(counts[:, genes], dtype=dtype, device=device), *rest)
-        for genes, *rest in kernels
-    ]
+    # Column views of the counts, not copies (on the CPU, where ``counts`` has the working precision).
+    observed_all = torch.as_tensor(counts, dtype=dtype, device=device)
+    batches = [(genes, observed_all[:, genes], *rest) for genes, *rest in kernels]
 
     def factors(genes, observed, kernel, bleed, distal):
         return back_projected_ratio(weights @ programmes[:, genes], observed, kernel, bleed, distal)[0]
@@ -213,13 +220,11 @@ def deconvolve_programmes(
             )
             del back
         weights = weights * numerator / programme_totals.clamp_min(tiny)
-    field = (weights @ programmes).cpu().numpy()
-    totals = counts.sum(axis=0, dtype=np.float64)
-    mass = field.sum(axis=0, dtype=np.float64)
-    scale = np.divide(totals, mass, out=np.zeros_like(totals), where=mass > 0)
-    # In place: on a Visium HD call the field is gigabytes.
-    np.multiply(field, scale, out=field, casting="unsafe")
-    return field.astype(counts.dtype, copy=False)
+    # Batch by batch into ``out``: on a Visium HD call the field is gigabytes.
+    out = np.empty_like(counts) if out is None else out
+    for genes, observed, *_ in batches:
+        out[:, genes] = with_totals(weights @ programmes[:, genes], observed.sum(dim=0)).cpu().numpy()
+    return out
 
 
 @torch.no_grad()
