@@ -21,6 +21,7 @@ from undiffuse.correct import (
 from undiffuse.diffusion import profile
 from undiffuse.errors import ConfigError
 from undiffuse.model import DiffusionModel
+from undiffuse.ot import programmes as programmes_module
 from undiffuse.ot.programmes import deconvolve_programmes, poisson_nmf
 
 SCALE, BLEED, DISTAL = 1.8, 0.3, 0.01
@@ -33,6 +34,16 @@ def test_poisson_nmf_recovers_an_exact_low_rank_matrix():
     assert weights.shape == (60, 3) and programmes.shape == (3, 12)
     assert (weights >= 0).all() and (programmes >= 0).all()
     assert torch.linalg.norm(weights @ programmes - values) < 1e-2 * torch.linalg.norm(values)
+
+
+def test_poisson_nmf_by_blocks_of_rows_is_the_same_fit(monkeypatch):
+    rng = np.random.default_rng(1)
+    values = torch.as_tensor(rng.gamma(2.0, size=(50, 4)) @ rng.gamma(2.0, size=(4, 9)))
+    whole = poisson_nmf(values, 3, n_iter=50)
+    monkeypatch.setattr(programmes_module, "NMF_BLOCK_ROWS", 7)
+    blocks = poisson_nmf(values, 3, n_iter=50)
+    for a, b in zip(whole, blocks, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,21 @@ def as_dense(
     return np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=dtype)
 
 
+def dense_to_csr(
+    values: np.ndarray, *, dtype: npt.DTypeLike = np.float32, block_rows: int = 16_384
+) -> sp.csr_matrix:
+    """``(N, G)`` dense values as a CSR matrix of ``dtype``, converted a block of rows at a time: SciPy's direct
+    conversion first lists every non-zero's row and column as 64-bit integers, gigabytes for a Visium HD
+    call."""
+    values = np.asarray(values)
+    if values.shape[0] <= block_rows:
+        return sp.csr_matrix(values, dtype=dtype)
+    blocks = [
+        sp.csr_matrix(values[i : i + block_rows], dtype=dtype) for i in range(0, values.shape[0], block_rows)
+    ]
+    return sp.vstack(blocks, format="csr")
+
+
 def group_indicator(labels: npt.ArrayLike, n_groups: int | None = None) -> sp.csr_matrix:
     """``(B, N)`` 0/1 matrix whose product with ``(N, G)`` values sums them within each group.
 

@@ -49,12 +49,12 @@ import torch
 from anndata import AnnData
 from tqdm.auto import tqdm
 
-from .arrays import as_dense
+from .arrays import as_dense, dense_to_csr
 from .diffusion import KernelKind, profile
 from .errors import ConfigError, InputError
 from .genes import selected_genes
 from .geometry import PriorWeights, SampleGeometry
-from .memory import heap_reuse
+from .memory import heap_reuse, release_free_memory
 from .model import DiffusionModel, SoftStart, gibbs_log_weights
 from .operators import DEFAULT_TOLERANCE, OperatorKind
 from .ot.cost import N_RADIAL_BASIS
@@ -442,6 +442,7 @@ def correct(
             param_tables.append(table)
             histories.append(history * (counts.shape[1] / len(genes)))
             profiles.append(profile_samples.cpu().numpy())
+            release_free_memory()
         if rank:
             low_rank = deconvolve_programmes(
                 counts_all,
@@ -623,9 +624,12 @@ def _with_columns(
         out = np.array(counts, dtype=np.float32)
         out[:, positions] = columns.toarray() if sp.issparse(columns) else columns
         return out
+    columns = sp.csr_matrix(columns, dtype=np.float32) if sp.issparse(columns) else dense_to_csr(columns)
+    if np.array_equal(positions, np.arange(counts.shape[1])):
+        return columns
     counts = sp.csc_matrix(counts, dtype=np.float32)
     kept = np.setdiff1d(np.arange(counts.shape[1]), positions)
-    blocks = sp.hstack([counts[:, kept], sp.csc_matrix(columns, dtype=np.float32)], format="csc")
+    blocks = sp.hstack([counts[:, kept], columns.tocsc()], format="csc")
     order = np.argsort(np.concatenate([kept, positions]), kind="stable")
     return blocks[:, order].tocsr()
 

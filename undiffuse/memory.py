@@ -33,6 +33,19 @@ def heap_reuse() -> Iterator[None]:
         malloc_trim(0)
 
 
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``, which also releases free pages
+    inside the heap, not only at its top; elsewhere a no-op).
+
+    Under :func:`heap_reuse` the temporaries of one batch of genes are freed among the arrays kept from it
+    (on Visium HD, the kernels the low-rank model needs), and the heap would keep every such hole resident.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory in MB of this process, or of its largest finished child process if larger.
 

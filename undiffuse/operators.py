@@ -209,12 +209,12 @@ class LatticeKernel:
         self.n_planes = int(box.shape[1])
         self.spectra = kernel_spectrum(box.detach(), fft_shape)
         masks = operator.mask_spectra(fft_shape, self.n_planes)
-        normaliser = operator.gather(self._convolve(None, sum_planes=True, grid_spectrum=masks))
-        tiny = torch.finfo(normaliser.dtype).tiny
-        # Off tissue no mass leaves, so the normaliser there is never used; 1 keeps divisions finite.
-        self.normaliser = torch.where(
-            operator.tissue[:, None], normaliser.clamp_min(tiny), torch.ones((), dtype=normaliser.dtype)
+        # Only tissue spots send mass, so the normaliser is kept on them alone: a Visium HD call keeps the
+        # kernels of all its genes for the low-rank model.
+        normaliser = operator.gather(
+            self._convolve(None, sum_planes=True, grid_spectrum=masks), tissue_only=True
         )
+        self.normaliser = normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny)
 
     def _convolve(self, grid, *, sum_planes: bool, grid_spectrum=None) -> torch.Tensor:
         return _KernelConvolution.apply(
@@ -223,14 +223,16 @@ class LatticeKernel:
 
     def push(self, field: torch.Tensor) -> torch.Tensor:
         op = self.operator
-        grid = self._convolve(op.scatter(field / self.normaliser, self.fft_shape, 1), sum_planes=False)
+        sources = field.index_select(0, op.tissue_rows) / self.normaliser
+        grid = self._convolve(op.scatter(sources, self.fft_shape, 1, tissue_only=True), sum_planes=False)
         # Round-off of the FFT leaves values of order 1e-7 of the largest where the exact result is ~0.
         return op.gather(grid).clamp_min(0.0)
 
     def pull(self, values: torch.Tensor) -> torch.Tensor:
         op = self.operator
         grid = self._convolve(op.scatter(values, self.fft_shape, self.n_planes), sum_planes=True)
-        return op.gather(grid).clamp_min(0.0) * op.tissue_weight / self.normaliser
+        inside = op.gather(grid, tissue_only=True).clamp_min(0.0) / self.normaliser
+        return torch.zeros_like(values).index_copy(0, op.tissue_rows, inside)
 
 
 class LatticeOperator:
@@ -268,28 +270,30 @@ class LatticeOperator:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.tissue = torch.as_tensor(np.asarray(tissue, dtype=bool), device=self.device)
-        #: ``(N, 1)`` 1 on tissue, 0 on background: ``pull`` returns values on tissue only.
-        self.tissue_weight = self.tissue.to(dtype)[:, None]
-        self._flat_index: dict[tuple[tuple[int, int], int], torch.Tensor] = {}
+        #: ``(N_t,)`` indices of the tissue spots, the only sources.
+        self.tissue_rows = torch.nonzero(self.tissue).reshape(-1)
+        self._flat_index: dict[tuple[tuple[int, int], int, bool], torch.Tensor] = {}
         self._mask_spectra: dict[tuple[int, int], torch.Tensor] = {}
         self._profile: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_radius: float | None = None
 
     # spots <-> FFT grid (the lattice array at the grid's origin, zero padding after it). With two planes a
     # tissue spot sits in the first and a background spot in the second.
-    def _flat(self, fft_shape: tuple[int, int], n_planes: int) -> torch.Tensor:
-        key = (fft_shape, n_planes)
+    def _flat(self, fft_shape: tuple[int, int], n_planes: int, tissue_only: bool = False) -> torch.Tensor:
+        key = (fft_shape, n_planes, tissue_only)
         if key not in self._flat_index:
             index = torch.as_tensor(self.lattice.index, device=self.device)
             flat = index[:, 0] * fft_shape[1] + index[:, 1]
             if n_planes == 2:
                 flat = flat + (~self.tissue).to(flat.dtype) * (fft_shape[0] * fft_shape[1])
-            self._flat_index[key] = flat
+            self._flat_index[key] = flat[self.tissue_rows] if tissue_only else flat
         return self._flat_index[key]
 
-    def scatter(self, values: torch.Tensor, fft_shape: tuple[int, int], n_planes: int) -> torch.Tensor:
+    def scatter(
+        self, values: torch.Tensor, fft_shape: tuple[int, int], n_planes: int, *, tissue_only: bool = False
+    ) -> torch.Tensor:
         """``(N, G)`` -> ``(G, n_planes, Fi, Fj)``, zero in empty cells, in the padding and, with two planes, in
-        the other plane."""
+        the other plane; with ``tissue_only``, ``(N_t, G)`` values of the tissue spots, zero on the others."""
         grid = torch.zeros(
             (n_planes * fft_shape[0] * fft_shape[1], values.shape[1]),
             dtype=values.dtype,
@@ -297,13 +301,15 @@ class LatticeOperator:
         )
         # Copying whole rows of the spots-by-genes values and transposing the grid once is several times faster
         # than writing the transposed values into a genes-by-cells grid.
-        grid.index_copy_(0, self._flat(fft_shape, n_planes), values)
+        grid.index_copy_(0, self._flat(fft_shape, n_planes, tissue_only), values)
         return grid.T.contiguous().reshape(values.shape[1], n_planes, *fft_shape)
 
-    def gather(self, grid: torch.Tensor) -> torch.Tensor:
-        """``(G, n_planes, Fi, Fj)`` -> ``(N, G)``, each spot from its plane."""
+    def gather(self, grid: torch.Tensor, *, tissue_only: bool = False) -> torch.Tensor:
+        """``(G, n_planes, Fi, Fj)`` -> ``(N, G)``, each spot from its plane (``(N_t, G)``, the tissue spots,
+        with ``tissue_only``)."""
         n_planes, fft_shape = int(grid.shape[1]), (int(grid.shape[2]), int(grid.shape[3]))
-        return grid.reshape(grid.shape[0], -1).index_select(1, self._flat(fft_shape, n_planes)).T
+        flat = self._flat(fft_shape, n_planes, tissue_only)
+        return grid.reshape(grid.shape[0], -1).index_select(1, flat).T
 
     @staticmethod
     def _planes(

@@ -60,6 +60,8 @@ START_ITERATIONS = 100
 #: Per-gene maximum a posteriori EM updates of the field that the Poisson NMF of the start factorises: on the
 #: HD simulator's slide, 9, 15 and 60 updates give the low-rank model's result the same RMSE to 1e-3.
 START_EM_ITERATIONS = 9
+#: Rows the Poisson NMF updates at a time.
+NMF_BLOCK_ROWS = 16_384
 #: Updates of the Poisson NMF that fits a reference's cell types to a field (:func:`reference_centre`).
 REFERENCE_ITERATIONS = 200
 
@@ -123,15 +125,18 @@ def poisson_nmf(
     else:
         programmes = programmes.clone()
 
-    def ratio() -> torch.Tensor:
-        # In place on the product: ``values`` may be a whole Visium HD call.
-        product = (weights @ programmes).clamp_min_(tiny)
-        return torch.div(values, product, out=product)
+    # A block of rows at a time, in place on the product: ``values`` may be a whole Visium HD call.
+    blocks = [slice(i, i + NMF_BLOCK_ROWS) for i in range(0, values.shape[0], NMF_BLOCK_ROWS)]
+
+    def ratio(rows: slice) -> torch.Tensor:
+        product = (weights[rows] @ programmes).clamp_min_(tiny)
+        return torch.div(values[rows], product, out=product)
 
     for _ in range(n_iter):
-        weights = weights * (ratio() @ programmes.T)
-        weights = weights / programmes.sum(dim=1).clamp_min(tiny)
-        update_programmes(programmes, weights.T @ ratio(), weights.sum(dim=0), shaped)
+        totals = programmes.sum(dim=1).clamp_min(tiny)
+        weights = torch.cat([weights[rows] * (ratio(rows) @ programmes.T) / totals for rows in blocks])
+        numerator = sum(weights[rows].T @ ratio(rows) for rows in blocks)
+        update_programmes(programmes, numerator, weights.sum(dim=0), shaped)
     return weights, programmes
 
 
