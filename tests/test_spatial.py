@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 from anndata import AnnData
 
-from undiffuse.arrays import as_dense
+from undiffuse.arrays import as_dense, dense_to_csr
 from undiffuse.errors import InputError
 from undiffuse.spatial import adjacency, tissue_spots
 
@@ -60,3 +60,14 @@ def test_as_dense_of_sparse_dense_and_views():
     np.testing.assert_array_equal(as_dense(view.X, dtype=np.float32), [[2.0], [0.0]])
     counts = np.array([[1, 2]], dtype=np.int64)
     assert as_dense(counts, dtype=None) is counts
+
+
+@pytest.mark.parametrize("block_rows", [7, 999, 1000, 4096])
+def test_dense_to_csr_by_blocks_matches_scipy(block_rows):
+    rng = np.random.default_rng(0)
+    values = (rng.random((1000, 37)) < 0.3) * rng.random((1000, 37))
+    values[5] = 0.0
+    converted = dense_to_csr(values, block_rows=block_rows)
+    converted.check_format(full_check=True)
+    assert converted.dtype == np.float32 and converted.has_sorted_indices
+    np.testing.assert_array_equal(converted.toarray(), values.astype(np.float32))

@@ -21,18 +21,30 @@ def as_dense(
 
 
 def dense_to_csr(
-    values: np.ndarray, *, dtype: npt.DTypeLike = np.float32, block_rows: int = 16_384
+    values: np.ndarray, *, dtype: npt.DTypeLike = np.float32, block_rows: int = 4096
 ) -> sp.csr_matrix:
     """``(N, G)`` dense values as a CSR matrix of ``dtype``, converted a block of rows at a time: SciPy's direct
     conversion first lists every non-zero's row and column as 64-bit integers, gigabytes for a Visium HD
     call."""
     values = np.asarray(values)
-    if values.shape[0] <= block_rows:
-        return sp.csr_matrix(values, dtype=dtype)
-    blocks = [
-        sp.csr_matrix(values[i : i + block_rows], dtype=dtype) for i in range(0, values.shape[0], block_rows)
-    ]
-    return sp.vstack(blocks, format="csr")
+    n_rows, n_columns = values.shape
+    row_ends = np.zeros(n_rows + 1, dtype=np.int64)
+    for start in range(0, n_rows, block_rows):
+        row_ends[start + 1 : start + block_rows + 1] = np.count_nonzero(
+            values[start : start + block_rows], axis=1
+        )
+    np.cumsum(row_ends, out=row_ends)
+    # One allocation of the result, filled block by block.
+    index_dtype = np.int32 if max(row_ends[-1], n_columns) < 2**31 else np.int64
+    data = np.empty(row_ends[-1], dtype=dtype)
+    indices = np.empty(row_ends[-1], dtype=index_dtype)
+    for start in range(0, n_rows, block_rows):
+        block = values[start : start + block_rows]
+        rows, columns = np.nonzero(block)
+        span = slice(row_ends[start], row_ends[min(start + block_rows, n_rows)])
+        data[span] = block[rows, columns]
+        indices[span] = columns
+    return sp.csr_matrix((data, indices, row_ends.astype(index_dtype)), shape=(n_rows, n_columns))
 
 
 def group_indicator(labels: npt.ArrayLike, n_groups: int | None = None) -> sp.csr_matrix:

@@ -484,6 +484,7 @@ def correct(
 
     params = pd.concat(param_tables)
     corrected, passed_through = pass_through_failed_genes(corrected, counts_all, genes)
+    del counts_all  # gigabytes on Visium HD, and storing the result builds a sparse copy of it
     loss_history = sum(histories[1:], histories[0]).reset_index().rename(columns={"index": "epoch"})
     profile_samples = np.concatenate(profiles, axis=1)
     kernel_profile = pd.DataFrame(
