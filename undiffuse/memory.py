@@ -17,8 +17,7 @@ def heap_reuse() -> Iterator[None]:
     restored and the heap trimmed afterwards.
     """
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         yield
         return
@@ -30,7 +29,7 @@ def heap_reuse() -> Iterator[None]:
     finally:
         mallopt(m_mmap_max, 65536)
         mallopt(m_trim_threshold, 128 * 1024)
-        malloc_trim(0)
+        release_free_memory()
 
 
 def release_free_memory() -> None:
