@@ -71,3 +71,19 @@ def test_dense_to_csr_by_blocks_matches_scipy(block_rows):
     converted.check_format(full_check=True)
     assert converted.dtype == np.float32 and converted.has_sorted_indices
     np.testing.assert_array_equal(converted.toarray(), values.astype(np.float32))
+
+
+@pytest.mark.parametrize("block_rows", [3, 4096])
+def test_dense_to_csr_places_rows_among_empty_ones(block_rows):
+    rng = np.random.default_rng(1)
+    rows = np.sort(rng.choice(50, size=20, replace=False))
+    values = (rng.random((20, 6)) < 0.5) * rng.random((20, 6))
+    converted = dense_to_csr(values, rows=rows, n_rows=50, block_rows=block_rows)
+    converted.check_format(full_check=True)
+    expected = np.zeros((50, 6), dtype=np.float32)
+    expected[rows] = values
+    np.testing.assert_array_equal(converted.toarray(), expected)
+    with pytest.raises(ValueError, match="increasing"):
+        dense_to_csr(values, rows=rows[::-1], n_rows=50)
+    with pytest.raises(ValueError, match="rows must hold"):
+        dense_to_csr(values, rows=rows + 40, n_rows=50)

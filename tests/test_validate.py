@@ -20,7 +20,7 @@ from undiffuse.validate import (
     check_registration,
     check_tissue,
     check_unique_barcodes,
-    pass_through_failed_genes,
+    failed_genes,
     unique_gene_names,
 )
 
@@ -93,15 +93,22 @@ def test_tissue_checks_and_their_override():
     assert MIN_TISSUE_SPOTS > 10
 
 
-def test_failed_genes_pass_through_unchanged_and_are_reported():
-    raw = np.array([[1, 5, 0], [2, 0, 3], [0, 1, 1]], dtype=np.float32)
-    corrected = np.array([[1.5, np.nan, 0.0], [1.5, 1.0, 0.0], [0.0, 1.0, 0.0]], dtype=np.float32)
+@pytest.mark.parametrize("block_rows", [1, 4096])
+def test_failed_genes_are_found_and_reported(monkeypatch, block_rows):
+    monkeypatch.setattr("undiffuse.validate.FAILURE_CHECK_ROWS", block_rows)
+    raw = np.array([[1, 5, 0, 0], [2, 0, 3, 0], [0, 1, 1, 0]], dtype=np.float32)
+    corrected = np.array(
+        [[1.5, np.nan, 0.0, 0.0], [1.5, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], dtype=np.float32
+    )
+    before = corrected.copy()
     with pytest.warns(UndiffuseWarning, match=r"2 gene\(s\) .*\(g1, g2\)"):
-        out, passed = pass_through_failed_genes(corrected, raw, ["g0", "g1", "g2"])
-    assert passed == ["g1", "g2"]
-    np.testing.assert_array_equal(out[:, 0], corrected[:, 0])
-    np.testing.assert_array_equal(out[:, 1:], raw[:, 1:])
-    assert np.isfinite(out).all()
+        failed = failed_genes(corrected, raw.sum(axis=0), ["g0", "g1", "g2", "g3"])
+    # NaN, and all zero with counts, fail; all zero without counts does not.
+    np.testing.assert_array_equal(failed, [False, True, True, False])
+    np.testing.assert_array_equal(corrected, before)
+    negative = np.array([[1.0, -1e-3], [1.0, 2.0]], dtype=np.float32)
+    with pytest.warns(UndiffuseWarning, match=r"1 gene\(s\) .*\(b\)"):
+        np.testing.assert_array_equal(failed_genes(negative, np.ones(2), ["a", "b"]), [False, True])
 
 
 def _sample() -> AnnData:

@@ -21,28 +21,44 @@ def as_dense(
 
 
 def dense_to_csr(
-    values: np.ndarray, *, dtype: npt.DTypeLike = np.float32, block_rows: int = 4096
+    values: np.ndarray,
+    *,
+    rows: np.ndarray | None = None,
+    n_rows: int | None = None,
+    dtype: npt.DTypeLike = np.float32,
+    block_rows: int = 4096,
 ) -> sp.csr_matrix:
-    """``(N, G)`` dense values as a CSR matrix of ``dtype``, converted a block of rows at a time: SciPy's direct
+    """``(M, G)`` dense values as a CSR matrix of ``dtype``, converted a block of rows at a time: SciPy's direct
     conversion first lists every non-zero's row and column as 64-bit integers, gigabytes for a Visium HD
-    call."""
+    call.
+
+    ``rows`` (increasing) places the values at those rows of an ``(n_rows, G)`` matrix whose other rows are
+    empty (a field kept on tissue spots only); by default they are its rows ``0 .. M - 1``.
+    """
     values = np.asarray(values)
-    n_rows, n_columns = values.shape
+    n_values, n_columns = values.shape
+    rows = np.arange(n_values) if rows is None else np.asarray(rows, dtype=np.int64)
+    n_rows = n_values if n_rows is None else n_rows
+    if len(rows) != n_values or (len(rows) and (rows[0] < 0 or rows[-1] >= n_rows)):
+        raise ValueError(f"rows must hold {n_values} rows of {n_rows}")
+    if (np.diff(rows) <= 0).any():
+        raise ValueError("rows must be increasing")
+    blocks = [slice(start, start + block_rows) for start in range(0, n_values, block_rows)]
     row_ends = np.zeros(n_rows + 1, dtype=np.int64)
-    for start in range(0, n_rows, block_rows):
-        row_ends[start + 1 : start + block_rows + 1] = np.count_nonzero(
-            values[start : start + block_rows], axis=1
-        )
+    for block in blocks:
+        row_ends[rows[block] + 1] = np.count_nonzero(values[block], axis=1)
     np.cumsum(row_ends, out=row_ends)
-    # One allocation of the result, filled block by block.
+    # One allocation of the result, filled block by block; rows between a block's are empty, so its
+    # entries are one span.
     index_dtype = np.int32 if max(row_ends[-1], n_columns) < 2**31 else np.int64
     data = np.empty(row_ends[-1], dtype=dtype)
     indices = np.empty(row_ends[-1], dtype=index_dtype)
-    for start in range(0, n_rows, block_rows):
-        block = values[start : start + block_rows]
-        rows, columns = np.nonzero(block)
-        span = slice(row_ends[start], row_ends[min(start + block_rows, n_rows)])
-        data[span] = block[rows, columns]
+    for block in blocks:
+        part = values[block]
+        at, columns = np.nonzero(part)
+        placed = rows[block]
+        span = slice(row_ends[placed[0]], row_ends[placed[-1] + 1])
+        data[span] = part[at, columns]
         indices[span] = columns
     return sp.csr_matrix((data, indices, row_ends.astype(index_dtype)), shape=(n_rows, n_columns))
 

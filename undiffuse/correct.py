@@ -63,7 +63,7 @@ from .ot.programmes import START_EM_ITERATIONS, deconvolve_programmes, reference
 from .qc import is_visium_hd
 from .reference import profiles_for, read_profiles, read_reference, reference_profiles
 from .trainer import LOSS_TERMS, KernelTrainer
-from .validate import check_correct_input, pass_through_failed_genes
+from .validate import check_correct_input, failed_genes
 
 logger = logging.getLogger(__name__)
 
@@ -416,7 +416,8 @@ def correct(
         if rank and type_profiles is None
         else config.em_iterations
     )
-    corrected = np.zeros_like(counts_all)
+    # Fields are zero off tissue, so only the tissue spots' rows are kept: half of a Visium HD slide.
+    corrected = np.empty((len(geometry.tissue_rows), len(genes)), dtype=np.float32)
     param_tables, histories, profiles, models = [], [], [], []
     batches = [slice(i, i + batch_genes) for i in range(0, len(genes), batch_genes)]
     bar = tqdm(
@@ -435,7 +436,7 @@ def correct(
             )
             history = trainer.fit(bar)
             field_, table, profile_samples, model = trainer.final(geometry, counts, n_iter=final_iterations)
-            corrected[:, batch] = field_.cpu().numpy()
+            corrected[:, batch] = field_.index_select(0, geometry.tissue_rows).cpu().numpy()
             if rank or type_profiles is not None:
                 models.append((batch, model))
             table.index = genes[batch]
@@ -443,8 +444,8 @@ def correct(
             histories.append(history * (counts.shape[1] / len(genes)))
             profiles.append(profile_samples.cpu().numpy())
             release_free_memory()
-        if rank:
-            low_rank = deconvolve_programmes(
+        low_rank = (
+            deconvolve_programmes(
                 counts_all,
                 corrected,
                 [(batch, model.kernel, model.bleed, model.distal) for batch, model in models],
@@ -457,11 +458,14 @@ def correct(
                 # Without a reference the per-gene fields are not needed after the low-rank model starts.
                 out=corrected if type_profiles is None else None,
             )
+            if rank
+            else None
+        )
         if type_profiles is not None:
             centre = (
                 torch.as_tensor(low_rank, device=device)
                 if rank
-                else reference_centre(corrected, geometry.tissue, type_profiles)
+                else reference_centre(corrected, type_profiles, device=device)
             )
             guided = 0
             for (batch, model), table in zip(models, param_tables, strict=True):
@@ -476,15 +480,20 @@ def correct(
                 guided += int(used.sum())
                 table["prior_strength"] = strength
             logger.info("the reference guided %d of %d genes", guided, len(genes))
-        elif rank:
-            corrected = low_rank
+            del centre
+        # Without a reference ``low_rank`` is ``corrected``, written in place.
+        del low_rank
         models.clear()
     bar.close()
     elapsed = time.perf_counter() - started
 
     params = pd.concat(param_tables)
-    corrected, passed_through = pass_through_failed_genes(corrected, counts_all, genes)
-    del counts_all  # gigabytes on Visium HD, and storing the result builds a sparse copy of it
+    failed = failed_genes(corrected, counts_all.sum(axis=0), genes)
+    columns = dense_to_csr(corrected, rows=geometry.tissue_rows.cpu().numpy(), n_rows=geometry.n_spots)
+    del corrected  # gigabytes on Visium HD, as are the dense counts
+    if failed.any():
+        columns = _with_columns(columns, np.flatnonzero(failed), counts_all[:, failed])
+    del counts_all
     loss_history = sum(histories[1:], histories[0]).reset_index().rename(columns={"index": "epoch"})
     profile_samples = np.concatenate(profiles, axis=1)
     kernel_profile = pd.DataFrame(
@@ -514,8 +523,8 @@ def correct(
     logger.info("corrected %d genes in %.1f s on %s", len(genes), elapsed, device)
     store_correction(
         adata,
-        corrected=corrected,
-        params=params.assign(corrected=~params.index.isin(passed_through)),
+        corrected=columns,
+        params=params.assign(corrected=~failed),
         provenance={
             "layer": key_added,
             "counts": layer or "X",
@@ -870,22 +879,24 @@ def _deconvolve_towards(
     (:meth:`~undiffuse.model.DiffusionModel.reference_prior`), for the genes whose strength under that prior
     exceeds the one under the smoothness prior (``smoothness_strength``): the mixture then describes their
     spot-to-spot variation more tightly than the neighbours' mean does. The others keep ``start``: a reference
-    that does not describe a gene (another tissue, missing types) leaves it as it was. Returns the ``(N, g)``
-    fields, with each gene's total, the ``(g,)`` strengths of the priors used and the ``(g,)`` guided genes."""
+    that does not describe a gene (another tissue, missing types) leaves it as it was. ``centre`` and ``start``
+    are given on the tissue spots, ``(T, g)``, as are the fields returned, with each gene's total, beside the
+    ``(g,)`` strengths of the priors used and the ``(g,)`` guided genes."""
+    geometry = model.geometry
     observed = torch.as_tensor(counts, dtype=centre.dtype, device=centre.device)
-    prior = model.reference_prior(observed, centre)
+    prior = model.reference_prior(observed, geometry.on_slide(centre))
     strength = prior.strength.cpu().numpy()
     guided = strength > smoothness_strength
     if not guided.any():
         return start, smoothness_strength, guided
     field = model.deconvolve(
         observed,
-        torch.as_tensor(start, dtype=centre.dtype, device=centre.device),
+        geometry.on_slide(torch.as_tensor(start, dtype=centre.dtype, device=centre.device)),
         n_iter=config.em_iterations,
         prior=prior,
         accelerate=True,
     )
-    field = with_totals(field, observed.sum(dim=0)).cpu().numpy()
+    field = with_totals(field, observed.sum(dim=0)).index_select(0, geometry.tissue_rows).cpu().numpy()
     return np.where(guided, field, start), np.where(guided, strength, smoothness_strength), guided
 
 

@@ -140,6 +140,16 @@ class SampleGeometry:
     def n_spots(self) -> int:
         return int(self.coords.shape[0])
 
+    @cached_property
+    def tissue_rows(self) -> torch.Tensor:
+        """``(T,)`` the tissue spots' indices, increasing: the rows of a field kept on tissue only."""
+        return torch.nonzero(self.tissue).reshape(-1)
+
+    def on_slide(self, values: torch.Tensor) -> torch.Tensor:
+        """``(N, G)`` a field given on the ``(T, G)`` tissue spots, zero elsewhere."""
+        slide = values.new_zeros((self.n_spots, *values.shape[1:]))
+        return slide.index_copy_(0, self.tissue_rows, values)
+
     def training_window(self, n_spots: int) -> np.ndarray:
         """``(N,)`` boolean mask of a square window of about ``n_spots`` spots around the tissue boundary
         nearest the tissue's centre: where tissue, background and the diffusion between them are all seen."""

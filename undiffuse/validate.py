@@ -3,7 +3,7 @@
 Each check raises :class:`~undiffuse.errors.InputError` naming the file at fault, the problem and the fix, or
 emits an :class:`~undiffuse.errors.UndiffuseWarning` when it repaired something. Nothing is ever silently
 zeroed: counts must be finite, non-negative integers before any work, and a gene whose correction is not
-finite is passed through unchanged and reported (:func:`pass_through_failed_genes`).
+finite is passed through unchanged and reported (:func:`failed_genes`).
 
 Checks:
 
@@ -57,6 +57,9 @@ MIN_IMAGE_COVERAGE = 0.35
 #: Exchanging x and y must raise the tissue/background contrast of the image this much to call it swapped.
 SWAP_CONTRAST_RATIO = 1.5
 SWAP_MIN_CONTRAST = 0.5
+
+#: Rows of a corrected field that :func:`failed_genes` checks at a time.
+FAILURE_CHECK_ROWS = 4096
 
 #: Items named in a message, at most.
 _LISTED = 5
@@ -533,36 +536,37 @@ def check_correct_input(
     return check_genes(genes, adata, adata.uns.get("undiffuse", {}).get("source"), what="genes")
 
 
-def pass_through_failed_genes(
-    corrected: np.ndarray, raw: np.ndarray, genes: Sequence[str]
-) -> tuple[np.ndarray, list[str]]:
-    """Replace the column of every gene whose correction failed by its raw counts.
+def failed_genes(corrected: np.ndarray, raw_totals: np.ndarray, genes: Sequence[str]) -> np.ndarray:
+    """``(G,)`` whether the correction of each gene failed, reported in a warning; the caller passes those
+    genes through unchanged (their raw counts), so that nothing is zeroed.
 
     A correction failed when it holds NaN, Inf or negative values, or is zero everywhere while the gene has
-    counts (every gene's total is kept, so that is a NaN that was zeroed). Nothing is zeroed: such a gene
-    passes through unchanged, and is reported in a warning and returned.
+    counts (every gene's total is kept, so that is a NaN that was zeroed).
 
     Parameters
     ----------
-    corrected, raw
-        ``(N, G)`` corrected and raw counts, genes in ``genes`` order.
-
-    Returns
-    -------
-    The corrected matrix (a float32 copy) and the names of the genes passed through.
+    corrected
+        ``(M, G)`` corrected values (of any spots holding them; on Visium HD, the tissue's), genes in ``genes``
+        order; read a block of rows at a time, without copies.
+    raw_totals
+        ``(G,)`` each gene's raw total.
     """
-    out = np.array(corrected, dtype=np.float32, copy=True)
-    raw = np.asarray(raw, dtype=np.float32)
-    with np.errstate(invalid="ignore"):
-        failed = ~np.isfinite(out).all(axis=0) | (out < 0).any(axis=0)
-        failed |= (np.abs(out).sum(axis=0) == 0) & (raw.sum(axis=0) > 0)
+    finite = np.ones(corrected.shape[1], dtype=bool)
+    negative = np.zeros(corrected.shape[1], dtype=bool)
+    totals = np.zeros(corrected.shape[1])
+    for start in range(0, corrected.shape[0], FAILURE_CHECK_ROWS):
+        block = corrected[start : start + FAILURE_CHECK_ROWS]
+        finite &= np.isfinite(block).all(axis=0)
+        with np.errstate(invalid="ignore"):
+            negative |= (block < 0).any(axis=0)
+            totals += np.abs(block).sum(axis=0, dtype=np.float64)
+    failed = ~finite | negative | ((totals == 0) & (np.asarray(raw_totals) > 0))
     names = [genes[int(j)] for j in np.flatnonzero(failed)]
     if names:
-        out[:, failed] = raw[:, failed]
         warnings.warn(
             f"the correction of {len(names)} gene(s) did not converge to finite counts ({_shown(names)}); "
             "they are passed through uncorrected (raw counts)",
             UndiffuseWarning,
             stacklevel=2,
         )
-    return out, names
+    return failed

@@ -162,7 +162,8 @@ def deconvolve_programmes(
     counts
         ``(N, G)`` observations.
     start
-        ``(N, G)`` a field to start from (the maximum a posteriori EM of each gene), zero off tissue.
+        ``(T, G)`` a field to start from (the maximum a posteriori EM of each gene) on the tissue spots, in
+        order: fields are zero off tissue, and on Visium HD only the tissue's half of the slide is kept.
     kernels
         ``(genes, kernel, bleed, distal)`` for consecutive batches of genes: the columns they cover, their
         bound kernel :math:`P` and their ``(g,)`` shares.
@@ -183,18 +184,19 @@ def deconvolve_programmes(
     progress
         Show a progress bar over the updates.
     out
-        ``(N, G)`` array to write the field into; it may be ``start``, which is read before.
+        ``(T, G)`` array to write the field into; it may be ``start``, which is read before.
 
     Returns
     -------
-    ``(N, G)`` field :math:`W H` with each gene's total of ``counts`` (``out`` when given).
+    ``(T, G)`` field :math:`W H` on the tissue spots with each gene's total of ``counts`` (``out`` when
+    given).
     """
     device = tissue.device
     rows = torch.as_tensor(np.flatnonzero(tissue.cpu().numpy()), device=device)
     tiny = torch.finfo(dtype).tiny
     shaped, initial = _reference_start(profiles, dtype, device)
     inside, programmes = poisson_nmf(
-        torch.as_tensor(start, dtype=dtype, device=device)[rows],
+        torch.as_tensor(start, dtype=dtype, device=device),
         rank,
         seed=seed,
         programmes=initial,
@@ -226,49 +228,45 @@ def deconvolve_programmes(
             del back
         weights = weights * numerator / programme_totals.clamp_min(tiny)
     # Batch by batch into ``out``: on a Visium HD call the field is gigabytes.
-    out = np.empty_like(counts) if out is None else out
+    out = np.empty((len(rows), counts.shape[1]), dtype=counts.dtype) if out is None else out
+    inside = weights[rows]
     for genes, observed, *_ in batches:
-        out[:, genes] = with_totals(weights @ programmes[:, genes], observed.sum(dim=0)).cpu().numpy()
+        out[:, genes] = with_totals(inside @ programmes[:, genes], observed.sum(dim=0)).cpu().numpy()
     return out
 
 
 @torch.no_grad()
 def reference_centre(
     field: np.ndarray,
-    tissue: torch.Tensor,
     profiles: np.ndarray,
     *,
     n_iter: int = REFERENCE_ITERATIONS,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    r"""``(N, G)`` the part of a field that a reference's cell types explain: :math:`W H` with the programmes
+    r"""``(T, G)`` the part of a field that a reference's cell types explain: :math:`W H` with the programmes
     :math:`H` kept to the shapes of the reference's profiles.
 
-    A Poisson NMF of the field's tissue spots (:func:`poisson_nmf`) whose ``(k, G)`` programmes start from
+    A Poisson NMF of the field (:func:`poisson_nmf`) whose ``(k, G)`` programmes start from
     ``profiles`` and keep, for every gene the reference holds, its profile's shape across the :math:`k` types,
     learning only a scale per gene (capture differs between platforms); a gene the reference lacks (NaN)
-    starts flat and learns its programme values. Each gene keeps its total; zero off tissue.
+    starts flat and learns its programme values. Each gene keeps its total.
 
     Parameters
     ----------
     field
-        ``(N, G)`` a deconvolved field, zero off tissue.
-    tissue
-        ``(N,)`` boolean tissue mask.
+        ``(T, G)`` a deconvolved field on the tissue spots.
     profiles
         ``(k, G)`` the reference's profiles (:func:`undiffuse.reference.profiles_for`).
-    dtype
-        Precision of the updates.
+    dtype, device
+        Precision and device of the updates.
     """
-    device = tissue.device
-    rows = torch.as_tensor(np.flatnonzero(tissue.cpu().numpy()), device=device)
     values = torch.as_tensor(field, dtype=dtype, device=device)
     shaped, initial = _reference_start(profiles, dtype, device)
     weights, programmes = poisson_nmf(
-        values[rows], initial.shape[0], n_iter=n_iter, programmes=initial, shaped=shaped
+        values, initial.shape[0], n_iter=n_iter, programmes=initial, shaped=shaped
     )
-    centre = torch.zeros_like(values).index_copy_(0, rows, weights @ programmes)
-    return with_totals(centre, values.sum(dim=0))
+    return with_totals(weights @ programmes, values.sum(dim=0))
 
 
 def _reference_start(
