@@ -6,12 +6,14 @@ expression per domain with smooth variation, diffused by the forward model (:fun
 Gaussian, per-gene lengths of 5-30 um, bleed 0.3, distal 0.05) and Poisson-sampled into a sparse matrix. The
 correction runs in a child process of its own (``benchmarks/previous.py``) so that its peak memory is its own.
 
-Writes ``benchmarks/results/hd_<bin>um_<genes>genes[_device].json`` and ``.md``.
+Writes ``benchmarks/results/hd_<bin>um_<genes>genes[_<size>mm][_device].json`` and ``.md`` (the size when it is
+not a whole capture area).
 
 Usage::
 
     .venv/bin/python benchmarks/hd.py --bin-um 8 --genes 100
     .venv/bin/python benchmarks/hd.py --bin-um 16 --genes 2000
+    .venv/bin/python benchmarks/hd.py --bin-um 8 --genes 100 --size-mm 3.25   # memory against slide size
 """
 
 from __future__ import annotations
@@ -131,14 +133,19 @@ def main() -> None:
         },
     }
     device = run["config"].get("device", "cpu")
-    stem = f"hd_{args.bin_um:g}um_{args.genes}genes" + ("" if device == "cpu" else f"_{device}")
+    stem = (
+        f"hd_{args.bin_um:g}um_{args.genes}genes"
+        + ("" if args.size_mm == 6.5 else f"_{args.size_mm:g}mm")
+        + ("" if device == "cpu" else f"_{device}")
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float))
     lines = [
         f"# Visium HD scale: {report['bins']:,} bins of {args.bin_um:g} um ({report['tissue_bins']:,} in tissue), "
         f"{args.genes} genes",
         "",
-        f"`correct` on {device}: {run['seconds']:.0f} s, peak RSS {run['peak_rss_mb']:.0f} MB "
+        f"`correct` on {device}: {run['seconds']:.0f} s, peak RSS {run['peak_rss_mb']:.0f} MiB "
+        f"({run['peak_rss_mb'] * 2**20 / 1e9:.2f} GB) "
         f"(kernel learned on {run['config'].get('trained_on_spots')} bins, batch {run['config'].get('batch_genes')}).",
         "",
         "| field | RMSE vs truth (tissue) | mean Pearson | background share |",

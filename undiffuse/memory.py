@@ -46,7 +46,8 @@ def release_free_memory() -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory in MB of this process, or of its largest finished child process if larger.
+    """Peak resident memory in MiB (2**20 bytes) of this process, or of its largest finished child process if
+    larger.
 
     The process's own peak is ``VmHWM``, which (unlike ``ru_maxrss``) starts afresh at ``exec``, so a process
     started from a large parent reports its own peak. Children count once waited for: the report's notebook
