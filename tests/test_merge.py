@@ -12,13 +12,14 @@ import pytest
 import scipy.sparse as sp
 
 from undiffuse.chunks import read_chunk, split_genes, write_chunk
-from undiffuse.correct import PARAMETER_COLUMNS, parameter_column, parameter_table
+from undiffuse.correct import KEY, PARAMETER_COLUMNS, parameter_column, parameter_table
 from undiffuse.errors import InputError
 from undiffuse.merge import (
     MORAN_AT_Q_INIT,
     MORAN_CORRECTED,
     MORAN_RAW,
     PARAMETER_TABLE_COLUMNS,
+    _merged_provenance,
     merge_chunks,
     merge_sample,
     read_wall_times,
@@ -290,3 +291,23 @@ def test_cli_merge_and_its_errors(sample_files, tmp_path, capsys):
     assert main([*command, "-o", str(tmp_path / "x.h5ad")]) == 2
     error = capsys.readouterr().err
     assert "do not cover its genes" in error and str(sample_files["quantiles"]) in error
+
+
+def test_merged_provenance_lists_each_chunks_rank_where_chunks_chose_their_own():
+    def chunk(index, rank, deviance):
+        part = ad.AnnData(np.zeros((2, 1), dtype=np.float32))
+        history = pd.DataFrame({"epoch": [0], "total": [1.0]})
+        profile = pd.DataFrame({"distance": [0.0], "weight": [1.0]})
+        config = {"programmes": rank, "programmes_held_out_deviance": deviance, "epochs": 25}
+        part.uns[KEY] = {
+            "correction": {"config": config, "loss_history": history, "kernel_profile": profile},
+            "chunk": {"index": index},
+        }
+        return part
+
+    same = _merged_provenance([chunk(0, 8, "4: 2, 8: 1"), chunk(1, 8, "4: 2, 8: 1")])
+    assert same["config"]["programmes"] == 8 and same["config"]["epochs"] == 25
+    differ = _merged_provenance([chunk(0, 8, "4: 2, 8: 1"), chunk(1, 4, "4: 1, 8: 2")])
+    assert differ["config"]["programmes"] == "chunk 0: 8; chunk 1: 4"
+    assert differ["config"]["programmes_held_out_deviance"] == "chunk 0: 4: 2, 8: 1; chunk 1: 4: 1, 8: 2"
+    assert len(differ["loss_history"]) == 2

@@ -9,7 +9,6 @@ import torch
 from conftest import hex_sample, tissue_rmse
 
 from undiffuse.correct import (
-    HD_PROGRAMMES,
     HD_PROGRAMMES_MIN_GENES,
     KEY,
     CorrectionConfig,
@@ -22,7 +21,13 @@ from undiffuse.diffusion import profile
 from undiffuse.errors import ConfigError
 from undiffuse.model import DiffusionModel
 from undiffuse.ot import programmes as programmes_module
-from undiffuse.ot.programmes import deconvolve_programmes, poisson_nmf
+from undiffuse.ot.programmes import (
+    RANK_CANDIDATES,
+    choose_rank,
+    deconvolve_programmes,
+    poisson_nmf,
+    split_counts,
+)
 
 SCALE, BLEED, DISTAL = 1.8, 0.3, 0.01
 
@@ -103,6 +108,34 @@ def test_low_rank_em_does_not_depend_on_how_genes_are_batched(low_counts):
     np.testing.assert_allclose(batched, together, rtol=1e-4, atol=1e-4 * together.max())
 
 
+def test_count_splitting_halves_are_thinned_counts():
+    counts = np.random.default_rng(0).poisson(6.0, size=(4000, 3)).astype(np.float32)
+    train = split_counts(counts, np.random.default_rng(1))
+    assert train.dtype == np.float32 and (train == np.round(train)).all()
+    assert (train >= 0).all() and (train <= counts).all()
+    np.testing.assert_allclose(train.sum(axis=0) / counts.sum(axis=0), 0.5, atol=0.02)
+    np.testing.assert_array_equal(split_counts(counts, np.random.default_rng(1)), train)
+
+
+def test_count_splitting_chooses_the_true_rank(low_counts):
+    adata, _, _ = low_counts
+    counts = adata.X.toarray()
+    tissue = adata.obs["in_tissue"].to_numpy(bool)
+    train = split_counts(counts, np.random.default_rng(0))
+    halved = adata.copy()
+    halved.X = train
+    config = CorrectionConfig(progress=False)
+    genes = list(adata.var_names)
+    start = deconvolve_known_kernel(
+        halved, genes=genes, scale=np.full(len(genes), SCALE), bleed=BLEED, distal=DISTAL, config=config
+    )
+    geometry, kernels = known_kernels(adata, [slice(0, 6), slice(6, 12)])
+    # The truth holds two domain patterns: one programme cannot hold them, eight fit the counting noise.
+    rank, deviance = choose_rank(counts, train, start[tissue], kernels, geometry.tissue, [1, 2, 8])
+    assert rank == 2, deviance
+    assert set(deviance) == {1, 2, 8} and all(np.isfinite(list(deviance.values())))
+
+
 def test_correct_with_programmes_records_the_rank_it_used(low_counts):
     adata, _, _ = low_counts
     out = correct(adata, programmes=2, epochs=3, em_iterations=10, progress=False, copy=True)
@@ -113,6 +146,23 @@ def test_correct_with_programmes_records_the_rank_it_used(low_counts):
     # At most one programme per gene.
     few = correct(adata[:, :3].copy(), programmes=8, epochs=2, em_iterations=5, progress=False, copy=True)
     assert few.uns[KEY]["correction"]["config"]["programmes"] == 3
+    assert few.uns[KEY]["correction"]["config"]["programmes_held_out_deviance"] == "none"
+
+
+def test_auto_on_visium_hd_chooses_the_rank_by_count_splitting(low_counts):
+    adata, _, _ = low_counts
+    hd = adata.copy()
+    hd.uns[KEY] = {**adata.uns[KEY], "platform": "visium_hd"}
+    options = dict(epochs=3, em_iterations=10, batch_genes=5, progress=False, copy=True)
+    out = correct(hd, **options)
+    config = out.uns[KEY]["correction"]["config"]
+    scores = dict(item.split(": ") for item in config["programmes_held_out_deviance"].split(", "))
+    assert sorted(map(int, scores)) == [k for k in RANK_CANDIDATES if k <= 12]
+    assert config["programmes"] == int(min(scores, key=lambda k: float(scores[k])))
+    corrected = out.layers["corrected"].toarray()
+    np.testing.assert_allclose(corrected.sum(axis=0), adata.X.toarray().sum(axis=0), rtol=1e-4)
+    # The same seed splits the counts alike.
+    np.testing.assert_array_equal(correct(hd, **options).layers["corrected"].toarray(), corrected)
 
 
 def test_auto_programmes_are_for_visium_hd_calls_with_enough_genes(low_counts):
@@ -121,13 +171,15 @@ def test_auto_programmes_are_for_visium_hd_calls_with_enough_genes(low_counts):
     hd.uns[KEY] = {**visium.uns.get(KEY, {}), "platform": "visium_hd"}
     auto = CorrectionConfig(progress=False)
     assert auto.programmes == "auto"
-    assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES) == HD_PROGRAMMES
-    assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES - 1) == 0
-    assert _programmes(auto, visium, 100) == 0
+    # On Visium HD ``auto`` chooses among the candidates that do not exceed the genes.
+    assert _programmes(auto, hd, 100) == list(RANK_CANDIDATES)
+    assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES) == [k for k in RANK_CANDIDATES if k <= 12]
+    assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES - 1) == []
+    assert _programmes(auto, visium, 100) == []
     # A number is used on either platform, at most one programme per gene.
-    assert _programmes(CorrectionConfig(programmes=5, progress=False), visium, 100) == 5
-    assert _programmes(CorrectionConfig(programmes=5, progress=False), hd, 3) == 3
-    assert _programmes(CorrectionConfig(programmes=0, progress=False), hd, 100) == 0
+    assert _programmes(CorrectionConfig(programmes=5, progress=False), visium, 100) == [5]
+    assert _programmes(CorrectionConfig(programmes=5, progress=False), hd, 3) == [3]
+    assert _programmes(CorrectionConfig(programmes=0, progress=False), hd, 100) == []
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "all"])

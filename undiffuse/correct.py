@@ -59,7 +59,15 @@ from .model import DiffusionModel, SoftStart, gibbs_log_weights
 from .operators import DEFAULT_TOLERANCE, OperatorKind
 from .ot.cost import N_RADIAL_BASIS
 from .ot.deconvolution import with_totals
-from .ot.programmes import START_EM_ITERATIONS, deconvolve_programmes, reference_centre
+from .ot.programmes import (
+    RANK_CANDIDATES,
+    RANK_SELECTION_GENES,
+    START_EM_ITERATIONS,
+    choose_rank,
+    deconvolve_programmes,
+    reference_centre,
+    split_counts,
+)
 from .qc import is_visium_hd
 from .reference import profiles_for, read_profiles, read_reference, reference_profiles
 from .trainer import LOSS_TERMS, KernelTrainer
@@ -73,9 +81,9 @@ DEFAULT_WEIGHTS = {"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 
 DEFAULT_BATCH = 32
 #: Share of free GPU memory that ``batch_genes: auto`` plans to use.
 GPU_MEMORY_SHARE = 0.5
-#: Programmes of the low-rank model that ``programmes="auto"`` uses on Visium HD, and the fewest genes a call
-#: must hold for them: with fewer, the programmes pool too few genes to carry any gene's borders.
-HD_PROGRAMMES = 8
+#: The fewest genes a Visium HD call must hold for ``programmes="auto"`` to use the low-rank model (its rank
+#: chosen among :data:`~undiffuse.ot.programmes.RANK_CANDIDATES`): with fewer, the programmes pool too few
+#: genes to carry any gene's borders.
 HD_PROGRAMMES_MIN_GENES = 12
 
 
@@ -399,9 +407,15 @@ def correct(
     counts_all = _dense_counts(counts_view, genes)
     levels = _resolve_q_init(q_init, genes)
     batch_genes = _batch_genes(config, geometry, device)
-    rank = _programmes(config, counts_view, len(genes))
-    if rank and type_profiles is not None:
-        rank = len(reference_types)
+    candidates = _programmes(config, counts_view, len(genes))
+    if candidates and type_profiles is not None:
+        candidates = [len(reference_types)]
+    # With several candidates the rank is chosen from the data, by count splitting on the call's first genes
+    # (its first value until then: non-zero, the low-rank model is on).
+    rank = candidates[0] if candidates else 0
+    selection_genes = min(len(genes), RANK_SELECTION_GENES) if len(candidates) > 1 else 0
+    splitter = np.random.default_rng(config.seed)
+    train_counts, train_starts = [], []
     window = geometry.training_window(config.train_spots or geometry.n_spots)
     trained_on = (
         geometry
@@ -437,6 +451,14 @@ def correct(
             history = trainer.fit(bar)
             field_, table, profile_samples, model = trainer.final(geometry, counts, n_iter=final_iterations)
             corrected[:, batch] = field_.index_select(0, geometry.tissue_rows).cpu().numpy()
+            if batch.start < selection_genes:
+                # The same per-gene fields from the training half of the counts, which starts each candidate.
+                train = split_counts(counts_all[:, batch], splitter)
+                train_start = trainer.final(
+                    geometry, torch.as_tensor(train, dtype=dtype, device=device), n_iter=final_iterations
+                )[0]
+                train_counts.append(train)
+                train_starts.append(train_start.index_select(0, geometry.tissue_rows).cpu().numpy())
             if rank or type_profiles is not None:
                 models.append((batch, model))
             table.index = genes[batch]
@@ -444,6 +466,26 @@ def correct(
             histories.append(history * (counts.shape[1] / len(genes)))
             profiles.append(profile_samples.cpu().numpy())
             release_free_memory()
+        deviance = {}
+        if train_counts:
+            n_selected = sum(part.shape[1] for part in train_counts)
+            rank, deviance = choose_rank(
+                counts_all[:, :n_selected],
+                np.concatenate(train_counts, axis=1),
+                np.concatenate(train_starts, axis=1),
+                [
+                    (part, model.kernel, model.bleed, model.distal)
+                    for part, model in models
+                    if part.start < n_selected
+                ],
+                geometry.tissue,
+                candidates,
+                seed=config.seed,
+                dtype=dtype,
+                progress=config.progress,
+            )
+            del train_counts, train_starts
+            logger.info("rank %d chosen by count splitting on %d genes: %s", rank, n_selected, deviance)
         low_rank = (
             deconvolve_programmes(
                 counts_all,
@@ -513,6 +555,7 @@ def correct(
         else "none",
         "batch_genes": batch_genes,
         "programmes": rank,
+        "programmes_held_out_deviance": ", ".join(f"{k}: {v:.6g}" for k, v in deviance.items()) or "none",
         "final_em_iterations": final_iterations,
         "reference_types": ",".join(reference_types) or "none",
         "trained_on_spots": int(window.sum()),
@@ -857,12 +900,15 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _programmes(config: CorrectionConfig, adata: AnnData, n_genes: int) -> int:
-    """Rank of the low-rank model for a call on ``n_genes`` genes: the configured one, at most one programme
-    per gene, or for ``"auto"`` :data:`HD_PROGRAMMES` on Visium HD with enough genes."""
+def _programmes(config: CorrectionConfig, adata: AnnData, n_genes: int) -> list[int]:
+    """The ranks of the low-rank model for a call on ``n_genes`` genes (none: the model is off): the configured
+    one, at most one programme per gene, or for ``"auto"`` on Visium HD with enough genes the candidates of
+    :func:`~undiffuse.ot.programmes.choose_rank` that do not exceed the genes."""
     if config.programmes == "auto":
-        return HD_PROGRAMMES if is_visium_hd(adata) and n_genes >= HD_PROGRAMMES_MIN_GENES else 0
-    return min(config.programmes, n_genes)
+        if not (is_visium_hd(adata) and n_genes >= HD_PROGRAMMES_MIN_GENES):
+            return []
+        return [k for k in RANK_CANDIDATES if k <= n_genes]
+    return [min(config.programmes, n_genes)] if config.programmes > 0 else []
 
 
 @torch.no_grad()

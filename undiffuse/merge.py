@@ -37,6 +37,8 @@ from .io.h5ad import read_prepared
 from .moran import morans_i_numpy, spatial_weights
 from .quantiles import read_quantile_table
 
+#: Settings a chunk may resolve on its own (the rank chosen from its genes' counts).
+PER_CHUNK_SETTINGS = ("programmes", "programmes_held_out_deviance")
 #: ``var`` columns of Moran's I (all spots, first ring) of the raw counts and of the corrected layer.
 MORAN_RAW, MORAN_CORRECTED = f"{KEY}_moran_raw", f"{KEY}_moran_corrected"
 
@@ -240,11 +242,20 @@ def write_outputs(merged: AnnData, output: str | PathLike[str], parameters: str 
 
 
 def _merged_provenance(chunks: Sequence[AnnData]) -> dict[str, Any]:
-    """The chunks' correction provenance as one: the first chunk's settings (the same in every chunk), and the
+    """The chunks' correction provenance as one: the first chunk's settings (the same in every chunk, except
+    the rank of the low-rank model where each chunk chose its own: then each chunk's, in chunk order), and the
     loss histories and kernel profiles of all chunks, each with a ``chunk`` column."""
     if not chunks:
         return {"layer": "corrected", "counts": "X", "config": {}}
     merged = dict(chunks[0].uns[KEY]["correction"])
+    merged["config"] = dict(merged["config"])
+    for key in PER_CHUNK_SETTINGS:
+        values = [str(chunk.uns[KEY]["correction"]["config"].get(key, "none")) for chunk in chunks]
+        if len(set(values)) > 1:
+            merged["config"][key] = "; ".join(
+                f"chunk {int(chunk.uns[KEY]['chunk']['index'])}: {value}"
+                for chunk, value in zip(chunks, values, strict=True)
+            )
     for key in ("loss_history", "kernel_profile"):
         merged[key] = pd.concat(
             [

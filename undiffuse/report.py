@@ -52,6 +52,7 @@ KEY_FIGURES = ("before_after", "cell_types", "kernel", "loss")
 MODEL_SETTINGS = (
     "operator",
     "programmes",
+    "programmes_held_out_deviance",
     "reference_types",
     "prior_strength",
     "prior_weights",
@@ -600,8 +601,9 @@ class ReportInputs:
         return table.loc[["min", "25%", "50%", "75%", "max"]].T
 
     def model_settings(self) -> pd.DataFrame:
-        """The settings of the correction that shape its model (the first chunk's, which all chunks share; the
-        number of programmes is at most the genes of a chunk)."""
+        """The settings of the correction that shape its model (the first chunk's, which all chunks share, but
+        for the rank of the low-rank model, which each chunk may choose from its genes' counts, and which is at
+        most the genes of a chunk)."""
         config = self.corrected.uns.get(KEY, {}).get("correction", {}).get("config", {})
         shown = {name: config[name] for name in MODEL_SETTINGS if name in config}
         types = str(shown.get("reference_types", "none"))

@@ -31,6 +31,12 @@ stopping early keeps the denoising of its start. That field only starts the mode
 makes it stops early too (:data:`START_EM_ITERATIONS`). Each update computes the back-projected ratios
 :math:`B` once and takes both multiplicative updates from them (one E-step, two M-steps: an EM update too).
 
+The rank is chosen from the data (:func:`choose_rank`) by count splitting (Neufeld et al. 2024): each count is
+split into two independent Poisson halves (binomial thinning), the model is fitted to one half for each
+candidate rank, and the rank whose fit best predicts the other half (lowest held-out Poisson deviance) is kept.
+Unlike held-out entries of a smoothed field, the held-out counts carry counting noise of their own that no rank
+can fit, so a rank that fits noise predicts them worse.
+
 A reference of cell types gives the programmes instead (``profiles``): their shapes across the types are
 kept and each gene learns only its scale. Spots vary beyond a mixture of a few types, so the correction does
 not stop at that mixture; it centres a Gamma prior on it (:class:`~undiffuse.ot.prior.CentredPrior`). Where
@@ -40,6 +46,9 @@ References
 ----------
 Lee, D. D. & Seung, H. S. (2001). Algorithms for non-negative matrix factorization. Advances in Neural
 Information Processing Systems 13, 556-562.
+
+Neufeld, A., Gao, L. L., Popp, J., Battle, A. & Witten, D. (2024). Inference after latent variable estimation
+for single-cell RNA sequencing data. Biostatistics 25, 270-287.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..diffusion import expected_counts
 from ..operators import Kernel
 from .deconvolution import back_projected_ratio, with_totals
 
@@ -64,6 +74,80 @@ START_EM_ITERATIONS = 9
 NMF_BLOCK_ROWS = 16_384
 #: Updates of the Poisson NMF that fits a reference's cell types to a field (:func:`reference_centre`).
 REFERENCE_ITERATIONS = 200
+#: Ranks among which :func:`choose_rank` chooses, the share of each count its training half keeps, and the
+#: genes of a call it fits (the first ones): each candidate costs a low-rank EM of those genes.
+RANK_CANDIDATES = (4, 8, 12, 16)
+TRAIN_SHARE = 0.5
+RANK_SELECTION_GENES = 128
+
+
+def split_counts(
+    counts: np.ndarray, generator: np.random.Generator, share: float = TRAIN_SHARE
+) -> np.ndarray:
+    """The training half of count splitting: each count thinned binomially to ``share`` of it. It and the rest
+    are independent Poisson counts of expectations ``share`` and ``1 - share`` times the counts'."""
+    return generator.binomial(np.asarray(counts, dtype=np.int64), share).astype(np.float32)
+
+
+@torch.no_grad()
+def choose_rank(
+    counts: np.ndarray,
+    train: np.ndarray,
+    start: np.ndarray,
+    kernels: Sequence[tuple[slice, Kernel, torch.Tensor, torch.Tensor]],
+    tissue: torch.Tensor,
+    candidates: Sequence[int],
+    *,
+    share: float = TRAIN_SHARE,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> tuple[int, dict[int, float]]:
+    r"""The rank of the low-rank model chosen by count splitting, and the held-out deviance of each candidate.
+
+    For each rank :math:`k`, :func:`deconvolve_programmes` fits the training half :math:`x'` of the counts
+    (:func:`split_counts`) from ``start``; its expected counts, scaled to the other half,
+    :math:`\hat\mu = \tfrac{1 - \epsilon}{\epsilon} K^\top (W H)`, are scored against that half
+    :math:`x'' = x - x'` by the Poisson deviance :math:`2 \sum (\hat\mu - x'' + x'' \log(x'' / \hat\mu))`.
+
+    Parameters
+    ----------
+    counts, train
+        ``(N, G)`` the counts and their training half.
+    start
+        ``(T, G)`` the per-gene fields of the training half on the tissue spots (the low-rank model's start).
+    kernels, tissue
+        As for :func:`deconvolve_programmes`.
+    candidates
+        Ranks to try.
+    share
+        :math:`\epsilon`, the share of the counts in the training half.
+    seed, dtype
+        As for :func:`deconvolve_programmes`.
+    progress
+        Show a progress bar over the candidates.
+
+    Returns
+    -------
+    The rank of least held-out deviance and ``{rank: deviance}``.
+    """
+    device = tissue.device
+    rows = torch.nonzero(tissue).reshape(-1)
+    tiny = torch.finfo(dtype).tiny
+    deviance = {}
+    for rank in tqdm(candidates, desc="rank", unit="rank", disable=not progress or None, leave=False):
+        field = deconvolve_programmes(train, start, kernels, tissue, rank, seed=seed, dtype=dtype)
+        total = 0.0
+        for genes, kernel, bleed, distal in kernels:
+            inside = torch.as_tensor(field[:, genes], dtype=dtype, device=device)
+            slide = inside.new_zeros((tissue.shape[0], inside.shape[1])).index_copy_(0, rows, inside)
+            expected = expected_counts(slide, kernel, bleed, distal) * ((1.0 - share) / share)
+            held_out = torch.as_tensor(counts[:, genes] - train[:, genes], dtype=dtype, device=device)
+            log_ratio = torch.log(held_out.clamp_min(tiny)) - torch.log(expected.clamp_min(tiny))
+            terms = expected - held_out + torch.where(held_out > 0, held_out * log_ratio, 0.0)
+            total += 2.0 * float(terms.sum(dtype=torch.float64))
+        deviance[int(rank)] = total
+    return min(deviance, key=deviance.get), deviance
 
 
 def update_programmes(
