@@ -14,6 +14,7 @@ Usage::
     .venv/bin/python benchmarks/hd.py --bin-um 8 --genes 100
     .venv/bin/python benchmarks/hd.py --bin-um 16 --genes 2000
     .venv/bin/python benchmarks/hd.py --bin-um 8 --genes 100 --size-mm 3.25   # memory against slide size
+    .venv/bin/python benchmarks/hd.py --bin-um 16 --genes 2000 --programmes held_out
 """
 
 from __future__ import annotations
@@ -93,13 +94,18 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=100)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--programmes", default=None, help="correct's programmes (default: its own)")
     args = parser.parse_args()
 
     started = time.perf_counter()
     adata, truth = make_slide(args.bin_um, args.size_mm, args.genes)
     made_s = time.perf_counter() - started
     tissue = adata.obs["tissue"].to_numpy(bool)
-    options = {"device": args.device} | ({} if args.epochs is None else {"epochs": args.epochs})
+    options = (
+        {"device": args.device}
+        | ({} if args.epochs is None else {"epochs": args.epochs})
+        | ({} if args.programmes is None else {"programmes": _programmes(args.programmes)})
+    )
     with tempfile.TemporaryDirectory(prefix="undiffuse-hd-") as scratch:
         path = Path(scratch) / "slide.h5ad"
         adata.write_h5ad(path)
@@ -136,6 +142,7 @@ def main() -> None:
     stem = (
         f"hd_{args.bin_um:g}um_{args.genes}genes"
         + ("" if args.size_mm == 6.5 else f"_{args.size_mm:g}mm")
+        + ("" if args.programmes is None else f"_programmes_{args.programmes}")
         + ("" if device == "cpu" else f"_{device}")
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -158,6 +165,10 @@ def main() -> None:
     lines += ["", f"Machine: {report['machine']}", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def _programmes(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
 
 
 if __name__ == "__main__":

@@ -76,8 +76,15 @@ CORRECTIONS = {
     "corrected_prior_only": {"programmes": 0},
     "corrected_no_prior": {"programmes": 0, "prior_strength": 0.0},
     "corrected_reference": {"reference": "reference.h5ad"},
+    "corrected_held_out_rank": {"programmes": "held_out"},
 }
-OPTIONAL_ROWS = ("em_true_kernel", "corrected_prior_only", "corrected_no_prior", "corrected_reference")
+OPTIONAL_ROWS = (
+    "em_true_kernel",
+    "corrected_prior_only",
+    "corrected_no_prior",
+    "corrected_reference",
+    "corrected_held_out_rank",
+)
 
 
 def simulate_prepared(

@@ -9,6 +9,7 @@ import torch
 from conftest import hex_sample, tissue_rmse
 
 from undiffuse.correct import (
+    HD_PROGRAMMES,
     HD_PROGRAMMES_MIN_GENES,
     KEY,
     CorrectionConfig,
@@ -149,12 +150,12 @@ def test_correct_with_programmes_records_the_rank_it_used(low_counts):
     assert few.uns[KEY]["correction"]["config"]["programmes_held_out_deviance"] == "none"
 
 
-def test_auto_on_visium_hd_chooses_the_rank_by_count_splitting(low_counts):
+def test_held_out_programmes_choose_the_rank_by_count_splitting(low_counts):
     adata, _, _ = low_counts
-    hd = adata.copy()
-    hd.uns[KEY] = {**adata.uns[KEY], "platform": "visium_hd"}
-    options = dict(epochs=3, em_iterations=10, batch_genes=5, progress=False, copy=True)
-    out = correct(hd, **options)
+    options = dict(
+        programmes="held_out", epochs=3, em_iterations=10, batch_genes=5, progress=False, copy=True
+    )
+    out = correct(adata, **options)
     config = out.uns[KEY]["correction"]["config"]
     scores = dict(item.split(": ") for item in config["programmes_held_out_deviance"].split(", "))
     assert sorted(map(int, scores)) == [k for k in RANK_CANDIDATES if k <= 12]
@@ -162,7 +163,7 @@ def test_auto_on_visium_hd_chooses_the_rank_by_count_splitting(low_counts):
     corrected = out.layers["corrected"].toarray()
     np.testing.assert_allclose(corrected.sum(axis=0), adata.X.toarray().sum(axis=0), rtol=1e-4)
     # The same seed splits the counts alike.
-    np.testing.assert_array_equal(correct(hd, **options).layers["corrected"].toarray(), corrected)
+    np.testing.assert_array_equal(correct(adata, **options).layers["corrected"].toarray(), corrected)
 
 
 def test_auto_programmes_are_for_visium_hd_calls_with_enough_genes(low_counts):
@@ -171,11 +172,14 @@ def test_auto_programmes_are_for_visium_hd_calls_with_enough_genes(low_counts):
     hd.uns[KEY] = {**visium.uns.get(KEY, {}), "platform": "visium_hd"}
     auto = CorrectionConfig(progress=False)
     assert auto.programmes == "auto"
-    # On Visium HD ``auto`` chooses among the candidates that do not exceed the genes.
-    assert _programmes(auto, hd, 100) == list(RANK_CANDIDATES)
-    assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES) == [k for k in RANK_CANDIDATES if k <= 12]
+    assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES) == [HD_PROGRAMMES]
     assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES - 1) == []
     assert _programmes(auto, visium, 100) == []
+    # ``held_out`` chooses, on either platform, among the candidates that do not exceed the genes.
+    held_out = CorrectionConfig(programmes="held_out", progress=False)
+    assert _programmes(held_out, visium, 100) == list(RANK_CANDIDATES)
+    assert _programmes(held_out, hd, HD_PROGRAMMES_MIN_GENES) == [k for k in RANK_CANDIDATES if k <= 12]
+    assert _programmes(held_out, hd, HD_PROGRAMMES_MIN_GENES - 1) == []
     # A number is used on either platform, at most one programme per gene.
     assert _programmes(CorrectionConfig(programmes=5, progress=False), visium, 100) == [5]
     assert _programmes(CorrectionConfig(programmes=5, progress=False), hd, 3) == [3]

@@ -81,9 +81,10 @@ DEFAULT_WEIGHTS = {"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 
 DEFAULT_BATCH = 32
 #: Share of free GPU memory that ``batch_genes: auto`` plans to use.
 GPU_MEMORY_SHARE = 0.5
-#: The fewest genes a Visium HD call must hold for ``programmes="auto"`` to use the low-rank model (its rank
-#: chosen among :data:`~undiffuse.ot.programmes.RANK_CANDIDATES`): with fewer, the programmes pool too few
-#: genes to carry any gene's borders.
+#: Programmes of the low-rank model that ``programmes="auto"`` uses on Visium HD, and the fewest genes a call
+#: must hold for them (or for ``"held_out"`` to choose a rank): with fewer, the programmes pool too few genes to
+#: carry any gene's borders.
+HD_PROGRAMMES = 8
 HD_PROGRAMMES_MIN_GENES = 12
 
 
@@ -158,8 +159,12 @@ class CorrectionConfig:
         half-width 1.08x the truth's, where the prior alone gives 0.92x and 1.68x; on its 1 mm slide they
         lowered the RMSE of every call of 12 or 16 genes tried, not reliably of 8 or fewer. On the Visium
         simulator, whose genes vary smoothly and each in its own way, they raise the RMSE (by a third with 8
-        programmes, and above raw with 4). With a reference (:func:`correct`'s ``reference``) the programmes
-        are its cell types, and this option must stay ``"auto"``.
+        programmes, and above raw with 4). ``"held_out"`` chooses the rank from the data, on either platform,
+        when the call holds at least 12 genes: the one among
+        :data:`~undiffuse.ot.programmes.RANK_CANDIDATES` whose fit to a binomial half of the counts of the
+        call's first :data:`~undiffuse.ot.programmes.RANK_SELECTION_GENES` genes best predicts the other half
+        (:func:`~undiffuse.ot.programmes.choose_rank`). With a reference (:func:`correct`'s ``reference``) the
+        programmes are its cell types, and this option must stay ``"auto"``.
     reference_key
         ``obs`` column of a reference ``.h5ad``'s cell types (:mod:`undiffuse.reference`).
     tissue_cost
@@ -201,7 +206,7 @@ class CorrectionConfig:
     distal_init: float | Literal["background"] = "background"
     prior_strength: float | str = "auto"
     prior_weights: PriorWeights = "bilateral"
-    programmes: int | Literal["auto"] = "auto"
+    programmes: int | Literal["auto", "held_out"] = "auto"
     reference_key: str = "cell_type"
     tissue_cost: bool = False
     image_size: int = 64
@@ -254,7 +259,7 @@ class CorrectionConfig:
         ):
             problems.append("prior_strength must be 'auto' or a non-negative number")
         if not (
-            self.programmes == "auto"
+            self.programmes in ("auto", "held_out")
             or (
                 isinstance(self.programmes, int)
                 and not isinstance(self.programmes, bool)
@@ -262,7 +267,7 @@ class CorrectionConfig:
             )
         ):
             problems.append(
-                f"programmes must be 'auto' or a whole number, 0 or more, not {self.programmes!r}"
+                f"programmes must be 'auto', 'held_out' or a whole number, 0 or more, not {self.programmes!r}"
             )
         if self.prior_weights not in ("uniform", "bilateral"):
             problems.append(f"prior_weights must be 'uniform' or 'bilateral', not {self.prior_weights!r}")
@@ -410,8 +415,8 @@ def correct(
     candidates = _programmes(config, counts_view, len(genes))
     if candidates and type_profiles is not None:
         candidates = [len(reference_types)]
-    # With several candidates the rank is chosen from the data, by count splitting on the call's first genes
-    # (its first value until then: non-zero, the low-rank model is on).
+    # With several candidates (``held_out``) the rank is chosen from the data, by count splitting on the call's
+    # first genes (its first value until then: non-zero, the low-rank model is on).
     rank = candidates[0] if candidates else 0
     selection_genes = min(len(genes), RANK_SELECTION_GENES) if len(candidates) > 1 else 0
     splitter = np.random.default_rng(config.seed)
@@ -902,12 +907,13 @@ def _resolve_device(name: str) -> torch.device:
 
 def _programmes(config: CorrectionConfig, adata: AnnData, n_genes: int) -> list[int]:
     """The ranks of the low-rank model for a call on ``n_genes`` genes (none: the model is off): the configured
-    one, at most one programme per gene, or for ``"auto"`` on Visium HD with enough genes the candidates of
-    :func:`~undiffuse.ot.programmes.choose_rank` that do not exceed the genes."""
+    one, at most one programme per gene; for ``"auto"`` :data:`HD_PROGRAMMES` on Visium HD with enough genes;
+    for ``"held_out"``, with enough genes, the candidates of :func:`~undiffuse.ot.programmes.choose_rank` that
+    do not exceed them."""
     if config.programmes == "auto":
-        if not (is_visium_hd(adata) and n_genes >= HD_PROGRAMMES_MIN_GENES):
-            return []
-        return [k for k in RANK_CANDIDATES if k <= n_genes]
+        return [HD_PROGRAMMES] if is_visium_hd(adata) and n_genes >= HD_PROGRAMMES_MIN_GENES else []
+    if config.programmes == "held_out":
+        return [k for k in RANK_CANDIDATES if k <= n_genes] if n_genes >= HD_PROGRAMMES_MIN_GENES else []
     return [min(config.programmes, n_genes)] if config.programmes > 0 else []
 
 
