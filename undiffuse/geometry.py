@@ -21,7 +21,14 @@ from anndata import AnnData
 from .genes import selected_genes
 from .losses import ImageTarget
 from .moran import SpatialWeights, spatial_weights
-from .operators import DEFAULT_TOLERANCE, LatticeOperator, OperatorKind, PairOperator, build_operator
+from .operators import (
+    DEFAULT_TOLERANCE,
+    LatticeOperator,
+    OperatorKind,
+    PairOperator,
+    build_operator,
+    on_slide,
+)
 from .ot.cost import pair_features
 from .ot.prior import TissueNeighbours
 from .raster import Raster, build_raster, image_intensity, working_grid
@@ -147,8 +154,7 @@ class SampleGeometry:
 
     def on_slide(self, values: torch.Tensor) -> torch.Tensor:
         """``(N, G)`` a field given on the ``(T, G)`` tissue spots, zero elsewhere."""
-        slide = values.new_zeros((self.n_spots, *values.shape[1:]))
-        return slide.index_copy_(0, self.tissue_rows, values)
+        return on_slide(values, self.tissue_rows, self.n_spots)
 
     def training_window(self, n_spots: int) -> np.ndarray:
         """``(N,)`` boolean mask of a square window of about ``n_spots`` spots around the tissue boundary

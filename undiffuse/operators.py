@@ -56,6 +56,12 @@ FINE_PROFILE_RANGE = 5.0
 PROFILE_GROWTH = 1.01
 
 
+def on_slide(values: torch.Tensor, tissue_rows: torch.Tensor, n_spots: int) -> torch.Tensor:
+    """``(N, ...)`` values given on the ``(T, ...)`` spots ``tissue_rows`` (a field kept on tissue only), zero
+    elsewhere."""
+    return values.new_zeros((n_spots, *values.shape[1:])).index_copy_(0, tissue_rows, values)
+
+
 class Kernel(Protocol):
     """A row-normalised kernel bound to its parameters."""
 
@@ -232,7 +238,7 @@ class LatticeKernel:
         op = self.operator
         grid = self._convolve(op.scatter(values, self.fft_shape, self.n_planes), sum_planes=True)
         inside = op.gather(grid, tissue_only=True).clamp_min(0.0) / self.normaliser
-        return torch.zeros_like(values).index_copy(0, op.tissue_rows, inside)
+        return on_slide(inside, op.tissue_rows, values.shape[0])
 
 
 class LatticeOperator:

@@ -31,7 +31,7 @@ stopping early keeps the denoising of its start. That field only starts the mode
 makes it stops early too (:data:`START_EM_ITERATIONS`). Each update computes the back-projected ratios
 :math:`B` once and takes both multiplicative updates from them (one E-step, two M-steps: an EM update too).
 
-The rank is chosen from the data (:func:`choose_rank`) by count splitting (Neufeld et al. 2024): each count is
+The rank may be chosen from the data (:func:`choose_rank`) by count splitting (Neufeld et al. 2024): each count is
 split into two independent Poisson halves (binomial thinning), the model is fitted to one half for each
 candidate rank, and the rank whose fit best predicts the other half (lowest held-out Poisson deviance) is kept.
 Unlike held-out entries of a smoothed field, the held-out counts carry counting noise of their own that no rank
@@ -60,7 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion import expected_counts
-from ..operators import Kernel
+from ..operators import Kernel, on_slide
 from .deconvolution import back_projected_ratio, with_totals
 
 #: Multiplicative updates of the low-rank EM, after its start.
@@ -140,8 +140,8 @@ def choose_rank(
         total = 0.0
         for genes, kernel, bleed, distal in kernels:
             inside = torch.as_tensor(field[:, genes], dtype=dtype, device=device)
-            slide = inside.new_zeros((tissue.shape[0], inside.shape[1])).index_copy_(0, rows, inside)
-            expected = expected_counts(slide, kernel, bleed, distal) * ((1.0 - share) / share)
+            expected = expected_counts(on_slide(inside, rows, tissue.shape[0]), kernel, bleed, distal)
+            expected *= (1.0 - share) / share
             held_out = torch.as_tensor(counts[:, genes] - train[:, genes], dtype=dtype, device=device)
             log_ratio = torch.log(held_out.clamp_min(tiny)) - torch.log(expected.clamp_min(tiny))
             terms = expected - held_out + torch.where(held_out > 0, held_out * log_ratio, 0.0)
@@ -286,7 +286,7 @@ def deconvolve_programmes(
         programmes=initial,
         shaped=shaped,
     )
-    weights = torch.zeros(tissue.shape[0], rank, dtype=dtype, device=device).index_copy(0, rows, inside)
+    weights = on_slide(inside, rows, tissue.shape[0])
     # Column views of the counts, not copies (on the CPU, where ``counts`` has the working precision).
     observed_all = torch.as_tensor(counts, dtype=dtype, device=device)
     batches = [(genes, observed_all[:, genes], *rest) for genes, *rest in kernels]
