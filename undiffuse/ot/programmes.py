@@ -60,6 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion import expected_counts
+from ..losses import poisson_loss
 from ..operators import Kernel, on_slide
 from .deconvolution import back_projected_ratio, with_totals
 
@@ -133,7 +134,6 @@ def choose_rank(
     """
     device = tissue.device
     rows = torch.nonzero(tissue).reshape(-1)
-    tiny = torch.finfo(dtype).tiny
     deviance = {}
     for rank in tqdm(candidates, desc="rank", unit="rank", disable=not progress or None, leave=False):
         field = deconvolve_programmes(train, start, kernels, tissue, rank, seed=seed, dtype=dtype)
@@ -143,9 +143,8 @@ def choose_rank(
             expected = expected_counts(on_slide(inside, rows, tissue.shape[0]), kernel, bleed, distal)
             expected *= (1.0 - share) / share
             held_out = torch.as_tensor(counts[:, genes] - train[:, genes], dtype=dtype, device=device)
-            log_ratio = torch.log(held_out.clamp_min(tiny)) - torch.log(expected.clamp_min(tiny))
-            terms = expected - held_out + torch.where(held_out > 0, held_out * log_ratio, 0.0)
-            total += 2.0 * float(terms.sum(dtype=torch.float64))
+            # poisson_loss is the half deviance per spot.
+            total += 2.0 * len(held_out) * float(poisson_loss(held_out, expected).sum(dtype=torch.float64))
         deviance[int(rank)] = total
     return min(deviance, key=deviance.get), deviance
 
