@@ -98,18 +98,61 @@ def test_poisson_spots_must_be_background_or_all():
         CorrectionConfig(poisson_spots="tissue")
 
 
-def test_distal_share_starts_from_the_far_background(toy):
+def test_distal_share_starts_from_the_background_floor(toy):
+    """The uniform share starts from each gene's background floor: the floor of the QC's decay fitted to all
+    background spots when the QC fitted one, else the mean beyond the diffusion range, else a fixed share."""
     adata, _ = hex_sample(30, 30, n_genes=4, depth=400.0, scale=1.0, distal=0.1)
     adata.uns["undiffuse"]["diffusion_scale"] = 1.0  # a diffusion range of 3 pitches
-    measured = trainer(adata, CorrectionConfig(progress=False))
-    assert int(measured.geometry.far_background.sum()) >= 100
-    assert torch.allclose(measured.shares[:, 2], torch.tensor(0.1), rtol=0.2)
+    far = trainer(adata, CorrectionConfig(progress=False))
+    assert int((far.geometry.background_distance > far.geometry.reach).sum()) >= 100
+    assert torch.allclose(far.shares[:, 2], torch.tensor(0.1), rtol=0.1)
+    adata.uns["undiffuse"]["qc"] = {
+        "decay_fitted": True,
+        "decay_kernel": "gaussian",
+        "decay_kernel_scale": 1.0,
+    }
+    fitted = trainer(adata, CorrectionConfig(progress=False))
+    assert torch.allclose(fitted.shares[:, 2], torch.tensor(0.1), rtol=0.1)
+    assert not torch.equal(fitted.shares, far.shares)
     fixed = trainer(adata, CorrectionConfig(distal_init=0.05, progress=False)).shares[:, 2]
     assert torch.allclose(fixed, torch.tensor(0.05))
-    # The toy's background lies within the default range of 8 pitches: nothing to measure on.
+    # The toy's background lies within the default range of 8 pitches and it has no QC: nothing to measure on.
     fallback = trainer(toy[0], CorrectionConfig(progress=False))
-    assert not fallback.geometry.far_background.any()
+    assert fallback.geometry.decay_kernel is None
+    assert not (fallback.geometry.background_distance > fallback.geometry.reach).any()
     assert torch.allclose(fallback.shares[:, 2], torch.tensor(DISTAL_FALLBACK))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "heavy_tailed"])
+def test_kernel_starts_from_the_profile_the_qc_measured(toy, kind):
+    """With a fitted background decay, every gene's kernel starts as the decay's family at its scale (f_phi's
+    coefficients fitted to its shape), with r from the Gaussian-equivalent scale; without one, or with a
+    configured r, as the seed's Gaussian heat kernel (coefficients 0)."""
+    from undiffuse.diffusion import profile
+    from undiffuse.model import DiffusionModel
+
+    adata = toy[0].copy()
+    adata.uns["undiffuse"]["diffusion_scale"] = 2.0
+    adata.uns["undiffuse"]["qc"] = {"decay_fitted": True, "decay_kernel": kind, "decay_kernel_scale": 1.5}
+    batch = trainer(adata, CorrectionConfig(progress=False))
+    assert batch.geometry.decay_kernel == (kind, 1.5)
+    torch.testing.assert_close(batch.reg, torch.full_like(batch.reg, 8.0))
+    assert torch.equal(batch.phi, batch.phi[:1].expand_as(batch.phi)) and bool((batch.phi[:, -1] == 0).all())
+    measured = DiffusionModel(batch.geometry, profile(torch.tensor([1.5]), kind), *torch.zeros(2, 1))
+    torch.testing.assert_close(
+        batch.model().diffusion_length(), measured.diffusion_length().expand(adata.n_vars), rtol=0.02, atol=0
+    )
+    # A Gaussian decay at the Gaussian-equivalent scale is the seed's kernel itself: W = 1.
+    adata.uns["undiffuse"]["qc"]["decay_kernel_scale"] = 2.0
+    if kind == "gaussian":
+        assert trainer(adata, CorrectionConfig(progress=False)).phi.abs().max() < 0.02
+    for unfitted in ({**adata.uns["undiffuse"]["qc"], "decay_fitted": False}, {}):
+        adata.uns["undiffuse"]["qc"] = unfitted
+        assert not trainer(adata, CorrectionConfig(progress=False)).phi.any()
+    adata.uns["undiffuse"]["qc"] = {"decay_fitted": True, "decay_kernel": kind, "decay_kernel_scale": 1.5}
+    fixed = trainer(adata, CorrectionConfig(r_init=3.0, progress=False))
+    assert not fixed.phi.any()
+    torch.testing.assert_close(fixed.reg, torch.full_like(fixed.reg, 3.0))
 
 
 @pytest.mark.slow

@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
+from .diffusion import KernelKind
 from .genes import selected_genes
 from .losses import ImageTarget
 from .moran import SpatialWeights, spatial_weights
@@ -62,6 +63,16 @@ def qc_reach(info: Mapping[str, Any]) -> float:
     return max(measured) if measured else DEFAULT_REACH
 
 
+def decay_kernel(info: Mapping[str, Any]) -> tuple[KernelKind, float] | None:
+    """The QC's best-fitting profile of the background decay and its scale (pitches), or ``None`` where the
+    QC fitted none (or the sample was prepared without QC)."""
+    qc = info.get("qc", {})
+    kind, scale = qc.get("decay_kernel"), qc.get("decay_kernel_scale")
+    if not qc.get("decay_fitted") or kind not in get_args(KernelKind) or not scale or scale <= 0:
+        return None
+    return kind, float(scale)
+
+
 @dataclass
 class SampleGeometry:
     """Everything about a sample that does not depend on the genes.
@@ -78,6 +89,9 @@ class SampleGeometry:
         Range (pitches) of f_phi's radial basis, and of the kernel profiles reported.
     diffusion_scale
         The QC's Gaussian-equivalent diffusion scale (pitches), or ``None`` without QC.
+    decay_kernel
+        The radial profile that fits the QC's background decay best and its scale (pitches):
+        (``"gaussian"`` or ``"heavy_tailed"``, scale), or ``None`` without a fitted decay.
     prior_weights
         How the smoothness prior weighs a spot's tissue neighbours (:attr:`neighbours`).
     """
@@ -88,6 +102,7 @@ class SampleGeometry:
     operator: LatticeOperator | PairOperator
     reach: float
     diffusion_scale: float | None
+    decay_kernel: tuple[KernelKind, float] | None
     prior_weights: PriorWeights
     image: np.ndarray | None = field(repr=False)
     image_size: int
@@ -136,6 +151,7 @@ class SampleGeometry:
             operator=diffusion_operator,
             reach=reach,
             diffusion_scale=info.get("diffusion_scale"),
+            decay_kernel=decay_kernel(info),
             prior_weights=prior_weights,
             image=image,
             image_size=image_size,
@@ -184,11 +200,10 @@ class SampleGeometry:
         )
 
     @cached_property
-    def far_background(self) -> torch.Tensor:
-        """``(N,)`` background spots farther than ``reach`` from every tissue spot: the local kernel leaves
-        (almost) nothing there, so their counts measure the uniform (distal) share."""
-        far = distance_to_mask(self.coords, self.tissue.cpu().numpy()) > self.reach
-        return torch.as_tensor(far, device=self.device)
+    def background_distance(self) -> np.ndarray:
+        """``(B,)`` distances (pitches) of the background spots, in spot order, to the nearest tissue spot."""
+        tissue = self.tissue.cpu().numpy()
+        return distance_to_mask(self.coords, tissue)[~tissue]
 
     @cached_property
     def moran_weights(self) -> SpatialWeights:

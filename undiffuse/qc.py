@@ -209,6 +209,30 @@ class DecayFit:
         return EDGE_OFFSET + self.scale * inverse_half_plane_tail(float(tail_fraction * at_one), self.kind)
 
 
+def decay_floors(distance: np.ndarray, counts: np.ndarray, kind: str, scale: float) -> np.ndarray:
+    r"""``(G,)`` each gene's floor :math:`f_g` of the half-plane decay with a given family and scale.
+
+    Fits :math:`x_{jg} = f_g + A_g\, H((d_j - 1/2) / s)` to the counts of background spots :math:`j` by least
+    squares, one pair :math:`(f_g, A_g)` per gene, the shape :math:`H` and scale :math:`s` shared (see the
+    module docs). The floor is the level the local kernel leaves to the uniform (distal) share and ambient RNA;
+    it is not clipped.
+
+    Parameters
+    ----------
+    distance
+        ``(B,)`` the background spots' distances to the nearest tissue spot (pitches).
+    counts
+        ``(B, G)`` their counts.
+    kind, scale
+        Kernel family and scale (pitches) of the decay.
+    """
+    design = np.stack(
+        [np.ones_like(distance), half_plane_tail((distance - EDGE_OFFSET) / scale, kind)], axis=1
+    )
+    coefficients, *_ = np.linalg.lstsq(design, np.asarray(counts, dtype=np.float64), rcond=None)
+    return coefficients[0]
+
+
 def fit_decay(decay: pd.DataFrame, kind: str, *, statistic: str = "median") -> DecayFit | None:
     """Weighted least-squares fit of one kernel family to a decay table; None when it cannot be fitted.
 

@@ -27,17 +27,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .diffusion import profile_log_weights
 from .geometry import SampleGeometry
 from .losses import image_loss, moran_loss, out_of_tissue_loss, poisson_loss
 from .model import DiffusionModel, SoftStart, gibbs_log_weights
+from .ot.cost import matching_coefficients
 from .ot.deconvolution import through_start, with_totals
+from .qc import decay_floors
 
 if TYPE_CHECKING:
     from .correct import CorrectionConfig
 
 LOSS_TERMS = ("image", "out_of_tissue", "moran", "poisson")
-#: Fewest background spots beyond the diffusion range from which the distal share is measured
-#: (:func:`initial_distal`), the share taken without them, and the range a measured share is clipped to.
+#: Fewest background spots from which the distal share is measured (:func:`initial_distal`), the share taken
+#: without them, and the range a measured share is clipped to.
 DISTAL_MIN_SPOTS = 20
 DISTAL_FALLBACK = 0.02
 DISTAL_INIT_RANGE = (1e-3, 0.5)
@@ -72,15 +75,14 @@ class KernelTrainer:
         self.totals = self.soft_start.totals
         self.q_init = torch.as_tensor(q_init, dtype=dtype, device=device)
 
-        r0 = initial_reg(config, geometry)
-        distal0 = initial_distal(config, geometry, counts)
-        bleed0 = torch.full_like(distal0, config.bleed_init)
-        shares0 = torch.stack([1.0 - bleed0 - distal0, bleed0, distal0], dim=1).clamp_min(1e-4)
+        r0, phi0 = initial_cost(config, geometry)
         self.q_logit = torch.logit(self.q_init.clamp(0.01, 0.99)).clone().requires_grad_(True)
         self.log_r = torch.full((n_genes,), math.log(max(r0 - self.R_MIN, 1e-12)), dtype=dtype, device=device)
         self.log_r.requires_grad_(True)
-        n_features = geometry.features(torch.zeros(1, dtype=dtype), torch.zeros(1, dtype=torch.bool)).shape[1]
-        self.phi = torch.zeros((n_genes, n_features), dtype=dtype, device=device, requires_grad=True)
+        self.phi = phi0.to(dtype).expand(n_genes, -1).clone().requires_grad_(True)
+        distal0 = initial_distal(config, geometry, counts)
+        bleed0 = torch.full_like(distal0, config.bleed_init)
+        shares0 = torch.stack([1.0 - bleed0 - distal0, bleed0, distal0], dim=1).clamp_min(1e-4)
         self.share_logits = torch.log(shares0).requires_grad_(True)
         self.optimizer = Adam([self.q_logit, self.log_r, self.phi, self.share_logits], lr=config.lr)
         background = ~geometry.tissue
@@ -272,32 +274,69 @@ class Adam:
 def initial_distal(config: CorrectionConfig, geometry: SampleGeometry, counts: torch.Tensor) -> torch.Tensor:
     r"""``(G,)`` initial uniform (distal) shares :math:`d`.
 
-    ``config.distal_init == "background"`` measures them per gene on the background spots beyond the diffusion
-    range (:attr:`~undiffuse.geometry.SampleGeometry.far_background`), where the forward model leaves only
-    :math:`d\, Z / N` per spot (:math:`Z` the gene's total, :math:`N` the spots):
-    :math:`\hat d = (\sum_\text{far} x + \tfrac12) / n_\text{far} \cdot N / Z` (half a count keeps genes
-    with no far count off zero), clipped to :data:`DISTAL_INIT_RANGE` and to half of what the local share
-    leaves. Started from a share far from the truth, training first widens the local kernel to explain the far
-    counts and needs many epochs to undo it. With fewer than :data:`DISTAL_MIN_SPOTS` far spots it falls back to
-    :data:`DISTAL_FALLBACK`; a number is taken for every gene.
+    ``config.distal_init == "background"`` measures each gene's floor :math:`f`, the level its background counts
+    keep far from the tissue, on which the forward model leaves :math:`d\, Z / N` per spot (:math:`Z` the
+    gene's total, :math:`N` the spots): :math:`\hat d = (f + \tfrac{1}{2n}) N / Z` over :math:`n` spots (half
+    a count keeps genes with no background counts off zero), clipped to :data:`DISTAL_INIT_RANGE` and to half of
+    what the local share leaves.
+
+    - With the QC's fit of the background decay (:attr:`~undiffuse.geometry.SampleGeometry.decay_kernel`),
+      :math:`f` is the floor of the same half-plane decay fitted to the gene's counts on all background spots,
+      its kernel family and scale those the QC fitted to the sample's total counts
+      (:func:`undiffuse.qc.decay_floors`). A heavy tail still reaches the spots beyond the diffusion range,
+      and a sample may have few of them.
+    - Without it, :math:`f` is the mean of the background spots beyond the diffusion range
+      (:attr:`~undiffuse.geometry.SampleGeometry.reach`), where a Gaussian-like kernel leaves nothing.
+
+    With fewer than :data:`DISTAL_MIN_SPOTS` spots to measure on it falls back to :data:`DISTAL_FALLBACK`; a
+    number is taken for every gene. Started from a share far from the truth, training first widens the local
+    kernel to explain the background and needs many epochs to undo it.
     """
     n_genes, dtype, device = counts.shape[1], counts.dtype, counts.device
     if config.distal_init != "background":
         return torch.full((n_genes,), float(config.distal_init), dtype=dtype, device=device)
-    far = geometry.far_background
-    n_far = int(far.sum())
-    if n_far < DISTAL_MIN_SPOTS:
+    background = ~geometry.tissue
+    distance = geometry.background_distance
+    measured = distance > geometry.reach if geometry.decay_kernel is None else distance >= 0
+    n_measured = int(measured.sum())
+    if n_measured < DISTAL_MIN_SPOTS:
         return torch.full((n_genes,), DISTAL_FALLBACK, dtype=dtype, device=device)
-    totals = counts.sum(dim=0)
-    level = (counts[far].sum(dim=0) + 0.5) / n_far
-    share = level * counts.shape[0] / totals.clamp_min(1.0)
+    observed = counts[background][torch.as_tensor(measured, device=device)].cpu().numpy()
+    if geometry.decay_kernel is None:
+        floors = observed.mean(axis=0)
+    else:
+        floors = decay_floors(distance, observed, *geometry.decay_kernel)
+    level = torch.as_tensor(floors, dtype=dtype, device=device).clamp_min(0.0) + 0.5 / n_measured
+    share = level * counts.shape[0] / counts.sum(dim=0).clamp_min(1.0)
     low, high = DISTAL_INIT_RANGE
     return share.clamp(low, min(high, 0.5 * (1.0 - config.bleed_init)))
 
 
-def initial_reg(config: CorrectionConfig, geometry: SampleGeometry) -> float:
-    """The initial :math:`r`: :math:`2 s^2` from the QC's diffusion scale :math:`s` (the seed's 1 without QC),
-    or the configured number."""
-    if config.r_init == "qc":
-        return 2.0 * float(geometry.diffusion_scale) ** 2 if geometry.diffusion_scale else 1.0
-    return float(config.r_init)
+def initial_cost(config: CorrectionConfig, geometry: SampleGeometry) -> tuple[float, torch.Tensor]:
+    r"""The kernel training starts from: :math:`r` and f_phi's ``(K + 1,)`` coefficients, the same for every gene.
+
+    ``config.r_init == "qc"`` starts from the kernel the QC measured on the background decay:
+    :math:`r = 2 s^2` from its Gaussian-equivalent scale :math:`s`, and the coefficients whose Gibbs kernel has
+    the radial profile of the family that fits the decay best, at that family's scale
+    (:func:`undiffuse.ot.cost.matching_coefficients`, on the lattice neighbourhood the diffusion length is
+    measured on), so that a heavy-tailed kernel starts heavy-tailed. Without a fitted decay the coefficients are
+    0 (the seed's Gaussian heat kernel :math:`W = 1`), with :math:`r = 1` without QC; a number sets :math:`r`,
+    with coefficients 0. The boundary-crossing coefficient always starts at 0.
+    """
+    n_features = geometry.features(
+        torch.zeros(1, dtype=geometry.dtype), torch.zeros(1, dtype=torch.bool)
+    ).shape[1]
+    phi = torch.zeros(n_features, dtype=geometry.dtype, device=geometry.device)
+    if config.r_init != "qc":
+        return float(config.r_init), phi
+    if not geometry.diffusion_scale:
+        return 1.0, phi
+    reg = 2.0 * float(geometry.diffusion_scale) ** 2
+    if geometry.decay_kernel is not None:
+        kind, scale = geometry.decay_kernel
+        distance = geometry.reference_distance
+        distance = distance[distance > 0]
+        log_weights = profile_log_weights(distance, distance.new_tensor([scale]), kind)[:, 0]
+        basis = geometry.features(distance, torch.zeros_like(distance, dtype=torch.bool))[:, :-1]
+        phi[:-1] = matching_coefficients(basis, distance, log_weights, reg)
+    return reg, phi
