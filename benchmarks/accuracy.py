@@ -147,8 +147,8 @@ def true_field_kernel_fit(
 ) -> pd.DataFrame:
     """Per-gene kernels fitted with the answer half known: maximum likelihood of the true family's scale and of
     the local and distal shares on the background spots' counts, with the true field in tissue. The lengths'
-    correlation with the truth is what the background counts alone can give, the floor of any per-gene
-    estimate's noise (``correct`` also has to find the field). Returns ``parameter_table``'s columns."""
+    correlation with the truth is what the background counts alone tell with the field known (``correct`` has to
+    find the field too, but also learns from the tissue spots). Returns ``parameter_table``'s columns."""
     geometry = _geometry(sample.adata, config, image=None, device=torch.device("cpu"), dtype=torch.float64)
     truth = sample.truth[:, sample.genes].X
     field = torch.as_tensor(truth.toarray() if hasattr(truth, "toarray") else np.asarray(truth))
@@ -373,7 +373,7 @@ def main() -> None:
         f"pitches (the true local kernel measured as the learned one is: per-axis RMS displacement within the "
         f"diffusion range), bleed {args.bleed}, distal {args.distal}. ml_kernel_given_true_field: the true "
         "family's scale and shares fitted per gene by maximum likelihood on the background counts with the true "
-        "field known, the floor of a per-gene estimate's noise.",
+        "field known: what the background counts alone tell.",
         "",
         f"Machine: {report['machine']}",
         "Wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),

@@ -41,6 +41,7 @@ def test_partial_sections_keep_given_values_and_fill_the_rest():
         "out_of_tissue": 1.0,
         "moran": 2.5,
         "poisson": 100.0,
+        "kernel_prior": 100.0,
     }
     assert config["correct"]["operator"] == "auto"
 

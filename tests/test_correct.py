@@ -155,6 +155,28 @@ def test_kernel_starts_from_the_profile_the_qc_measured(toy, kind):
     torch.testing.assert_close(fixed.reg, torch.full_like(fixed.reg, 3.0))
 
 
+def test_kernel_prior_holds_each_gene_near_the_starting_kernel(toy):
+    """The kernel prior is zero at the start, grows as (log r, phi) leave it, per spot as the Poisson term, and
+    is switched off by its weight."""
+    from undiffuse.trainer import KERNEL_PRIOR_SD
+
+    adata, _ = toy
+    batch = trainer(adata, CorrectionConfig(**FAST))
+    model, soft = batch.model(), batch.soft()
+    field = model.deconvolve(batch.counts, batch.start(soft), n_iter=2)
+    assert torch.equal(batch.losses(field, soft, model)["kernel_prior"], torch.zeros(adata.n_vars))
+    with torch.no_grad():
+        batch.log_r[0] += 1.0  # r grows e-fold, nearly: r = R_MIN + exp(log_r)
+        batch.phi[1, 0] -= 0.3
+    prior = batch.losses(field, soft, model)["kernel_prior"]
+    shift = torch.log(batch.reg[0]) - batch.kernel_centre[0, 0]
+    expected = torch.tensor([shift**2, 0.3**2]) / (2 * KERNEL_PRIOR_SD**2 * adata.n_obs)
+    torch.testing.assert_close(prior[:2], expected.to(prior.dtype))
+    assert not prior[2:].any()
+    off = trainer(adata, CorrectionConfig(**FAST, weights={"kernel_prior": 0.0}))
+    assert not off.losses(field, soft, off.model())["kernel_prior"].any()
+
+
 @pytest.mark.slow
 def test_learned_local_share_tracks_the_truth():
     adata, _ = hex_sample(30, 30, n_genes=4, depth=400.0, scale=1.5, distal=0.1)
@@ -197,7 +219,15 @@ def test_deconvolve_improves_on_raw_and_keeps_totals(toy):
     assert corrected[~tissue].sum() == 0
     assert np.isfinite(corrected).all()
     history = out.uns["undiffuse"]["correction"]["loss_history"]
-    assert set(history.columns) == {"epoch", "total", "image", "out_of_tissue", "moran", "poisson"}
+    assert set(history.columns) == {
+        "epoch",
+        "total",
+        "image",
+        "out_of_tissue",
+        "moran",
+        "poisson",
+        "kernel_prior",
+    }
     assert len(history) == 30
     assert history["poisson"].iloc[-1] < history["poisson"].iloc[0]
 

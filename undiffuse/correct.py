@@ -76,7 +76,7 @@ from .validate import check_correct_input, failed_genes
 logger = logging.getLogger(__name__)
 
 #: The seed's weights (all 1) and the Poisson fidelity's.
-DEFAULT_WEIGHTS = {"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 100.0}
+DEFAULT_WEIGHTS = {"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 100.0, "kernel_prior": 100.0}
 #: Genes optimised together on the CPU; results do not depend on it, memory does.
 DEFAULT_BATCH = 32
 #: Share of free GPU memory that ``batch_genes: auto`` plans to use.
@@ -127,19 +127,22 @@ class CorrectionConfig:
     kernel_tolerance
         Share of a kernel's mass the lattice operator may drop beyond the radius it keeps it to.
     r_init
-        Initial entropic regularisation: ``"qc"`` (default) takes :math:`2 s^2` from the QC's diffusion scale
-        :math:`s`, so that the initial heat kernel has the measured width, and falls back to the seed's 1
-        without QC; or a positive number.
+        Initial kernel: ``"qc"`` (default) starts from the one the QC measured on the background decay, with
+        :math:`r = 2 s^2` from its Gaussian-equivalent scale :math:`s` and f_phi's coefficients fitted so that
+        the kernel has the radial profile of the decay's best-fitting family at its scale (heavy-tailed where the
+        tail is heavy; :func:`undiffuse.trainer.initial_cost`); without the QC's fit the seed's Gaussian heat
+        kernel of that width, and :math:`r = 1` without QC. A positive number: that :math:`r` with the seed's
+        Gaussian heat kernel.
     bleed_init
         Initial local bleeding share.
     distal_init
-        Initial uniform (distal) bleeding share: ``"background"`` (default) measures it per gene on the
-        background spots beyond the diffusion range (:func:`undiffuse.trainer.initial_distal`), or a number for
-        every gene. Started from a share far from the truth, training first widens the local kernel to explain
-        the far background and needs several times the default epochs to undo it: on
-        ``benchmarks/accuracy.py``'s sample (true local share 0.3), 25 epochs from 0.02 learn a local share
-        of 0.23 and a diffusion length 1.4x the truth's; from the measured share, 0.30 and 0.97x
-        (``benchmarks/results/accuracy_full_stride5_engine.md``).
+        Initial uniform (distal) bleeding share: ``"background"`` (default) measures it per gene as the floor
+        of the QC's background decay fitted to the gene's counts on all background spots (without the QC's fit:
+        their mean beyond the diffusion range; :func:`undiffuse.trainer.initial_distal`), or a number for every
+        gene. Started from a share far from the truth, training first widens the local kernel to explain the far
+        background and needs several times the default epochs to undo it: on ``benchmarks/accuracy.py``'s sample
+        (true local share 0.3), 25 epochs from 0.02 learn a local share of 0.23 and a diffusion length 1.4x the
+        truth's; from the measured share, 0.30 and 0.97x (``benchmarks/results/accuracy_full_stride5_engine.md``).
     prior_strength
         Strength :math:`\alpha` of the smoothness prior (:mod:`undiffuse.ot.prior`): ``"auto"`` (default)
         estimates it per gene by empirical Bayes; a number sets it for every gene; 0 is maximum-likelihood EM.

@@ -185,3 +185,26 @@ def poisson_loss(
     )
     n_spots = counts.shape[0] if spots is None else spots.shape[0]
     return (expected - counts + counts * log_ratio).sum(dim=0) / n_spots
+
+
+def gaussian_prior_loss(params: torch.Tensor, centre: torch.Tensor, sd: float, n_spots: int) -> torch.Tensor:
+    r"""Negative log density of an isotropic Gaussian prior, per spot as :func:`poisson_loss` is.
+
+    .. math::
+
+        \mathcal L_\text{prior} = \frac{1}{N} \sum_p \frac{(\theta_{g,p} - \theta^0_{g,p})^2}{2 \sigma^2}
+
+    Weighted as the Poisson term is, the two are a log posterior: the prior's pull is that of :math:`1 /
+    \sigma^2` observations, so a gene whose counts say much about its parameters moves them freely, and one
+    whose counts say little keeps them near :math:`\theta^0`.
+
+    Parameters
+    ----------
+    params, centre
+        ``(G, P)`` parameters :math:`\theta` and the prior's centres :math:`\theta^0`.
+    sd
+        The prior's standard deviation :math:`\sigma`, in the parameters' units.
+    n_spots
+        :math:`N`, the spots the Poisson term divides by.
+    """
+    return ((params - centre) ** 2).sum(dim=1) / (2.0 * sd**2 * n_spots)

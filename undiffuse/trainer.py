@@ -9,12 +9,17 @@ factor, so gradients reach :math:`q` while autograd memory stays bounded) and ta
 .. math::
 
     \mathcal L = \lambda_1 \mathcal L_\text{image}(z) + \lambda_2 \mathcal L_\text{out}(b)
-    + \lambda_3 \mathcal L_\text{Moran}(z) + \lambda_4 \mathcal L_\text{Poisson}(x, K^\top z),
+    + \lambda_3 \mathcal L_\text{Moran}(z) + \lambda_4 \mathcal L_\text{Poisson}(x, K^\top z)
+    + \lambda_5 \mathcal L_\text{prior}(\log r, \phi),
 
 each a sum of per-gene terms (:mod:`undiffuse.losses`), so that a gene's result does not depend on the other
 genes of its batch. The out-of-tissue term is taken on the soft-thresholded counts :math:`b` before they are
 confined to tissue, where it can be non-zero: it is the share of a gene's thresholded mass that the threshold
-leaves on background spots. The kernel is trained against the maximum-likelihood field; the smoothness prior
+leaves on background spots. The last term is a Gaussian prior on each gene's kernel parameters around the kernel
+the QC measured (:data:`KERNEL_PRIOR_SD`; :func:`undiffuse.losses.gaussian_prior_loss`), weighted as the Poisson
+term so that the two are a posterior: a gene whose background counts say little about its kernel (a marker of
+a domain far from the tissue edge, a gene of a few hundred counts) keeps the sample's instead of drifting to a
+degenerate one. The kernel is trained against the maximum-likelihood field; the smoothness prior
 shapes only the output (a prior inside training would stand in for part of the blur).
 """
 
@@ -29,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .diffusion import profile_log_weights
 from .geometry import SampleGeometry
-from .losses import image_loss, moran_loss, out_of_tissue_loss, poisson_loss
+from .losses import gaussian_prior_loss, image_loss, moran_loss, out_of_tissue_loss, poisson_loss
 from .model import DiffusionModel, SoftStart, gibbs_log_weights
 from .ot.cost import matching_coefficients
 from .ot.deconvolution import through_start, with_totals
@@ -38,7 +43,10 @@ from .qc import decay_floors
 if TYPE_CHECKING:
     from .correct import CorrectionConfig
 
-LOSS_TERMS = ("image", "out_of_tissue", "moran", "poisson")
+LOSS_TERMS = ("image", "out_of_tissue", "moran", "poisson", "kernel_prior")
+#: Standard deviation of the prior on each gene's kernel parameters (log r and f_phi's coefficients) around the
+#: kernel training starts from (:func:`initial_cost`): a length within about 30% of the sample's costs little.
+KERNEL_PRIOR_SD = 0.5
 #: Fewest background spots from which the distal share is measured (:func:`initial_distal`), the share taken
 #: without them, and the range a measured share is clipped to.
 DISTAL_MIN_SPOTS = 20
@@ -80,6 +88,8 @@ class KernelTrainer:
         self.log_r = torch.full((n_genes,), math.log(max(r0 - self.R_MIN, 1e-12)), dtype=dtype, device=device)
         self.log_r.requires_grad_(True)
         self.phi = phi0.to(dtype).expand(n_genes, -1).clone().requires_grad_(True)
+        #: The kernel prior's centre: log r and f_phi's coefficients at the start.
+        self.kernel_centre = self._kernel_parameters().detach()
         distal0 = initial_distal(config, geometry, counts)
         bleed0 = torch.full_like(distal0, config.bleed_init)
         shares0 = torch.stack([1.0 - bleed0 - distal0, bleed0, distal0], dim=1).clamp_min(1e-4)
@@ -139,7 +149,15 @@ class KernelTrainer:
             terms["moran"] = moran_loss(field, geometry.moran_weights)
         if self.weights["poisson"] > 0:
             terms["poisson"] = poisson_loss(self.counts, model.forward(field), self.poisson_spots)
+        if self.weights["kernel_prior"] > 0:
+            terms["kernel_prior"] = gaussian_prior_loss(
+                self._kernel_parameters(), self.kernel_centre, KERNEL_PRIOR_SD, self.counts.shape[0]
+            )
         return terms
+
+    def _kernel_parameters(self) -> torch.Tensor:
+        """``(G, K + 2)`` each gene's kernel parameters: :math:`\\log r`, then f_phi's coefficients."""
+        return torch.cat([torch.log(self.reg)[:, None], self.phi], dim=1)
 
     def fit(self, bar: tqdm) -> pd.DataFrame:
         """Train for ``config.epochs`` epochs; returns the loss history (means over the batch's genes)."""

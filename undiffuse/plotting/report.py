@@ -30,7 +30,7 @@ from ..tissue import pick_image
 from .qc import _BinRaster, _draw_image, _finish_raster_axes
 
 #: Loss terms of ``uns['loss_history']``, in the order they are drawn.
-LOSS_TERMS = ("total", "image", "out_of_tissue", "moran", "poisson")
+LOSS_TERMS = ("total", "image", "out_of_tissue", "moran", "poisson", "kernel_prior")
 
 #: Colours of the stages that metrics compare.
 STAGE_COLOURS = {"raw": "#8c8c8c", "corrected": "#1f77b4", "rediffused": "#ff7f0e", "truth": "#2ca02c"}
