@@ -75,7 +75,7 @@ from .validate import check_correct_input, failed_genes
 
 logger = logging.getLogger(__name__)
 
-#: The seed's weights (all 1) and the Poisson fidelity's.
+#: The seed's weights (all 1), the Poisson fidelity's, and the kernel prior's (the Poisson term's: a posterior).
 DEFAULT_WEIGHTS = {"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 100.0, "kernel_prior": 100.0}
 #: Genes optimised together on the CPU; results do not depend on it, memory does.
 DEFAULT_BATCH = 32

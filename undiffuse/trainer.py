@@ -313,17 +313,17 @@ def initial_distal(config: CorrectionConfig, geometry: SampleGeometry, counts: t
     n_genes, dtype, device = counts.shape[1], counts.dtype, counts.device
     if config.distal_init != "background":
         return torch.full((n_genes,), float(config.distal_init), dtype=dtype, device=device)
-    background = ~geometry.tissue
-    distance = geometry.background_distance
-    measured = distance > geometry.reach if geometry.decay_kernel is None else distance >= 0
-    n_measured = int(measured.sum())
+    observed, distance = counts[~geometry.tissue], geometry.background_distance
+    if geometry.decay_kernel is None:
+        far = distance > geometry.reach
+        observed = observed[torch.as_tensor(far, device=device)]
+    n_measured = observed.shape[0]
     if n_measured < DISTAL_MIN_SPOTS:
         return torch.full((n_genes,), DISTAL_FALLBACK, dtype=dtype, device=device)
-    observed = counts[background][torch.as_tensor(measured, device=device)].cpu().numpy()
     if geometry.decay_kernel is None:
-        floors = observed.mean(axis=0)
+        floors = observed.mean(dim=0).cpu().numpy()
     else:
-        floors = decay_floors(distance, observed, *geometry.decay_kernel)
+        floors = decay_floors(distance, observed.cpu().numpy(), *geometry.decay_kernel)
     level = torch.as_tensor(floors, dtype=dtype, device=device).clamp_min(0.0) + 0.5 / n_measured
     share = level * counts.shape[0] / counts.sum(dim=0).clamp_min(1.0)
     low, high = DISTAL_INIT_RANGE
