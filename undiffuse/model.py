@@ -30,6 +30,9 @@ from .ot.prior import (
 )
 from .ot.quantile import dequantised_order_statistics, quantile, soft_threshold
 
+#: Share of each gene's total that the EM start spreads evenly over the tissue (:meth:`SoftStart.start`).
+START_FLOOR = 0.01
+
 
 def gibbs_log_weights(geometry: SampleGeometry, phi: torch.Tensor, reg: torch.Tensor) -> LogWeights:
     r"""Log weights :math:`-f_\phi(d, c)\, d^2 / r` of the Gibbs kernel of the learned transport cost.
@@ -80,13 +83,17 @@ class SoftStart:
         return soft_threshold(self.counts, self.threshold(q), beta=self.beta, value_range=self.value_range)
 
     def start(self, soft: torch.Tensor) -> torch.Tensor:
-        """``(N, G)`` ``soft`` confined to tissue and rescaled to each gene's total; a gene with no counts in
-        tissue starts uniform over the tissue."""
+        """``(N, G)`` ``soft`` confined to tissue and rescaled to each gene's total, with :data:`START_FLOOR` of
+        the total spread evenly over the tissue; a gene with no counts in tissue starts uniform over the tissue.
+
+        EM updates are multiplicative, so a spot the threshold empties could regrow only through the
+        smoothness prior's pull towards its neighbours, which is slow where they are emptied too: the floor
+        leaves every tissue spot a value from which the counts can raise it again."""
         inside = soft * self.tissue[:, None]
         mass = inside.sum(dim=0)
         uniform = self.tissue[:, None].to(soft.dtype).expand_as(soft) / self.tissue.sum()
         shape = torch.where(mass > 0, inside / torch.where(mass > 0, mass, 1.0), uniform)
-        return shape * self.totals
+        return torch.lerp(shape, uniform, START_FLOOR) * self.totals
 
 
 @dataclass
