@@ -495,3 +495,22 @@ def test_report_inputs_list_the_model_settings_with_the_rank_of_the_low_rank_mod
     config["programmes"] = 0
     settings = report.ReportInputs(sample="hd", corrected=adata, metrics={}).model_settings()
     assert settings.loc["programmes", "value"].startswith("0 (each gene on its own")
+
+
+def test_the_loss_panels_are_the_history_columns_in_their_order():
+    """One panel per loss term the trainer recorded, in its order, whatever the terms are: the report keeps no
+    list of its own."""
+    from undiffuse.plotting.report import plot_loss_history
+
+    epochs = np.arange(3)
+    history = {
+        "0": pd.DataFrame({"epoch": epochs, "total": [3.0, 2, 1], "poisson": [2.0, 1, 0.5], "new_term": 1.0}),
+        "1": pd.DataFrame({"epoch": epochs, "total": [4.0, 3, 2], "moran": [-0.1, -0.2, -0.3]}),
+    }
+    figure = plot_loss_history(history)
+    assert [ax.get_title() for ax in figure.axes if ax.has_data()] == [
+        "total",
+        "poisson",
+        "new_term",
+        "moran",
+    ]

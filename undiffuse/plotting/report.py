@@ -29,9 +29,6 @@ from ..spatial import SPATIAL_KEY, spot_pitch
 from ..tissue import pick_image
 from .qc import _BinRaster, _draw_image, _finish_raster_axes
 
-#: Loss terms of ``uns['loss_history']``, in the order they are drawn.
-LOSS_TERMS = ("total", "image", "out_of_tissue", "moran", "poisson", "kernel_prior")
-
 #: Colours of the stages that metrics compare.
 STAGE_COLOURS = {"raw": "#8c8c8c", "corrected": "#1f77b4", "rediffused": "#ff7f0e", "truth": "#2ca02c"}
 
@@ -211,7 +208,8 @@ def plot_loss_history(history: Mapping[str, pd.DataFrame]) -> Figure:
         ``{chunk: table}`` with ``epoch`` and one column per loss term.
     """
     tables = {str(chunk): pd.DataFrame(table) for chunk, table in history.items() if len(table)}
-    terms = [term for term in LOSS_TERMS if any(term in table for table in tables.values())]
+    # The terms are the tables' own columns, in their order: the trainer owns the list.
+    terms = list(dict.fromkeys(column for table in tables.values() for column in table if column != "epoch"))
     fig = Figure(figsize=(3.2 * max(len(terms), 1), 3.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, max(len(terms), 1)))
     if not terms:
