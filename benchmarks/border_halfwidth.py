@@ -59,10 +59,10 @@ def corrected_markers(adata: ad.AnnData, genes: list[str]) -> tuple[np.ndarray, 
     """Raw and corrected ``(N, G)`` counts of ``genes``, and the correction's wall time (s)."""
     q_init = scan_quantiles(adata, genes).set_index("gene")["q_init"]
     started = time.perf_counter()
-    result = correct(adata, genes=genes, q_init=q_init)
+    result = correct(adata, genes=genes, q_init=q_init, copy=True)
     seconds = time.perf_counter() - started
     raw = np.asarray(adata[:, genes].X.toarray(), dtype=np.float64)
-    return raw, result.corrected.astype(np.float64), seconds
+    return raw, result[:, genes].layers["corrected"].toarray().astype(np.float64), seconds
 
 
 def simulated(root: Path, args: argparse.Namespace, bleed: float) -> dict:
