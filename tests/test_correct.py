@@ -294,12 +294,23 @@ def test_writes_into_adata_in_scanpy_conventions(toy):
 
 @pytest.mark.slow
 def test_result_does_not_depend_on_batching(toy):
+    """What each gene learns is the same whether it is trained with 5 other genes, 3 or none, to float32 round-off.
+    The fields agree to 1%: the accelerated EM chooses per gene between its extrapolated and its plain step by
+    comparing likelihoods, a choice that round-off can turn (with plain EM steps they agree to 1e-6 relative), and 30
+    updates from the start do not converge."""
     adata, _ = toy
-    together = corrected_values(correct(adata, **FAST, batch_genes=6, copy=True))
-    split = corrected_values(correct(adata, **FAST, batch_genes=4, copy=True))
-    np.testing.assert_allclose(together, split, rtol=1e-4, atol=1e-3)
-    alone = corrected_values(correct(adata, genes=["gene3"], **FAST, copy=True), ["gene3"])
-    np.testing.assert_allclose(alone[:, 0], together[:, 3], rtol=1e-4, atol=1e-3)
+    together_out = correct(adata, **FAST, batch_genes=6, copy=True)
+    split_out = correct(adata, **FAST, batch_genes=4, copy=True)
+    learned = parameter_table(together_out).select_dtypes("number")
+    np.testing.assert_allclose(learned, parameter_table(split_out)[learned.columns], rtol=1e-5, atol=1e-6)
+    together, split = corrected_values(together_out), corrected_values(split_out)
+    np.testing.assert_allclose(together, split, rtol=1e-2, atol=1e-3)
+    alone_out = correct(adata, genes=["gene3"], **FAST, copy=True)
+    np.testing.assert_allclose(
+        parameter_table(alone_out, ["gene3"])[learned.columns], learned.loc[["gene3"]], rtol=1e-5, atol=1e-6
+    )
+    alone = corrected_values(alone_out, ["gene3"])
+    np.testing.assert_allclose(alone[:, 0], together[:, 3], rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.slow
