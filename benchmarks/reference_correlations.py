@@ -30,14 +30,17 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
-from accuracy import simulate_prepared
+from accuracy import SimulatedSample, simulate_prepared
 
+from undiffuse.arrays import as_dense
 from undiffuse.correct import correct
-from undiffuse.reference import profiles_for, reference_profiles
+from undiffuse.reference import DEFAULT_KEY, profiles_for, reference_profiles
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: (kernel, scale in pitches) of the samples measured, as in ``accuracy.py``'s three settings.
 SETTINGS = (("gaussian", 2.5), ("heavy_tailed", 5.0), ("gaussian", 1.0))
+#: The simulated samples' size, and their diffusion's shares.
+SAMPLE = dict(n_rows=78, n_cols=64, n_genes=300, bleed=0.3, distal=0.1)
 #: The less-diffused spatial references' diffusion.
 WEAK = dict(kernel="gaussian", kernel_scale=1.0, bleed=0.05, distal=0.01)
 
@@ -57,50 +60,36 @@ def weighted_correlations(profiles: np.ndarray, weights: np.ndarray) -> np.ndarr
     return covariance / np.outer(scale, scale)
 
 
-def dense(matrix) -> np.ndarray:
-    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float64)
-
-
-def measure(root: Path, kernel: str, scale: float, seed: int, gene_stride: int) -> dict[str, float]:
-    options = dict(n_rows=78, n_cols=64, n_genes=300, bleed=0.3, distal=0.1)
+def measure(
+    root: Path, kernel: str, scale: float, seed: int, gene_stride: int, spatial: dict[str, SimulatedSample]
+) -> dict[str, float]:
+    """The table's column of one diffusion setting; ``spatial``: the less-diffused spatial references."""
     sample = simulate_prepared(
-        root, gene_stride=gene_stride, seed=seed, kernel=kernel, kernel_scale=scale, **options
+        root, gene_stride=gene_stride, seed=seed, kernel=kernel, kernel_scale=scale, **SAMPLE
     )
     genes, tissue = sample.genes, sample.tissue
-    truth = correlations(dense(sample.truth[:, genes].X)[tissue])
+    truth = correlations(as_dense(sample.truth[:, genes].X)[tissue])
     pairs = np.triu_indices(len(genes), 1)
 
     def error(matrix: np.ndarray) -> float:
         return float(np.nanmean(np.abs(matrix - truth)[pairs]))
 
+    def corrected(**options) -> np.ndarray:
+        out = correct(sample.adata, genes=genes, q_init=sample.q_init, copy=True, **options)
+        return as_dense(out[:, genes].layers["corrected"])[tissue]
+
     reference = ad.read_h5ad(root / "sample" / "reference.h5ad")
-    table = reference_profiles(reference, "cell_type")
+    table = reference_profiles(reference, DEFAULT_KEY)
     profiles = profiles_for(table, pd.Index(genes))
-    cells = reference.obs["cell_type"].astype(str)
+    cells = reference.obs[DEFAULT_KEY].astype(str)
     cell_shares = cells.value_counts().reindex(table.columns).to_numpy(dtype=np.float64)
     domains = sample.truth.obs["domain"].astype(str).to_numpy()[tissue]
     tissue_shares = np.array([(domains == name).mean() for name in table.columns])
     figures = {
         "raw counts": error(correlations(sample.counts[tissue])),
-        "undiffuse (defaults)": error(
-            correlations(
-                dense(
-                    correct(sample.adata, genes=genes, q_init=sample.q_init, copy=True)[:, genes].layers[
-                        "corrected"
-                    ]
-                )[tissue]
-            )
-        ),
-        "undiffuse with the single-cell reference": error(
-            correlations(
-                dense(
-                    correct(sample.adata, genes=genes, q_init=sample.q_init, reference=table, copy=True)[
-                        :, genes
-                    ].layers["corrected"]
-                )[tissue]
-            )
-        ),
-        "target: single cells' correlations": error(correlations(dense(reference[:, genes].X))),
+        "undiffuse (defaults)": error(correlations(corrected())),
+        "undiffuse with the single-cell reference": error(correlations(corrected(reference=table))),
+        "target: single cells' correlations": error(correlations(as_dense(reference[:, genes].X))),
         "target: type profiles, the reference's cell shares": error(
             weighted_correlations(profiles, cell_shares)
         ),
@@ -108,15 +97,9 @@ def measure(root: Path, kernel: str, scale: float, seed: int, gene_stride: int) 
             weighted_correlations(profiles, tissue_shares)
         ),
     }
-    for name, reference_seed in (("the same section", seed), ("another section", seed + 1)):
-        spatial = simulate_prepared(
-            root / f"spatial_{reference_seed}",
-            gene_stride=gene_stride,
-            seed=reference_seed,
-            **(options | WEAK),
-        )
+    for name, other in spatial.items():
         figures[f"target: less-diffused spatial sample, {name}"] = error(
-            correlations(dense(spatial.adata[:, genes].X)[spatial.tissue])
+            correlations(as_dense(other.adata[:, genes].X)[other.tissue])
         )
     return figures
 
@@ -130,9 +113,16 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="undiffuse-correlations-") as scratch:
+        # The spatial references do not depend on the setting: simulated once, scored against each.
+        spatial = {
+            name: simulate_prepared(
+                Path(scratch) / f"spatial_{seed}", gene_stride=args.gene_stride, seed=seed, **(SAMPLE | WEAK)
+            )
+            for name, seed in (("the same section", args.seed), ("another section", args.seed + 1))
+        }
         results = {
             f"{kernel} {scale:g}": measure(
-                Path(scratch) / f"{kernel}_{scale}", kernel, scale, args.seed, args.gene_stride
+                Path(scratch) / f"{kernel}_{scale}", kernel, scale, args.seed, args.gene_stride, spatial
             )
             for kernel, scale in SETTINGS
         }
