@@ -85,6 +85,15 @@ def make_slide(bin_um: float, size_mm: float, n_genes: int, seed: int = 0) -> tu
     return adata, np.hstack(truth)
 
 
+def scores(values: np.ndarray, truth: np.ndarray, tissue: np.ndarray) -> dict[str, float]:
+    """RMSE and mean per-gene Pearson against the truth over the tissue bins, and the background share."""
+    return {
+        "rmse": pooled_rmse(values[tissue], truth[tissue]),
+        "pearson_mean": float(pearson(values[tissue], truth[tissue]).mean()),
+        "background_share": float(values[~tissue].sum() / values.sum()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,14 +120,9 @@ def main() -> None:
         adata.write_h5ad(path)
         genes = adata.var_names.tolist()
         run = run_previous(None, path, genes, pd.Series(0.5, index=genes), options)
-    raw = adata.X.toarray()
     figures = {
-        name: {
-            "rmse": pooled_rmse(values[tissue], truth[tissue]),
-            "pearson_mean": float(pearson(values[tissue], truth[tissue]).mean()),
-            "background_share": float(values[~tissue].sum() / values.sum()),
-        }
-        for name, values in (("raw", raw), ("corrected", run["corrected"]))
+        name: scores(values, truth, tissue)
+        for name, values in (("raw", adata.X.toarray()), ("corrected", run["corrected"]))
     }
     report = {
         "bins": int(adata.n_obs),

@@ -3,6 +3,8 @@ and the ``programmes`` option of correct."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,8 @@ from conftest import hex_sample, tissue_rmse
 
 from undiffuse.correct import (
     HD_PROGRAMMES,
-    HD_PROGRAMMES_MIN_GENES,
     KEY,
+    PROGRAMMES_MIN_GENES,
     CorrectionConfig,
     _geometry,
     _programmes,
@@ -166,20 +168,42 @@ def test_held_out_programmes_choose_the_rank_by_count_splitting(low_counts):
     np.testing.assert_array_equal(correct(adata, **options).layers["corrected"].toarray(), corrected)
 
 
+def test_the_rank_is_chosen_on_a_window_of_the_slide_with_all_the_genes(low_counts, monkeypatch):
+    # Each spot's programme weights are fitted to all its genes, so the rank is chosen with them all; a window
+    # of the slide bounds the cost on Visium HD.
+    adata, _, _ = low_counts
+    seen = {}
+
+    def spy(counts, train, start, kernels, tissue, candidates, **options):
+        seen.update(spots=counts.shape[0], genes=train.shape[1], columns=[k[0] for k in kernels])
+        seen.update(tissue=int(tissue.sum()), start_rows=start.shape[0])
+        return choose_rank(counts, train, start, kernels, tissue, candidates, **options)
+
+    correct_module = importlib.import_module("undiffuse.correct")
+    monkeypatch.setattr(correct_module, "choose_rank", spy)
+    monkeypatch.setattr(correct_module, "RANK_SELECTION_SPOTS", adata.n_obs // 2)
+    correct(adata, programmes="held_out", epochs=2, em_iterations=5, batch_genes=5, progress=False, copy=True)
+    assert seen["genes"] == adata.n_vars
+    covered = np.concatenate([np.arange(adata.n_vars)[part] for part in seen["columns"]])
+    np.testing.assert_array_equal(covered, np.arange(adata.n_vars))
+    assert 0 < seen["spots"] < adata.n_obs
+    assert seen["start_rows"] == seen["tissue"] > 0
+
+
 def test_auto_programmes_are_for_visium_hd_calls_with_enough_genes(low_counts):
     visium = low_counts[0]
     hd = visium.copy()
     hd.uns[KEY] = {**visium.uns.get(KEY, {}), "platform": "visium_hd"}
     auto = CorrectionConfig(progress=False)
     assert auto.programmes == "auto"
-    assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES) == [HD_PROGRAMMES]
-    assert _programmes(auto, hd, HD_PROGRAMMES_MIN_GENES - 1) == []
+    assert _programmes(auto, hd, PROGRAMMES_MIN_GENES) == [HD_PROGRAMMES]
+    assert _programmes(auto, hd, PROGRAMMES_MIN_GENES - 1) == []
     assert _programmes(auto, visium, 100) == []
     # ``held_out`` chooses, on either platform, among the candidates that do not exceed the genes.
     held_out = CorrectionConfig(programmes="held_out", progress=False)
     assert _programmes(held_out, visium, 100) == list(RANK_CANDIDATES)
-    assert _programmes(held_out, hd, HD_PROGRAMMES_MIN_GENES) == [k for k in RANK_CANDIDATES if k <= 12]
-    assert _programmes(held_out, hd, HD_PROGRAMMES_MIN_GENES - 1) == []
+    assert _programmes(held_out, hd, PROGRAMMES_MIN_GENES) == [k for k in RANK_CANDIDATES if k <= 12]
+    assert _programmes(held_out, hd, PROGRAMMES_MIN_GENES - 1) == []
     # A number is used on either platform, at most one programme per gene.
     assert _programmes(CorrectionConfig(programmes=5, progress=False), visium, 100) == [5]
     assert _programmes(CorrectionConfig(programmes=5, progress=False), hd, 3) == [3]

@@ -61,7 +61,7 @@ from .ot.cost import N_RADIAL_BASIS
 from .ot.deconvolution import with_totals
 from .ot.programmes import (
     RANK_CANDIDATES,
-    RANK_SELECTION_GENES,
+    RANK_SELECTION_SPOTS,
     START_EM_ITERATIONS,
     choose_rank,
     deconvolve_programmes,
@@ -85,7 +85,7 @@ GPU_MEMORY_SHARE = 0.5
 #: must hold for them (or for ``"held_out"`` to choose a rank): with fewer, the programmes pool too few genes to
 #: carry any gene's borders.
 HD_PROGRAMMES = 8
-HD_PROGRAMMES_MIN_GENES = 12
+PROGRAMMES_MIN_GENES = 12
 
 
 @dataclass
@@ -156,17 +156,18 @@ class CorrectionConfig:
         genes of a call (a chunk, in the workflow) are deconvolved together as :math:`z = W H`, each with its
         own kernel, starting from their maximum a posteriori fields; a gene with few counts borrows its shape
         and borders from the others. 0 deconvolves each gene on its own under the smoothness prior. At most
-        the number of genes. ``"auto"`` (default): 8 on Visium HD when the call holds at least 12 genes, else
-        0. It pays where genes are many more than :math:`k` and bins hold cells of a few types (Visium HD): on
-        the HD simulator's whole 8 um slide (100 genes) 8 programmes give RMSE 0.73x raw and a marker border
-        half-width 1.08x the truth's, where the prior alone gives 0.92x and 1.68x; on its 1 mm slide they
-        lowered the RMSE of every call of 12 or 16 genes tried, not reliably of 8 or fewer. On the Visium
-        simulator, whose genes vary smoothly and each in its own way, they raise the RMSE (by a third with 8
-        programmes, and above raw with 4). ``"held_out"`` chooses the rank from the data, on either platform,
-        when the call holds at least 12 genes: the one among
-        :data:`~undiffuse.ot.programmes.RANK_CANDIDATES` whose fit to a binomial half of the counts of the
-        call's first :data:`~undiffuse.ot.programmes.RANK_SELECTION_GENES` genes best predicts the other half
-        (:func:`~undiffuse.ot.programmes.choose_rank`). With a reference (:func:`correct`'s ``reference``) the
+        the number of genes. ``"auto"`` (default): :data:`HD_PROGRAMMES` on Visium HD when the call holds at
+        least :data:`PROGRAMMES_MIN_GENES` genes, else 0. It pays where genes are many more than :math:`k` and
+        bins hold cells of a few types (Visium HD): on the HD simulator's whole 8 um slide (100 genes) 8
+        programmes give RMSE 0.73x raw and a marker border half-width 1.08x the truth's, where the prior alone
+        gives 0.92x and 1.68x; on its 1 mm slide they lowered the RMSE of every call of 12 or 16 genes tried,
+        not reliably of 8 or fewer. On the Visium simulator, whose genes vary smoothly and each in its own way,
+        they raise the RMSE (by a third with 8 programmes, and above raw with 4). ``"held_out"`` chooses the
+        rank from the data, on either platform, when the call holds at least 12 genes: the one among
+        :data:`~undiffuse.ot.programmes.RANK_CANDIDATES` whose fit to a binomial half of the counts best
+        predicts the other half (:func:`~undiffuse.ot.programmes.choose_rank`), on a window of about
+        :data:`~undiffuse.ot.programmes.RANK_SELECTION_SPOTS` spots of the slide with all the call's genes.
+        With a reference (:func:`correct`'s ``reference``) the
         programmes are its cell types, and this option must stay ``"auto"``.
     reference_key
         ``obs`` column of a reference ``.h5ad``'s cell types (:mod:`undiffuse.reference`).
@@ -418,18 +419,22 @@ def correct(
     candidates = _programmes(config, counts_view, len(genes))
     if candidates and type_profiles is not None:
         candidates = [len(reference_types)]
-    # With several candidates (``held_out``) the rank is chosen from the data, by count splitting on the call's
-    # first genes (its first value until then: non-zero, the low-rank model is on).
+
+    def window_of(n_spots: int) -> tuple[np.ndarray, SampleGeometry]:
+        window = geometry.training_window(n_spots)
+        if window.all():
+            return window, geometry
+        return window, _geometry(counts_view[window], config, image=image, device=device, dtype=dtype)
+
+    window, trained_on = window_of(config.train_spots or geometry.n_spots)
+    # With several candidates the rank is chosen from the data, by count splitting on a window of the slide
+    # with all the call's genes (its first value until then: non-zero, the low-rank model is on).
     rank = candidates[0] if candidates else 0
-    selection_genes = min(len(genes), RANK_SELECTION_GENES) if len(candidates) > 1 else 0
-    splitter = np.random.default_rng(config.seed)
-    train_counts, train_starts = [], []
-    window = geometry.training_window(config.train_spots or geometry.n_spots)
-    trained_on = (
-        geometry
-        if window.all()
-        else _geometry(counts_view[window], config, image=image, device=device, dtype=dtype)
-    )
+    choosing = len(candidates) > 1
+    if choosing:
+        splitter = np.random.default_rng(config.seed)
+        train_counts, train_starts, window_models = [], [], []
+        selection_window, selected_on = window_of(RANK_SELECTION_SPOTS)
 
     # Without a reference the low-rank model replaces the per-gene fields; with one, genes the reference does
     # not describe keep them.
@@ -459,14 +464,16 @@ def correct(
             history = trainer.fit(bar)
             field_, table, profile_samples, model = trainer.final(geometry, counts, n_iter=final_iterations)
             corrected[:, batch] = field_.index_select(0, geometry.tissue_rows).cpu().numpy()
-            if batch.start < selection_genes:
-                # The same per-gene fields from the training half of the counts, which starts each candidate.
-                train = split_counts(counts_all[:, batch], splitter)
-                train_start = trainer.final(
-                    geometry, torch.as_tensor(train, dtype=dtype, device=device), n_iter=final_iterations
-                )[0]
+            if choosing:
+                # The same per-gene fields of the window from the training half of its counts, which start
+                # each candidate.
+                train = split_counts(counts_all[selection_window, batch], splitter)
+                train_start, _, _, window_model = trainer.final(
+                    selected_on, torch.as_tensor(train, dtype=dtype, device=device), n_iter=final_iterations
+                )
                 train_counts.append(train)
-                train_starts.append(train_start.index_select(0, geometry.tissue_rows).cpu().numpy())
+                train_starts.append(train_start.index_select(0, selected_on.tissue_rows).cpu().numpy())
+                window_models.append((batch, window_model))
             if rank or type_profiles is not None:
                 models.append((batch, model))
             table.index = genes[batch]
@@ -475,25 +482,25 @@ def correct(
             profiles.append(profile_samples.cpu().numpy())
             release_free_memory()
         deviance = {}
-        if train_counts:
-            n_selected = sum(part.shape[1] for part in train_counts)
+        if choosing:
             rank, deviance = choose_rank(
-                counts_all[:, :n_selected],
+                counts_all[selection_window],
                 np.concatenate(train_counts, axis=1),
                 np.concatenate(train_starts, axis=1),
-                [
-                    (part, model.kernel, model.bleed, model.distal)
-                    for part, model in models
-                    if part.start < n_selected
-                ],
-                geometry.tissue,
+                [(part, model.kernel, model.bleed, model.distal) for part, model in window_models],
+                selected_on.tissue,
                 candidates,
                 seed=config.seed,
                 dtype=dtype,
                 progress=config.progress,
             )
-            del train_counts, train_starts
-            logger.info("rank %d chosen by count splitting on %d genes: %s", rank, n_selected, deviance)
+            del train_counts, train_starts, window_models
+            logger.info(
+                "rank %d chosen by count splitting on %d spots: %s",
+                rank,
+                int(selection_window.sum()),
+                deviance,
+            )
         low_rank = (
             deconvolve_programmes(
                 counts_all,
@@ -909,14 +916,16 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _programmes(config: CorrectionConfig, adata: AnnData, n_genes: int) -> list[int]:
-    """The ranks of the low-rank model for a call on ``n_genes`` genes (none: the model is off): the configured
-    one, at most one programme per gene; for ``"auto"`` :data:`HD_PROGRAMMES` on Visium HD with enough genes;
-    for ``"held_out"``, with enough genes, the candidates of :func:`~undiffuse.ot.programmes.choose_rank` that
-    do not exceed them."""
+    """The ranks of the low-rank model for a call on ``n_genes`` genes (none: the model is off; several: the
+    candidates of :func:`~undiffuse.ot.programmes.choose_rank`): the configured one, at most one programme per
+    gene; for ``"auto"`` :data:`HD_PROGRAMMES` on Visium HD; for ``"held_out"`` the candidates that do not
+    exceed the genes. Either needs at least :data:`PROGRAMMES_MIN_GENES` genes."""
+    if config.programmes in ("auto", "held_out") and n_genes < PROGRAMMES_MIN_GENES:
+        return []
     if config.programmes == "auto":
-        return [HD_PROGRAMMES] if is_visium_hd(adata) and n_genes >= HD_PROGRAMMES_MIN_GENES else []
+        return [HD_PROGRAMMES] if is_visium_hd(adata) else []
     if config.programmes == "held_out":
-        return [k for k in RANK_CANDIDATES if k <= n_genes] if n_genes >= HD_PROGRAMMES_MIN_GENES else []
+        return [k for k in RANK_CANDIDATES if k <= n_genes]
     return [min(config.programmes, n_genes)] if config.programmes > 0 else []
 
 

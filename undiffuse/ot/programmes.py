@@ -35,7 +35,9 @@ The rank may be chosen from the data (:func:`choose_rank`) by count splitting (N
 split into two independent Poisson halves (binomial thinning), the model is fitted to one half for each
 candidate rank, and the rank whose fit best predicts the other half (lowest held-out Poisson deviance) is kept.
 Unlike held-out entries of a smoothed field, the held-out counts carry counting noise of their own that no rank
-can fit, so a rank that fits noise predicts them worse.
+can fit, so a rank that fits noise predicts them worse. The choice is made with all the genes, on a window of the
+slide: each spot's weights :math:`W` are fitted to its genes, so with fewer genes they are noisier and fewer
+programmes predict better, while the programmes :math:`H` need far fewer spots than a Visium HD slide holds.
 
 A reference of cell types gives the programmes instead (``profiles``): their shapes across the types are
 kept and each gene learns only its scale. Spots vary beyond a mixture of a few types, so the correction does
@@ -76,10 +78,11 @@ NMF_BLOCK_ROWS = 16_384
 #: Updates of the Poisson NMF that fits a reference's cell types to a field (:func:`reference_centre`).
 REFERENCE_ITERATIONS = 200
 #: Ranks among which :func:`choose_rank` chooses, the share of each count its training half keeps, and the
-#: genes of a call it fits (the first ones): each candidate costs a low-rank EM of those genes.
+#: spots of the window of the slide it fits (with all the genes: each spot's weights are determined by the
+#: genes, so fewer genes would favour fewer programmes): each candidate costs a low-rank EM of that window.
 RANK_CANDIDATES = (4, 8, 12, 16)
 TRAIN_SHARE = 0.5
-RANK_SELECTION_GENES = 128
+RANK_SELECTION_SPOTS = 16_384
 
 
 def split_counts(
