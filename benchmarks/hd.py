@@ -15,6 +15,7 @@ Usage::
     .venv/bin/python benchmarks/hd.py --bin-um 16 --genes 2000
     .venv/bin/python benchmarks/hd.py --bin-um 8 --genes 100 --size-mm 3.25   # memory against slide size
     .venv/bin/python benchmarks/hd.py --bin-um 16 --genes 2000 --programmes held_out
+    .venv/bin/python benchmarks/hd.py --bin-um 16 --genes 2000 --programmes 8 --seed 1
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--programmes", default=None, help="correct's programmes (default: its own)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="correct's seed (default: its own); same slide"
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -114,6 +118,7 @@ def main() -> None:
         {"device": args.device}
         | ({} if args.epochs is None else {"epochs": args.epochs})
         | ({} if args.programmes is None else {"programmes": _programmes(args.programmes)})
+        | ({} if args.seed is None else {"seed": args.seed})
     )
     with tempfile.TemporaryDirectory(prefix="undiffuse-hd-") as scratch:
         path = Path(scratch) / "slide.h5ad"
@@ -147,6 +152,7 @@ def main() -> None:
         f"hd_{args.bin_um:g}um_{args.genes}genes"
         + ("" if args.size_mm == 6.5 else f"_{args.size_mm:g}mm")
         + ("" if args.programmes is None else f"_programmes_{args.programmes}")
+        + ("" if args.seed is None else f"_seed{args.seed}")
         + ("" if device == "cpu" else f"_{device}")
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
