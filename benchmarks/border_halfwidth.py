@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +30,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import torch
-from tables import markdown_table
+from tables import machine_facts, markdown_table
 
 from undiffuse.correct import correct
 from undiffuse.metrics import (
@@ -257,11 +254,7 @@ def main() -> None:
         report = {
             "simulated": [simulated(Path(scratch) / f"bleed{bleed:g}", args, bleed) for bleed in args.bleeds],
             "mouse_brain": mouse_brain(Path(scratch), args.sample),
-            "machine": {
-                "platform": platform.platform(),
-                "cpu_count": os.cpu_count(),
-                "torch": torch.__version__,
-            },
+            "machine": machine_facts(),
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "border_halfwidth.json").write_text(json.dumps(report, indent=2) + "\n")

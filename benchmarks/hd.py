@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +30,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 from previous import run_previous
+from tables import machine_facts
 
 from undiffuse.diffusion import diffuse
 from undiffuse.metrics import pearson, pooled_rmse
@@ -140,12 +138,7 @@ def main() -> None:
         "config": run["config"],
         "figures": figures,
         "learned_diffusion_length_um_median": float(run["params"]["diffusion_length"].median() * args.bin_um),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
+        "machine": machine_facts(),
     }
     device = run["config"].get("device", "cpu")
     stem = (

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from dataclasses import replace
@@ -48,10 +46,10 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import torch
 from accuracy import SimulatedSample, true_kernel_estimate, zero_background_baseline
 from previous import run_previous
 from scipy.stats import spearmanr
+from tables import machine_facts
 
 from undiffuse.correct import CorrectionConfig
 from undiffuse.memory import peak_rss_mb
@@ -242,12 +240,7 @@ def main() -> None:
             }
             for name in runs
         },
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
+        "machine": machine_facts(),
     }
     size = "full" if args.size_um is None and args.preset == "full" else f"{report['capture_area_um'][0]:g}um"
     stem = f"hd_accuracy_{args.bin_um}um_{size}{args.suffix}"

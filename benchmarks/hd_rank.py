@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 from pathlib import Path
 
 import pandas as pd
-import torch
 from hd import make_slide, scores
 from previous import run_previous
+from tables import machine_facts
 
 from undiffuse.ot.programmes import RANK_CANDIDATES
 
@@ -72,11 +70,7 @@ def main() -> None:
         "size_mm": args.size_mm,
         "genes": args.genes,
         "rows": rows,
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine_facts(),
     }
     stem = f"hd_rank_{args.bin_um:g}um_{args.size_mm:g}mm_{args.genes}genes"
     RESULTS.mkdir(parents=True, exist_ok=True)
