@@ -76,6 +76,8 @@ CORRECTIONS = {
     "corrected_reference": {"reference": "reference.h5ad"},
     "corrected_held_out_rank": {"programmes": "held_out"},
 }
+#: Settings of each correction's low-rank model, as it resolved them.
+LOW_RANK_SETTINGS = ("programmes", "programme_updates", "programmes_held_out_deviance")
 OPTIONAL_ROWS = (
     "em_true_kernel",
     "corrected_prior_only",
@@ -224,6 +226,9 @@ def main() -> None:
         "figures": figures,
         "border_halfwidth": halfwidths,
         "peak_rss_mb": {name: run_["peak_rss_mb"] for name, run_ in runs.items()},
+        "low_rank": {
+            name: {key: run_["config"].get(key) for key in LOW_RANK_SETTINGS} for name, run_ in runs.items()
+        },
         "learned_diffusion_length_um_median": float(run["params"]["diffusion_length"].median() * args.bin_um),
         "learned_bleed_median": float(run["params"]["bleed"].median()),
         "learned_distal_median": float(run["params"]["distal"].median()),
@@ -283,6 +288,12 @@ def main() -> None:
         f"{report['length_rank_correlation']:.2f}. Median learned local and distal shares "
         f"{report['learned_bleed_median']:.3f} and {report['learned_distal_median']:.3f} (true "
         f"{simulation_params['bleed']} and {simulation_params['distal']}).",
+        "- Low-rank model used (programmes x updates): "
+        + ", ".join(
+            f"{name} {settings['programmes']} x {settings['programme_updates']}"
+            for name, settings in report["low_rank"].items()
+        )
+        + ".",
         "",
         "Seconds: "
         + ", ".join(f"{step} {value:.0f}" for step, value in seconds.items())

@@ -20,12 +20,14 @@ from undiffuse.correct import (
     correct,
     deconvolve_known_kernel,
 )
-from undiffuse.diffusion import profile
+from undiffuse.diffusion import expected_counts, profile
 from undiffuse.errors import ConfigError
 from undiffuse.model import DiffusionModel
 from undiffuse.ot import programmes as programmes_module
 from undiffuse.ot.programmes import (
+    PROGRAMME_ITERATIONS,
     RANK_CANDIDATES,
+    UPDATE_CANDIDATES,
     choose_rank,
     deconvolve_programmes,
     poisson_nmf,
@@ -134,15 +136,53 @@ def test_count_splitting_chooses_the_true_rank(low_counts):
     )
     geometry, kernels = known_kernels(adata, [slice(0, 6), slice(6, 12)])
     # The truth holds two domain patterns: one programme cannot hold them, eight fit the counting noise.
-    rank, deviance = choose_rank(counts, train, start[tissue], kernels, geometry.tissue, [1, 2, 8])
+    checkpoints = (5, 30, 60)
+    rank, updates, deviance = choose_rank(
+        counts, train, start[tissue], kernels, geometry.tissue, [1, 2, 8], updates=checkpoints
+    )
     assert rank == 2, deviance
-    assert set(deviance) == {1, 2, 8} and all(np.isfinite(list(deviance.values())))
+    assert deviance[rank, updates] == min(deviance.values()) and all(np.isfinite(list(deviance.values())))
+    # Each rank's fit stops once its held-out deviance rises.
+    for k in (1, 2, 8):
+        scored = [deviance[k, n] for n in checkpoints if (k, n) in deviance]
+        assert set(deviance) >= {(k, n) for n in checkpoints[: len(scored)]}
+        assert all(later < earlier for earlier, later in zip(scored[:-2], scored[1:-1], strict=True))
+        assert len(scored) == len(checkpoints) or scored[-1] > scored[-2]
+    assert len(deviance) < 3 * len(checkpoints), "eight programmes fit the noise: their deviance rises"
+
+
+def test_each_choice_is_scored_on_the_fit_of_that_rank_after_that_many_updates(low_counts):
+    # The candidates' numbers of updates are checkpoints of one fit per rank: each must score exactly the fit
+    # that deconvolve_programmes gives with that many updates.
+    adata, _, start = low_counts
+    counts = adata.X.toarray()
+    tissue = adata.obs["in_tissue"].to_numpy(bool)
+    train = split_counts(counts, np.random.default_rng(0))
+    geometry, kernels = known_kernels(adata, [slice(0, 5), slice(5, 12)])
+    _, _, deviance = choose_rank(
+        counts, train, start[tissue], kernels, geometry.tissue, [2, 3], updates=(0, 4, 11)
+    )
+    held_out = torch.as_tensor(counts - train)
+    rows = geometry.tissue_rows
+    for (rank, n_iter), value in deviance.items():
+        field = torch.zeros(counts.shape)
+        field[rows] = torch.as_tensor(
+            deconvolve_programmes(train, start[tissue], kernels, geometry.tissue, rank, n_iter=n_iter)
+        )
+        expected = torch.cat(
+            [expected_counts(field[:, genes], kernel, b, d) for genes, kernel, b, d in kernels], dim=1
+        )
+        mu, x = expected.double(), held_out.double()
+        direct = 2.0 * float((mu - x + torch.xlogy(x, x) - torch.xlogy(x, mu)).sum())
+        assert value == pytest.approx(direct, rel=1e-4), (rank, n_iter)
+    assert len(set(deviance.values())) == len(deviance)
 
 
 def test_correct_with_programmes_records_the_rank_it_used(low_counts):
     adata, _, _ = low_counts
     out = correct(adata, programmes=2, epochs=3, em_iterations=10, progress=False, copy=True)
     assert out.uns[KEY]["correction"]["config"]["programmes"] == 2
+    assert out.uns[KEY]["correction"]["config"]["programme_updates"] == PROGRAMME_ITERATIONS
     corrected = out.layers["corrected"].toarray()
     assert np.isfinite(corrected).all()
     np.testing.assert_allclose(corrected.sum(axis=0), adata.X.toarray().sum(axis=0), rtol=1e-4)
@@ -159,9 +199,16 @@ def test_held_out_programmes_choose_the_rank_by_count_splitting(low_counts):
     )
     out = correct(adata, **options)
     config = out.uns[KEY]["correction"]["config"]
-    scores = dict(item.split(": ") for item in config["programmes_held_out_deviance"].split(", "))
-    assert sorted(map(int, scores)) == [k for k in RANK_CANDIDATES if k <= 12]
-    assert config["programmes"] == int(min(scores, key=lambda k: float(scores[k])))
+    scores = {
+        tuple(map(int, pair.split("x"))): float(value)
+        for pair, value in (item.split(": ") for item in config["programmes_held_out_deviance"].split(", "))
+    }
+    ranks = [k for k in RANK_CANDIDATES if k <= 12]
+    assert sorted({k for k, _ in scores}) == ranks
+    for k in ranks:
+        scored = [n for kk, n in scores if kk == k]
+        assert scored == list(UPDATE_CANDIDATES[: len(scored)])
+    assert (config["programmes"], config["programme_updates"]) == min(scores, key=scores.get)
     corrected = out.layers["corrected"].toarray()
     np.testing.assert_allclose(corrected.sum(axis=0), adata.X.toarray().sum(axis=0), rtol=1e-4)
     # The same seed splits the counts alike.

@@ -60,6 +60,7 @@ from .operators import DEFAULT_TOLERANCE, OperatorKind
 from .ot.cost import N_RADIAL_BASIS
 from .ot.deconvolution import with_totals
 from .ot.programmes import (
+    PROGRAMME_ITERATIONS,
     RANK_CANDIDATES,
     RANK_SELECTION_SPOTS,
     START_EM_ITERATIONS,
@@ -162,9 +163,11 @@ class CorrectionConfig:
         programmes give RMSE 0.73x raw and a marker border half-width 1.08x the truth's, where the prior alone
         gives 0.92x and 1.68x; on its 1 mm slide they lowered the RMSE of every call of 12 or 16 genes tried,
         not reliably of 8 or fewer. On the Visium simulator, whose genes vary smoothly and each in its own way,
-        they raise the RMSE (by a third with 8 programmes, and above raw with 4). ``"held_out"`` chooses the
-        rank from the data, on either platform, when the call holds at least 12 genes: the one among
-        :data:`~undiffuse.ot.programmes.RANK_CANDIDATES` whose fit to a binomial half of the counts best
+        they raise the RMSE (by a third with 8 programmes, and above raw with 4). A fixed rank makes
+        :data:`~undiffuse.ot.programmes.PROGRAMME_ITERATIONS` updates. ``"held_out"`` chooses the rank and the
+        number of updates from the data, on either platform, when the call holds at least 12 genes: the pair
+        among :data:`~undiffuse.ot.programmes.RANK_CANDIDATES` and
+        :data:`~undiffuse.ot.programmes.UPDATE_CANDIDATES` whose fit to a binomial half of the counts best
         predicts the other half (:func:`~undiffuse.ot.programmes.choose_rank`), on a window of about
         :data:`~undiffuse.ot.programmes.RANK_SELECTION_SPOTS` spots of the slide with all the call's genes.
         With a reference (:func:`correct`'s ``reference``) the
@@ -430,6 +433,7 @@ def correct(
     # With several candidates the rank is chosen from the data, by count splitting on a window of the slide
     # with all the call's genes (its first value until then: non-zero, the low-rank model is on).
     rank = candidates[0] if candidates else 0
+    programme_updates = PROGRAMME_ITERATIONS if rank else 0
     choosing = len(candidates) > 1
     if choosing:
         splitter = np.random.default_rng(config.seed)
@@ -483,7 +487,7 @@ def correct(
             release_free_memory()
         deviance = {}
         if choosing:
-            rank, deviance = choose_rank(
+            rank, programme_updates, deviance = choose_rank(
                 counts_all[selection_window],
                 np.concatenate(train_counts, axis=1),
                 np.concatenate(train_starts, axis=1),
@@ -496,8 +500,9 @@ def correct(
             )
             del train_counts, train_starts, window_models
             logger.info(
-                "rank %d chosen by count splitting on %d spots: %s",
+                "rank %d and %d updates chosen by count splitting on %d spots: %s",
                 rank,
+                programme_updates,
                 int(selection_window.sum()),
                 deviance,
             )
@@ -508,6 +513,7 @@ def correct(
                 [(batch, model.kernel, model.bleed, model.distal) for batch, model in models],
                 geometry.tissue,
                 rank,
+                n_iter=programme_updates,
                 seed=config.seed,
                 profiles=type_profiles,
                 dtype=dtype,
@@ -570,7 +576,11 @@ def correct(
         else "none",
         "batch_genes": batch_genes,
         "programmes": rank,
-        "programmes_held_out_deviance": ", ".join(f"{k}: {v:.6g}" for k, v in deviance.items()) or "none",
+        "programme_updates": programme_updates,
+        "programmes_held_out_deviance": ", ".join(
+            f"{k}x{n}: {value:.6g}" for (k, n), value in deviance.items()
+        )
+        or "none",
         "final_em_iterations": final_iterations,
         "reference_types": ",".join(reference_types) or "none",
         "trained_on_spots": int(window.sum()),

@@ -37,8 +37,8 @@ from .io.h5ad import read_prepared
 from .moran import morans_i_numpy, spatial_weights
 from .quantiles import read_quantile_table
 
-#: Settings a chunk may resolve on its own (the rank chosen from its genes' counts).
-PER_CHUNK_SETTINGS = ("programmes", "programmes_held_out_deviance")
+#: Settings a chunk may resolve on its own (the rank and updates chosen from its genes' counts).
+PER_CHUNK_SETTINGS = ("programmes", "programme_updates", "programmes_held_out_deviance")
 #: ``var`` columns of Moran's I (all spots, first ring) of the raw counts and of the corrected layer.
 MORAN_RAW, MORAN_CORRECTED = f"{KEY}_moran_raw", f"{KEY}_moran_corrected"
 

@@ -52,6 +52,7 @@ KEY_FIGURES = ("before_after", "cell_types", "kernel", "loss")
 MODEL_SETTINGS = (
     "operator",
     "programmes",
+    "programme_updates",
     "programmes_held_out_deviance",
     "reference_types",
     "prior_strength",

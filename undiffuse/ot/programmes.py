@@ -25,19 +25,25 @@ counts borrows its shape, and its borders, from the genes of its programmes: the
 counting noise without the spatial smoothing of the Gamma prior (:mod:`undiffuse.ot.prior`), which pulls
 expression across domain borders.
 
-The start is a plain Poisson NMF (no blur) of the maximum a posteriori field, and the number of updates is
-small (:data:`PROGRAMME_ITERATIONS`): with :math:`k` close to :math:`G` the model can fit counting noise, and
-stopping early keeps the denoising of its start. That field only starts the model, so the per-gene EM that
-makes it stops early too (:data:`START_EM_ITERATIONS`). Each update computes the back-projected ratios
+The start is a plain Poisson NMF (no blur) of the maximum a posteriori field. With a fixed rank the number of
+updates is small (:data:`PROGRAMME_ITERATIONS`): with :math:`k` close to :math:`G`, or above the rank of the
+truth, the model fits counting noise as it converges, and stopping early keeps the denoising of its start. But
+the EM converges slowly, and at the truth's rank it keeps gaining long after (on ``benchmarks/hd.py``'s 2 mm
+slide, whose truth has rank 4, 4 programmes give RMSE 1.01 after 30 updates and 0.44 after 180), so where the
+rank is chosen from the data the number of updates is chosen with it. That field only starts the model, so the
+per-gene EM that makes it stops early too (:data:`START_EM_ITERATIONS`). Each update computes the back-projected ratios
 :math:`B` once and takes both multiplicative updates from them (one E-step, two M-steps: an EM update too).
 
 The rank may be chosen from the data (:func:`choose_rank`) by count splitting (Neufeld et al. 2024): each count is
 split into two independent Poisson halves (binomial thinning), the model is fitted to one half for each
 candidate rank, and the rank whose fit best predicts the other half (lowest held-out Poisson deviance) is kept.
 Unlike held-out entries of a smoothed field, the held-out counts carry counting noise of their own that no rank
-can fit, so a rank that fits noise predicts them worse. The choice is made with all the genes, on a window of the
-slide: each spot's weights :math:`W` are fitted to its genes, so with fewer genes they are noisier and fewer
-programmes predict better, while the programmes :math:`H` need far fewer spots than a Visium HD slide holds.
+can fit, so a rank that fits noise predicts them worse. The number of updates is chosen with the rank: the EM
+converges slowly, a rank above the truth's fits more noise the further it goes, and the truth's rank keeps
+gaining for many more updates than :data:`PROGRAMME_ITERATIONS`. The choice is made with all the genes, on a
+window of the slide: each spot's weights :math:`W` are fitted to its genes, so with fewer genes they are noisier
+and fewer programmes predict better, while the programmes :math:`H` need far fewer spots than a Visium HD slide
+holds.
 
 A reference of cell types gives the programmes instead (``profiles``): their shapes across the types are
 kept and each gene learns only its scale. Spots vary beyond a mixture of a few types, so the correction does
@@ -55,7 +61,9 @@ for single-cell RNA sequencing data. Biostatistics 25, 270-287.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+import itertools
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +74,7 @@ from ..losses import poisson_loss
 from ..operators import Kernel, on_slide
 from .deconvolution import back_projected_ratio, with_totals
 
-#: Multiplicative updates of the low-rank EM, after its start.
+#: Multiplicative updates of the low-rank EM, after its start, with a rank that is not chosen from the data.
 PROGRAMME_ITERATIONS = 30
 #: Updates of the Poisson NMF that starts it.
 START_ITERATIONS = 100
@@ -77,10 +85,12 @@ START_EM_ITERATIONS = 9
 NMF_BLOCK_ROWS = 16_384
 #: Updates of the Poisson NMF that fits a reference's cell types to a field (:func:`reference_centre`).
 REFERENCE_ITERATIONS = 200
-#: Ranks among which :func:`choose_rank` chooses, the share of each count its training half keeps, and the
-#: spots of the window of the slide it fits (with all the genes: each spot's weights are determined by the
-#: genes, so fewer genes would favour fewer programmes): each candidate costs a low-rank EM of that window.
+#: Ranks and numbers of updates among which :func:`choose_rank` chooses, the share of each count its training
+#: half keeps, and the spots of the window of the slide it fits (with all the genes: each spot's weights are
+#: determined by the genes, so fewer genes would favour fewer programmes): each rank costs a low-rank EM of
+#: that window with the most updates.
 RANK_CANDIDATES = (4, 8, 12, 16)
+UPDATE_CANDIDATES = (30, 60, 90, 180)
 TRAIN_SHARE = 0.5
 RANK_SELECTION_SPOTS = 16_384
 
@@ -102,17 +112,25 @@ def choose_rank(
     tissue: torch.Tensor,
     candidates: Sequence[int],
     *,
+    updates: Sequence[int] = UPDATE_CANDIDATES,
     share: float = TRAIN_SHARE,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
-) -> tuple[int, dict[int, float]]:
-    r"""The rank of the low-rank model chosen by count splitting, and the held-out deviance of each candidate.
+) -> tuple[int, int, dict[tuple[int, int], float]]:
+    r"""The rank of the low-rank model and its number of updates, chosen by count splitting, and the held-out
+    deviance of each pair.
 
-    For each rank :math:`k`, :func:`deconvolve_programmes` fits the training half :math:`x'` of the counts
-    (:func:`split_counts`) from ``start``; its expected counts, scaled to the other half,
-    :math:`\hat\mu = \tfrac{1 - \epsilon}{\epsilon} K^\top (W H)`, are scored against that half
-    :math:`x'' = x - x'` by the Poisson deviance :math:`2 \sum (\hat\mu - x'' + x'' \log(x'' / \hat\mu))`.
+    For each rank :math:`k`, the low-rank EM (:func:`deconvolve_programmes`) fits the training half :math:`x'`
+    of the counts (:func:`split_counts`) from ``start``; after each number of ``updates``, its expected counts
+    scaled to the other half, :math:`\hat\mu = \tfrac{1 - \epsilon}{\epsilon} K^\top (W H)`, are scored
+    against that half :math:`x'' = x - x'` by the Poisson deviance
+    :math:`2 \sum (\hat\mu - x'' + x'' \log(x'' / \hat\mu))`. The EM converges slowly, and how far it
+    has gone matters as much as the rank: a rank above the truth's fits counting noise as it converges, while
+    the truth's rank keeps gaining. The pair is chosen together, each rank's numbers of updates costing one
+    fit, which stops at the first number of updates whose deviance rises (the held-out deviance falls, then
+    rises, as the fit goes from the start's blur to the counting noise): the deviances of a rank are those
+    of a prefix of ``updates``.
 
     Parameters
     ----------
@@ -124,6 +142,8 @@ def choose_rank(
         As for :func:`deconvolve_programmes`.
     candidates
         Ranks to try.
+    updates
+        Numbers of updates to try.
     share
         :math:`\epsilon`, the share of the counts in the training half.
     seed, dtype
@@ -133,23 +153,34 @@ def choose_rank(
 
     Returns
     -------
-    The rank of least held-out deviance and ``{rank: deviance}``.
+    The rank and number of updates of least held-out deviance, and ``{(rank, updates): deviance}``.
     """
     device = tissue.device
     rows = torch.nonzero(tissue).reshape(-1)
+    held_out = torch.as_tensor(counts - train, dtype=dtype, device=device)
+    totals = torch.as_tensor(train.sum(axis=0), dtype=dtype, device=device)
+    checkpoints = sorted(set(updates))
     deviance = {}
     for rank in tqdm(candidates, desc="rank", unit="rank", disable=not progress or None, leave=False):
-        field = deconvolve_programmes(train, start, kernels, tissue, rank, seed=seed, dtype=dtype)
-        total = 0.0
-        for genes, kernel, bleed, distal in kernels:
-            inside = torch.as_tensor(field[:, genes], dtype=dtype, device=device)
-            expected = expected_counts(on_slide(inside, rows, tissue.shape[0]), kernel, bleed, distal)
-            expected *= (1.0 - share) / share
-            held_out = torch.as_tensor(counts[:, genes] - train[:, genes], dtype=dtype, device=device)
-            # poisson_loss is the half deviance per spot.
-            total += 2.0 * len(held_out) * float(poisson_loss(held_out, expected).sum(dtype=torch.float64))
-        deviance[int(rank)] = total
-    return min(deviance, key=deviance.get), deviance
+        fits = low_rank_updates(train, start, kernels, tissue, rank, seed=seed, dtype=dtype)
+        previous = np.inf
+        for done, (weights, programmes) in enumerate(itertools.islice(fits, checkpoints[-1] + 1)):
+            if done not in checkpoints:
+                continue
+            total = 0.0
+            for genes, kernel, bleed, distal in kernels:
+                inside = with_totals(weights[rows] @ programmes[:, genes], totals[genes])
+                expected = expected_counts(on_slide(inside, rows, tissue.shape[0]), kernel, bleed, distal)
+                expected *= (1.0 - share) / share
+                # poisson_loss is the half deviance per spot.
+                loss = poisson_loss(held_out[:, genes], expected).sum(dtype=torch.float64)
+                total += 2.0 * len(held_out) * float(loss)
+            deviance[int(rank), done] = total
+            if total > previous:
+                break
+            previous = total
+    rank, n_updates = min(deviance, key=deviance.get)
+    return rank, n_updates, deviance
 
 
 def update_programmes(
@@ -277,8 +308,43 @@ def deconvolve_programmes(
     ``(T, G)`` field :math:`W H` on the tissue spots with each gene's total of ``counts`` (``out`` when
     given).
     """
+    fits = low_rank_updates(counts, start, kernels, tissue, rank, seed=seed, profiles=profiles, dtype=dtype)
+    bar = tqdm(
+        itertools.islice(fits, n_iter),
+        total=n_iter,
+        desc=f"programmes [k={rank}]",
+        unit="update",
+        disable=not progress or None,
+        leave=False,
+    )
+    # The start, then the updates; only the last is kept (each holds new weights).
+    weights, programmes = collections.deque(itertools.chain([next(fits)], bar), maxlen=1)[0]
+    # Batch by batch into ``out``: on a Visium HD call the field is gigabytes.
+    rows = torch.nonzero(tissue).reshape(-1)
+    out = np.empty((len(rows), counts.shape[1]), dtype=counts.dtype) if out is None else out
+    inside = weights[rows]
+    totals = torch.as_tensor(counts.sum(axis=0), dtype=dtype, device=tissue.device)
+    for genes, *_ in kernels:
+        out[:, genes] = with_totals(inside @ programmes[:, genes], totals[genes]).cpu().numpy()
+    return out
+
+
+def low_rank_updates(
+    counts: np.ndarray,
+    start: np.ndarray,
+    kernels: Sequence[tuple[slice, Kernel, torch.Tensor, torch.Tensor]],
+    tissue: torch.Tensor,
+    rank: int,
+    *,
+    seed: int = 0,
+    profiles: np.ndarray | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The low-rank EM of :func:`deconvolve_programmes` (same parameters), one update at a time: ``(N, k)``
+    weights :math:`W` (zero off tissue) and ``(k, G)`` programmes :math:`H`, first at the start, then after
+    each update, without end. The programmes are updated in place."""
     device = tissue.device
-    rows = torch.as_tensor(np.flatnonzero(tissue.cpu().numpy()), device=device)
+    rows = torch.nonzero(tissue).reshape(-1)
     tiny = torch.finfo(dtype).tiny
     shaped, initial = _reference_start(profiles, dtype, device)
     inside, programmes = poisson_nmf(
@@ -292,18 +358,13 @@ def deconvolve_programmes(
     # Column views of the counts, not copies (on the CPU, where ``counts`` has the working precision).
     observed_all = torch.as_tensor(counts, dtype=dtype, device=device)
     batches = [(genes, observed_all[:, genes], *rest) for genes, *rest in kernels]
-
-    def factors(genes, observed, kernel, bleed, distal):
-        return back_projected_ratio(weights @ programmes[:, genes], observed, kernel, bleed, distal)[0]
-
-    for _ in tqdm(
-        range(n_iter), desc=f"programmes [k={rank}]", unit="update", disable=not progress or None, leave=False
-    ):
+    yield weights, programmes
+    while True:
         # One E-step serves both M-steps: W and H are updated from the same back-projected ratios.
         numerator = torch.zeros_like(weights)
         weight_totals, programme_totals = weights.sum(dim=0), programmes.sum(dim=1)
         for genes, observed, *model in batches:
-            back = factors(genes, observed, *model)
+            back = back_projected_ratio(weights @ programmes[:, genes], observed, *model)[0]
             numerator += back @ programmes[:, genes].T
             update_programmes(  # in place: ``genes`` is a slice, so the columns are a view
                 programmes[:, genes],
@@ -313,12 +374,7 @@ def deconvolve_programmes(
             )
             del back
         weights = weights * numerator / programme_totals.clamp_min(tiny)
-    # Batch by batch into ``out``: on a Visium HD call the field is gigabytes.
-    out = np.empty((len(rows), counts.shape[1]), dtype=counts.dtype) if out is None else out
-    inside = weights[rows]
-    for genes, observed, *_ in batches:
-        out[:, genes] = with_totals(inside @ programmes[:, genes], observed.sum(dim=0)).cpu().numpy()
-    return out
+        yield weights, programmes
 
 
 @torch.no_grad()
