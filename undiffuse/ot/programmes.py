@@ -31,8 +31,9 @@ truth, the model fits counting noise as it converges, and stopping early keeps t
 the EM converges slowly, and at the truth's rank it keeps gaining long after (on ``benchmarks/hd.py``'s 2 mm
 slide, whose truth has rank 4, 4 programmes give RMSE 1.01 after 30 updates and 0.44 after 180), so where the
 rank is chosen from the data the number of updates is chosen with it. That field only starts the model, so the
-per-gene EM that makes it stops early too (:data:`START_EM_ITERATIONS`). Each update computes the back-projected ratios
-:math:`B` once and takes both multiplicative updates from them (one E-step, two M-steps: an EM update too).
+per-gene EM that makes it stops early too (:data:`START_EM_ITERATIONS`). Each update computes the
+back-projected ratios :math:`B` once and takes both multiplicative updates from them (one E-step, two M-steps:
+an EM update too); :func:`low_rank_updates` gives them one at a time.
 
 The rank may be chosen from the data (:func:`choose_rank`) by count splitting (Neufeld et al. 2024): each count is
 split into two independent Poisson halves (binomial thinning), the model is fitted to one half for each
@@ -121,7 +122,7 @@ def choose_rank(
     r"""The rank of the low-rank model and its number of updates, chosen by count splitting, and the held-out
     deviance of each pair.
 
-    For each rank :math:`k`, the low-rank EM (:func:`deconvolve_programmes`) fits the training half :math:`x'`
+    For each rank :math:`k`, the low-rank EM (:func:`low_rank_updates`) fits the training half :math:`x'`
     of the counts (:func:`split_counts`) from ``start``; after each number of ``updates``, its expected counts
     scaled to the other half, :math:`\hat\mu = \tfrac{1 - \epsilon}{\epsilon} K^\top (W H)`, are scored
     against that half :math:`x'' = x - x'` by the Poisson deviance
