@@ -169,8 +169,9 @@ def choose_rank(
             if done not in checkpoints:
                 continue
             total = 0.0
-            for genes, kernel, bleed, distal in kernels:
-                inside = with_totals(weights[rows] @ programmes[:, genes], totals[genes])
+            for (genes, kernel, bleed, distal), inside in _batch_fields(
+                weights, programmes, rows, totals, kernels
+            ):
                 expected = expected_counts(on_slide(inside, rows, tissue.shape[0]), kernel, bleed, distal)
                 expected *= (1.0 - share) / share
                 # poisson_loss is the half deviance per spot.
@@ -323,11 +324,25 @@ def deconvolve_programmes(
     # Batch by batch into ``out``: on a Visium HD call the field is gigabytes.
     rows = torch.nonzero(tissue).reshape(-1)
     out = np.empty((len(rows), counts.shape[1]), dtype=counts.dtype) if out is None else out
-    inside = weights[rows]
     totals = torch.as_tensor(counts.sum(axis=0), dtype=dtype, device=tissue.device)
-    for genes, *_ in kernels:
-        out[:, genes] = with_totals(inside @ programmes[:, genes], totals[genes]).cpu().numpy()
+    for (genes, *_), field in _batch_fields(weights, programmes, rows, totals, kernels):
+        out[:, genes] = field.cpu().numpy()
     return out
+
+
+def _batch_fields(
+    weights: torch.Tensor,
+    programmes: torch.Tensor,
+    rows: torch.Tensor,
+    totals: torch.Tensor,
+    kernels: Sequence[tuple[slice, Kernel, torch.Tensor, torch.Tensor]],
+) -> Iterator[tuple[tuple[slice, Kernel, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Each batch of ``kernels`` with its ``(T, g)`` field :math:`W H` on the tissue ``rows``, rescaled to the
+    ``(G,)`` gene ``totals``: what :func:`deconvolve_programmes` returns and :func:`choose_rank` scores."""
+    inside = weights[rows]
+    for batch in kernels:
+        genes = batch[0]
+        yield batch, with_totals(inside @ programmes[:, genes], totals[genes])
 
 
 def low_rank_updates(
