@@ -2,8 +2,8 @@
 
 On ``benchmarks/hd.py``'s slide (four domains, each gene a level per domain times one smooth wave: a truth of
 rank 4, diffused with Gaussian kernels of 5-30 um, bleed 0.3, distal 0.05), ``correct`` runs with each rank of
-:data:`undiffuse.ot.programmes.RANK_CANDIDATES` (8 is the default on Visium HD), with ``programmes: held_out``
-(the rank and number of updates chosen by count splitting, :func:`undiffuse.ot.programmes.choose_rank`) and,
+:data:`undiffuse.ot.programmes.RANK_CANDIDATES`, with ``programmes: held_out`` (the rank and number of updates
+chosen by count splitting, :func:`undiffuse.ot.programmes.choose_rank`; the default on Visium HD) and,
 with ``--previous REV``, with ``programmes: held_out`` of that version, each in a process of its own
 (``benchmarks/previous.py``), one after the other.
 

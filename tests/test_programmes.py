@@ -4,6 +4,7 @@ and the ``programmes`` option of correct."""
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import numpy as np
 import pytest
@@ -11,7 +12,6 @@ import torch
 from conftest import hex_sample, tissue_rmse
 
 from undiffuse.correct import (
-    HD_PROGRAMMES,
     KEY,
     PROGRAMMES_MIN_GENES,
     CorrectionConfig,
@@ -30,6 +30,7 @@ from undiffuse.ot.programmes import (
     UPDATE_CANDIDATES,
     choose_rank,
     deconvolve_programmes,
+    low_rank_updates,
     poisson_nmf,
     split_counts,
 )
@@ -100,6 +101,25 @@ def test_low_rank_em_keeps_totals_and_beats_the_per_gene_prior(low_counts):
     on_slide = np.zeros_like(start)
     on_slide[tissue] = field
     assert tissue_rmse(on_slide, truth, tissue) < 0.8 * tissue_rmse(start, truth, tissue)
+
+
+def test_each_low_rank_em_update_raises_the_likelihood_of_the_counts(low_counts):
+    adata, _, start = low_counts
+    counts = adata.X.toarray()
+    geometry, kernels = known_kernels(adata, [slice(0, 12)])
+    tissue = adata.obs["in_tissue"].to_numpy(bool)
+    observed = torch.as_tensor(counts, dtype=torch.float32)
+    _, kernel, bleed, distal = kernels[0]
+    likelihoods = []
+    for weights, programmes in itertools.islice(
+        low_rank_updates(counts, start[tissue], kernels, geometry.tissue, 3), 12
+    ):
+        mu = expected_counts(weights @ programmes, kernel, bleed, distal).clamp_min(1e-30)
+        likelihoods.append(float((observed * torch.log(mu) - mu).sum(dtype=torch.float64)))
+    gains = np.diff(likelihoods)
+    # An EM: a whole Poisson NMF of the expected sources as the M-step never lowers the likelihood.
+    assert (gains > -1e-6 * abs(likelihoods[0])).all()
+    assert likelihoods[-1] > likelihoods[1] > likelihoods[0]
 
 
 def test_low_rank_em_does_not_depend_on_how_genes_are_batched(low_counts):
@@ -237,19 +257,22 @@ def test_the_rank_is_chosen_on_a_window_of_the_slide_with_all_the_genes(low_coun
     assert seen["start_rows"] == seen["tissue"] > 0
 
 
-def test_auto_programmes_are_for_visium_hd_calls_with_enough_genes(low_counts):
+def test_auto_programmes_are_chosen_from_the_data_on_visium_hd_calls_with_enough_genes(low_counts):
     visium = low_counts[0]
     hd = visium.copy()
     hd.uns[KEY] = {**visium.uns.get(KEY, {}), "platform": "visium_hd"}
     auto = CorrectionConfig(progress=False)
     assert auto.programmes == "auto"
-    assert _programmes(auto, hd, PROGRAMMES_MIN_GENES) == [HD_PROGRAMMES]
+    chosen_among = [k for k in RANK_CANDIDATES if k <= PROGRAMMES_MIN_GENES]
+    assert len(chosen_among) > 1
+    assert _programmes(auto, hd, PROGRAMMES_MIN_GENES) == chosen_among
+    assert _programmes(auto, hd, 100) == list(RANK_CANDIDATES)
     assert _programmes(auto, hd, PROGRAMMES_MIN_GENES - 1) == []
     assert _programmes(auto, visium, 100) == []
     # ``held_out`` chooses, on either platform, among the candidates that do not exceed the genes.
     held_out = CorrectionConfig(programmes="held_out", progress=False)
     assert _programmes(held_out, visium, 100) == list(RANK_CANDIDATES)
-    assert _programmes(held_out, hd, PROGRAMMES_MIN_GENES) == [k for k in RANK_CANDIDATES if k <= 12]
+    assert _programmes(held_out, hd, PROGRAMMES_MIN_GENES) == chosen_among
     assert _programmes(held_out, hd, PROGRAMMES_MIN_GENES - 1) == []
     # A number is used on either platform, at most one programme per gene.
     assert _programmes(CorrectionConfig(programmes=5, progress=False), visium, 100) == [5]

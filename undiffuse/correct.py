@@ -82,10 +82,8 @@ DEFAULT_WEIGHTS = {"image": 1.0, "out_of_tissue": 1.0, "moran": 1.0, "poisson": 
 DEFAULT_BATCH = 32
 #: Share of free GPU memory that ``batch_genes: auto`` plans to use.
 GPU_MEMORY_SHARE = 0.5
-#: Programmes of the low-rank model that ``programmes="auto"`` uses on Visium HD, and the fewest genes a call
-#: must hold for them (or for ``"held_out"`` to choose a rank): with fewer, the programmes pool too few genes to
-#: carry any gene's borders.
-HD_PROGRAMMES = 8
+#: The fewest genes a call must hold for the low-rank model to be chosen from the data (``programmes`` "auto"
+#: or "held_out"): with fewer, the programmes pool too few genes to carry any gene's borders.
 PROGRAMMES_MIN_GENES = 12
 
 
@@ -157,19 +155,19 @@ class CorrectionConfig:
         genes of a call (a chunk, in the workflow) are deconvolved together as :math:`z = W H`, each with its
         own kernel, starting from their maximum a posteriori fields; a gene with few counts borrows its shape
         and borders from the others. 0 deconvolves each gene on its own under the smoothness prior. At most
-        the number of genes. ``"auto"`` (default): :data:`HD_PROGRAMMES` on Visium HD when the call holds at
-        least :data:`PROGRAMMES_MIN_GENES` genes, else 0. It pays where genes are many more than :math:`k` and
-        bins hold cells of a few types (Visium HD): on the HD simulator's whole 8 um slide (100 genes) 8
-        programmes give RMSE 0.73x raw and a marker border half-width 1.08x the truth's, where the prior alone
-        gives 0.92x and 1.68x; on its 1 mm slide they lowered the RMSE of every call of 12 or 16 genes tried,
-        not reliably of 8 or fewer. On the Visium simulator, whose genes vary smoothly and each in its own way,
-        they raise the RMSE (by a third with 8 programmes, and above raw with 4). A fixed rank makes
-        :data:`~undiffuse.ot.programmes.PROGRAMME_ITERATIONS` updates. ``"held_out"`` chooses the rank and the
-        number of updates from the data, on either platform, when the call holds at least 12 genes: the pair
+        the number of genes. ``"held_out"`` chooses the rank and the number of low-rank updates from the
+        data, on either platform, when the call holds at least :data:`PROGRAMMES_MIN_GENES` genes: the pair
         among :data:`~undiffuse.ot.programmes.RANK_CANDIDATES` and
         :data:`~undiffuse.ot.programmes.UPDATE_CANDIDATES` whose fit to a binomial half of the counts best
         predicts the other half (:func:`~undiffuse.ot.programmes.choose_rank`), on a window of about
         :data:`~undiffuse.ot.programmes.RANK_SELECTION_SPOTS` spots of the slide with all the call's genes.
+        ``"auto"`` (default) is ``"held_out"`` on Visium HD and 0 on Visium. The model pays where genes are
+        many more than :math:`k` and bins hold cells of a few types (Visium HD): on ``benchmarks/hd.py``'s
+        2 mm slide the chosen pair (4 programmes, 40 updates) gives RMSE 0.43 where 8 fixed programmes give
+        0.66; on the HD simulator's 2 mm slide it chose 8 programmes and 5 updates, RMSE 1.32. On the Visium
+        simulator, whose genes vary smoothly and each in its own way, the model raises the RMSE (by a third
+        with 8 programmes, and above raw with 4). A fixed rank makes
+        :data:`~undiffuse.ot.programmes.PROGRAMME_ITERATIONS` updates.
         With a reference (:func:`correct`'s ``reference``) the
         programmes are its cell types, and this option must stay ``"auto"``.
     reference_key
@@ -928,14 +926,14 @@ def _resolve_device(name: str) -> torch.device:
 def _programmes(config: CorrectionConfig, adata: AnnData, n_genes: int) -> list[int]:
     """The ranks of the low-rank model for a call on ``n_genes`` genes (none: the model is off; several: the
     candidates of :func:`~undiffuse.ot.programmes.choose_rank`): the configured one, at most one programme per
-    gene; for ``"auto"`` :data:`HD_PROGRAMMES` on Visium HD; for ``"held_out"`` the candidates that do not
-    exceed the genes. Either needs at least :data:`PROGRAMMES_MIN_GENES` genes."""
+    gene; for ``"held_out"``, and for ``"auto"`` on Visium HD, the candidates that do not exceed the genes,
+    which needs at least :data:`PROGRAMMES_MIN_GENES` genes."""
     if config.programmes in ("auto", "held_out") and n_genes < PROGRAMMES_MIN_GENES:
         return []
-    if config.programmes == "auto":
-        return [HD_PROGRAMMES] if is_visium_hd(adata) else []
-    if config.programmes == "held_out":
+    if config.programmes == "held_out" or (config.programmes == "auto" and is_visium_hd(adata)):
         return [k for k in RANK_CANDIDATES if k <= n_genes]
+    if config.programmes == "auto":
+        return []
     return [min(config.programmes, n_genes)] if config.programmes > 0 else []
 
 
