@@ -15,7 +15,7 @@ The E-step gives each gene's expected molecules at their source, :math:`Y = (W H
 :math:`K \mathbf 1 = \mathbf 1` on tissue, the expected complete-data log-likelihood is then
 :math:`\sum Y \log(W H) - W H`, the objective of a plain Poisson NMF of :math:`Y`. The M-step is that NMF,
 :data:`M_STEP_ITERATIONS` of its multiplicative updates (:func:`poisson_nmf`) from the current factors, each of
-which raises it, so each EM update raises the likelihood of the counts. The E-step applies every gene's
+which raises it, so no EM update lowers the likelihood of the counts. The E-step applies every gene's
 kernel and its transpose; the NMF updates only multiply ``(T, k)`` by ``(k, G)`` matrices, so a whole M-step
 costs about what one E-step does and the EM needs several times fewer E-steps than with a single
 multiplicative update per E-step (on ``benchmarks/hd.py``'s 2 mm slide, whose truth has rank 4, 4 programmes
@@ -74,7 +74,7 @@ from ..losses import poisson_loss
 from ..operators import Kernel, on_slide
 from .deconvolution import back_projected_ratio, with_totals
 
-#: Multiplicative updates of the low-rank EM, after its start, with a rank that is not chosen from the data.
+#: Updates of the low-rank EM, after its start, with a rank that is not chosen from the data.
 PROGRAMME_ITERATIONS = 10
 #: Updates of the Poisson NMF that starts it.
 START_ITERATIONS = 100
@@ -317,7 +317,12 @@ def deconvolve_programmes(
     ``(T, G)`` field :math:`W H` on the tissue spots with each gene's total of ``counts`` (``out`` when
     given).
     """
-    fits = low_rank_updates(counts, start, kernels, tissue, rank, seed=seed, profiles=profiles, dtype=dtype)
+    rows = torch.nonzero(tissue).reshape(-1)
+    out = np.empty((len(rows), counts.shape[1]), dtype=counts.dtype) if out is None else out
+    # ``out`` holds the EM's expected sources until the field is written into it.
+    fits = low_rank_updates(
+        counts, start, kernels, tissue, rank, seed=seed, profiles=profiles, dtype=dtype, scratch=out
+    )
     bar = tqdm(
         itertools.islice(fits, n_iter),
         total=n_iter,
@@ -329,8 +334,6 @@ def deconvolve_programmes(
     # The start, then the updates; only the last is kept (each holds new weights).
     weights, programmes = collections.deque(itertools.chain([next(fits)], bar), maxlen=1)[0]
     # Batch by batch into ``out``: on a Visium HD call the field is gigabytes.
-    rows = torch.nonzero(tissue).reshape(-1)
-    out = np.empty((len(rows), counts.shape[1]), dtype=counts.dtype) if out is None else out
     totals = torch.as_tensor(counts.sum(axis=0), dtype=dtype, device=tissue.device)
     for (genes, *_), field in _batch_fields(weights, programmes, rows, totals, kernels):
         out[:, genes] = field.cpu().numpy()
@@ -362,10 +365,12 @@ def low_rank_updates(
     seed: int = 0,
     profiles: np.ndarray | None = None,
     dtype: torch.dtype = torch.float32,
+    scratch: np.ndarray | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The low-rank EM of :func:`deconvolve_programmes` (same parameters), one update at a time: ``(N, k)``
     weights :math:`W` (zero off tissue) and ``(k, G)`` programmes :math:`H`, first at the start, then after
-    each update, without end."""
+    each update, without end. ``scratch``, a ``(T, G)`` array (it may be ``start``, which is read first),
+    holds the E-step's expected sources instead of a new one: on a Visium HD call they are gigabytes."""
     device = tissue.device
     rows = torch.nonzero(tissue).reshape(-1)
     shaped, initial = _reference_start(profiles, dtype, device)
@@ -379,7 +384,11 @@ def low_rank_updates(
     # Column views of the counts, not copies (on the CPU, where ``counts`` has the working precision).
     observed_all = torch.as_tensor(counts, dtype=dtype, device=device)
     batches = [(genes, observed_all[:, genes], *rest) for genes, *rest in kernels]
-    sources = torch.empty(len(rows), counts.shape[1], dtype=dtype, device=device)
+    sources = (
+        torch.empty(len(rows), counts.shape[1], dtype=dtype, device=device)
+        if scratch is None
+        else torch.as_tensor(scratch, dtype=dtype, device=device)
+    )
     yield on_slide(inside, rows, tissue.shape[0]), programmes
     while True:
         # E-step: each gene's expected molecules at their source, the field times its back-projected ratio.
