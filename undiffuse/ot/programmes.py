@@ -389,19 +389,21 @@ def low_rank_updates(
         if scratch is None
         else torch.as_tensor(scratch, dtype=dtype, device=device)
     )
-    yield on_slide(inside, rows, tissue.shape[0]), programmes
+    weights = on_slide(inside, rows, tissue.shape[0])
+    yield weights, programmes
     while True:
         # E-step: each gene's expected molecules at their source, the field times its back-projected ratio.
-        weights = on_slide(inside, rows, tissue.shape[0])
         for genes, observed, *model in batches:
-            back = back_projected_ratio(weights @ programmes[:, genes], observed, *model)[0]
-            torch.mul(inside @ programmes[:, genes], back[rows], out=sources[:, genes])
-            del back
+            field = weights @ programmes[:, genes]
+            back = back_projected_ratio(field, observed, *model)[0]
+            torch.mul(field[rows], back[rows], out=sources[:, genes])
+            del field, back
         # M-step: their Poisson NMF, from the current factors.
         inside, programmes = poisson_nmf(
             sources, rank, n_iter=M_STEP_ITERATIONS, weights=inside, programmes=programmes, shaped=shaped
         )
-        yield on_slide(inside, rows, tissue.shape[0]), programmes
+        weights = on_slide(inside, rows, tissue.shape[0])
+        yield weights, programmes
 
 
 @torch.no_grad()
