@@ -33,6 +33,7 @@ from undiffuse.ot.programmes import (
     low_rank_updates,
     poisson_nmf,
     split_counts,
+    successive_projections,
 )
 
 SCALE, BLEED, DISTAL = 1.8, 0.3, 0.01
@@ -55,6 +56,24 @@ def test_poisson_nmf_by_blocks_of_rows_is_the_same_fit(monkeypatch):
     blocks = poisson_nmf(values, 3, n_iter=50)
     for a, b in zip(whole, blocks, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_successive_projections_pick_one_pure_row_of_each_programme_in_noise(monkeypatch):
+    rng = np.random.default_rng(3)
+    programmes = rng.gamma(0.5, size=(4, 30))
+    mixtures = rng.dirichlet(np.ones(4), size=200)
+    weights = np.concatenate([np.eye(4)[rng.integers(0, 4, size=40)], mixtures]) * rng.uniform(
+        5, 10, (240, 1)
+    )
+    values = rng.poisson(50 * weights @ programmes) / 50.0
+    # Rows of a low total with one gene each: profiles of the largest norm, but left out as counting noise.
+    values = torch.as_tensor(np.concatenate([values, 0.02 * np.eye(3, 30)]))
+    pure = np.nonzero(weights.max(axis=1) == weights.sum(axis=1))[0]
+    picked = successive_projections(values, 4).numpy()
+    assert len(set(picked)) == 4 and set(picked) <= set(pure)
+    assert sorted(np.argmax(weights[picked], axis=1)) == [0, 1, 2, 3]
+    monkeypatch.setattr(programmes_module, "NMF_BLOCK_ROWS", 17)
+    np.testing.assert_array_equal(successive_projections(values, 4).numpy(), picked)
 
 
 @pytest.fixture(scope="module")

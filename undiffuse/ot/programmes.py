@@ -25,7 +25,9 @@ borrows its shape, and its borders, from the genes of its programmes: the low-ra
 noise without the spatial smoothing of the Gamma prior (:mod:`undiffuse.ot.prior`), which pulls expression
 across domain borders.
 
-The start is a plain Poisson NMF (no blur) of the maximum a posteriori field. How far the EM should go
+The start is a plain Poisson NMF (no blur) of the maximum a posteriori field, whose programmes start from rows
+of that field (:func:`successive_projections`): the low-rank EM keeps the local optimum its start lies in, so
+the start is not left to chance. How far the EM should go
 depends on the rank: above the rank of the truth the model fits counting noise as it converges, and stopping
 early keeps the denoising of its start, while at the truth's rank it keeps gaining (on the same slide, 8
 programmes are best after 15 updates and 12 after 5; on the HD simulator's 2 mm slide, whose cells of several
@@ -52,6 +54,13 @@ the low-rank model is off, :func:`reference_centre` fits the mixture to the per-
 
 References
 ----------
+Araujo, M. C. U., Saldanha, T. C. B., Galvao, R. K. H., Yoneyama, T., Chame, H. C. & Visani, V. (2001). The
+successive projections algorithm for variable selection in spectroscopic multicomponent analysis. Chemometrics
+and Intelligent Laboratory Systems 57, 65-73.
+
+Gillis, N. & Vavasis, S. A. (2014). Fast and robust recursive algorithms for separable nonnegative matrix
+factorization. IEEE Transactions on Pattern Analysis and Machine Intelligence 36, 698-714.
+
 Lee, D. D. & Seung, H. S. (2001). Algorithms for non-negative matrix factorization. Advances in Neural
 Information Processing Systems 13, 556-562.
 
@@ -78,6 +87,8 @@ from .deconvolution import back_projected_ratio, with_totals
 PROGRAMME_ITERATIONS = 10
 #: Updates of the Poisson NMF that starts it.
 START_ITERATIONS = 100
+#: Share of each gene's mean below which no entry of the programmes' start lies.
+START_FLOOR = 1e-3
 #: Poisson NMF updates of each M-step of the low-rank EM.
 M_STEP_ITERATIONS = 10
 #: Per-gene maximum a posteriori EM updates of the field that the Poisson NMF of the start factorises: on the
@@ -266,6 +277,52 @@ def poisson_nmf(
     return weights, programmes
 
 
+def successive_projections(values: torch.Tensor, rank: int) -> torch.Tensor:
+    r"""The rows of ``values`` whose profiles are the vertices of the others' hull, by the successive projection
+    algorithm (Araujo et al. 2001; Gillis & Vavasis 2014): the start of the programmes of :func:`poisson_nmf`.
+
+    Where each row is a non-negative mixture :math:`w_i^\top H` of ``rank`` programmes and some rows are pure, the
+    rows' profiles :math:`v_i / \sum v_i` lie in the simplex spanned by the programmes' profiles, and a vertex has
+    the largest norm. The algorithm takes the profile of largest norm, projects every profile onto the orthogonal
+    complement of it, and repeats. Only the rows of at least the median total take part, whose profiles carry
+    the least counting noise. Unlike a random start, it does not leave the fit in one local optimum or another
+    by chance: on ``benchmarks/hd.py``'s 2 mm slide a third of the random starts of rank 4 left the low-rank EM at
+    RMSE 0.58-0.61, where the others and this start reach 0.41-0.43.
+
+    Parameters
+    ----------
+    values
+        ``(M, G)`` non-negative values.
+    rank
+        Number of rows to pick.
+
+    Returns
+    -------
+    ``(rank,)`` indices of the rows, in the order picked.
+    """
+    totals = values.sum(dim=1)
+    candidates = torch.nonzero((totals >= totals.median()) & (totals > 0)).reshape(-1)
+    blocks = [candidates[i : i + NMF_BLOCK_ROWS] for i in range(0, len(candidates), NMF_BLOCK_ROWS)]
+
+    def profiles(rows: torch.Tensor) -> torch.Tensor:
+        return values[rows].double() / totals[rows, None]
+
+    # Squared norms of the projected profiles, updated as each direction is removed (Gram-Schmidt), so no
+    # projected copy of the values is made.
+    residual = torch.cat([profiles(rows).square().sum(dim=1) for rows in blocks])
+    basis, picked = [], []
+    for _ in range(rank):
+        best = int(torch.argmax(residual))
+        picked.append(candidates[best])
+        direction = profiles(candidates[best : best + 1])[0]
+        for axis in basis:
+            direction -= (direction @ axis) * axis
+        direction /= direction.norm().clamp_min(torch.finfo(direction.dtype).tiny)
+        basis.append(direction)
+        residual -= torch.cat([(profiles(rows) @ direction).square() for rows in blocks])
+    return torch.stack(picked)
+
+
 @torch.no_grad()
 def deconvolve_programmes(
     counts: np.ndarray,
@@ -300,7 +357,7 @@ def deconvolve_programmes(
     n_iter
         Updates of :math:`W` and :math:`H` (each applies every gene's kernel and its transpose once).
     seed
-        Seed of the start's Poisson NMF.
+        Seed of the random weights that start the Poisson NMF (its programmes start from rows of ``start``).
     profiles
         ``(k, G)`` a reference's cell-type profiles (:func:`undiffuse.reference.profiles_for`; NaN for a gene
         it lacks): the programmes start from them, and a gene the reference holds keeps its profile's shape
@@ -374,13 +431,13 @@ def low_rank_updates(
     device = tissue.device
     rows = torch.nonzero(tissue).reshape(-1)
     shaped, initial = _reference_start(profiles, dtype, device)
-    inside, programmes = poisson_nmf(
-        torch.as_tensor(start, dtype=dtype, device=device),
-        rank,
-        seed=seed,
-        programmes=initial,
-        shaped=shaped,
-    )
+    values = torch.as_tensor(start, dtype=dtype, device=device)
+    if initial is None:
+        # The rows picked, floored so that no gene is held at zero by the multiplicative updates.
+        initial = torch.maximum(
+            values[successive_projections(values, rank)], START_FLOOR * values.mean(dim=0)
+        )
+    inside, programmes = poisson_nmf(values, rank, seed=seed, programmes=initial, shaped=shaped)
     # Column views of the counts, not copies (on the CPU, where ``counts`` has the working precision).
     observed_all = torch.as_tensor(counts, dtype=dtype, device=device)
     batches = [(genes, observed_all[:, genes], *rest) for genes, *rest in kernels]
