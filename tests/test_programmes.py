@@ -72,7 +72,7 @@ def test_successive_projections_pick_one_pure_row_of_each_programme_in_noise(mon
     picked = successive_projections(values, 4).numpy()
     assert len(set(picked)) == 4 and set(picked) <= set(pure)
     assert sorted(np.argmax(weights[picked], axis=1)) == [0, 1, 2, 3]
-    monkeypatch.setattr(programmes_module, "NMF_BLOCK_ROWS", 17)
+    monkeypatch.setattr(programmes_module, "PROJECTION_BLOCK_ROWS", 17)
     np.testing.assert_array_equal(successive_projections(values, 4).numpy(), picked)
 
 

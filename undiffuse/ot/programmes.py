@@ -96,6 +96,8 @@ M_STEP_ITERATIONS = 10
 START_EM_ITERATIONS = 9
 #: Rows the Poisson NMF updates at a time.
 NMF_BLOCK_ROWS = 16_384
+#: Rows :func:`successive_projections` reads at a time, in double precision.
+PROJECTION_BLOCK_ROWS = 1_024
 #: Updates of the Poisson NMF that fits a reference's cell types to a field (:func:`reference_centre`).
 REFERENCE_ITERATIONS = 200
 #: Ranks and numbers of updates among which :func:`choose_rank` chooses, the share of each count its training
@@ -302,7 +304,9 @@ def successive_projections(values: torch.Tensor, rank: int) -> torch.Tensor:
     """
     totals = values.sum(dim=1)
     candidates = torch.nonzero((totals >= totals.median()) & (totals > 0)).reshape(-1)
-    blocks = [candidates[i : i + NMF_BLOCK_ROWS] for i in range(0, len(candidates), NMF_BLOCK_ROWS)]
+    blocks = [
+        candidates[i : i + PROJECTION_BLOCK_ROWS] for i in range(0, len(candidates), PROJECTION_BLOCK_ROWS)
+    ]
 
     def profiles(rows: torch.Tensor) -> torch.Tensor:
         return values[rows].double() / totals[rows, None]
