@@ -443,6 +443,8 @@ def low_rank_updates(
             values[successive_projections(values, rank)], START_FLOOR * values.mean(dim=0)
         )
     inside, programmes = poisson_nmf(values, rank, seed=seed, programmes=initial, shaped=shaped)
+    # On a GPU ``values`` is a copy of the start, which the EM no longer needs.
+    del values, initial
     # Column views of the counts, not copies (on the CPU, where ``counts`` has the working precision).
     observed_all = torch.as_tensor(counts, dtype=dtype, device=device)
     batches = [(genes, observed_all[:, genes], *rest) for genes, *rest in kernels]
