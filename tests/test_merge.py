@@ -294,11 +294,16 @@ def test_cli_merge_and_its_errors(sample_files, tmp_path, capsys):
 
 
 def test_merged_provenance_lists_each_chunks_rank_where_chunks_chose_their_own():
-    def chunk(index, rank, deviance):
+    def chunk(index, rank, deviance, own_field="none"):
         part = ad.AnnData(np.zeros((2, 1), dtype=np.float32))
         history = pd.DataFrame({"epoch": [0], "total": [1.0]})
         profile = pd.DataFrame({"distance": [0.0], "weight": [1.0]})
-        config = {"programmes": rank, "programmes_held_out_deviance": deviance, "epochs": 25}
+        config = {
+            "programmes": rank,
+            "programmes_held_out_deviance": deviance,
+            "programmes_own_field_genes": own_field,
+            "epochs": 25,
+        }
         part.uns[KEY] = {
             "correction": {"config": config, "loss_history": history, "kernel_profile": profile},
             "chunk": {"index": index},
@@ -311,3 +316,7 @@ def test_merged_provenance_lists_each_chunks_rank_where_chunks_chose_their_own()
     assert differ["config"]["programmes"] == "chunk 0: 8; chunk 1: 4"
     assert differ["config"]["programmes_held_out_deviance"] == "chunk 0: 4: 2, 8: 1; chunk 1: 4: 1, 8: 2"
     assert len(differ["loss_history"]) == 2
+    # The genes that kept their own fields are listed from every chunk, as one list.
+    assert differ["config"]["programmes_own_field_genes"] == "none"
+    listed = _merged_provenance([chunk(0, 8, "", "a, b"), chunk(1, 8, "", "none"), chunk(2, 8, "", "c")])
+    assert listed["config"]["programmes_own_field_genes"] == "a, b, c"

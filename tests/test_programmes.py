@@ -22,11 +22,13 @@ from undiffuse.correct import (
 )
 from undiffuse.diffusion import expected_counts, profile
 from undiffuse.errors import ConfigError
+from undiffuse.geometry import SampleGeometry
 from undiffuse.model import DiffusionModel
 from undiffuse.ot import programmes as programmes_module
 from undiffuse.ot.programmes import (
     PROGRAMME_ITERATIONS,
     RANK_CANDIDATES,
+    START_EM_ITERATIONS,
     UPDATE_CANDIDATES,
     choose_rank,
     deconvolve_programmes,
@@ -189,7 +191,7 @@ def test_count_splitting_chooses_the_true_rank(low_counts):
     geometry, kernels = known_kernels(adata, [slice(0, 6), slice(6, 12)])
     # The truth holds two domain patterns: one programme cannot hold them, eight fit the counting noise.
     checkpoints = (5, 30, 60)
-    rank, updates, deviance = choose_rank(
+    rank, updates, deviance, _ = choose_rank(
         counts, train, start[tissue], kernels, geometry.tissue, [1, 2, 8], updates=checkpoints
     )
     assert rank == 2, deviance
@@ -203,6 +205,39 @@ def test_count_splitting_chooses_the_true_rank(low_counts):
     assert len(deviance) < 3 * len(checkpoints), "eight programmes fit the noise: their deviance rises"
 
 
+def test_a_gene_the_programmes_do_not_describe_keeps_its_own_field(low_counts):
+    # One gene's truth is a spot of its own, in no domain: two programmes hold the domains but not it.
+    adata, _, _ = low_counts
+    tissue = adata.obs["in_tissue"].to_numpy(bool)
+    geometry, kernels = known_kernels(adata, [slice(0, 12)])
+    coords = geometry.coords
+    centre = coords[tissue][np.argmin(((coords[tissue] - coords[tissue].mean(axis=0)) ** 2).sum(axis=1))]
+    spot = tissue & (((coords - centre) ** 2).sum(axis=1) < 3.0**2)
+    own_truth = torch.as_tensor(np.where(spot, 6.0, 0.1) * tissue, dtype=torch.float32)[:, None]
+    _, kernel, bleed, distal = known_kernels(adata, [slice(0, 1)])[1][0]
+    rng = np.random.default_rng(4)
+    counts = adata.X.toarray()
+    counts[:, 0] = rng.poisson(expected_counts(own_truth, kernel, bleed, distal)[:, 0].numpy())
+    train = split_counts(counts, np.random.default_rng(0))
+    halved = adata.copy()
+    halved.X = train
+    genes = list(adata.var_names)
+    start = deconvolve_known_kernel(
+        halved,
+        genes=genes,
+        scale=np.full(len(genes), SCALE),
+        bleed=BLEED,
+        distal=DISTAL,
+        config=CorrectionConfig(progress=False),
+    )
+    choice = choose_rank(counts, train, start[tissue], kernels, geometry.tissue, [2], updates=(5, 30))
+    assert choice.own_field.shape == (12,) and choice.own_field.dtype == bool
+    assert choice.own_field[0], choice
+    assert choice.own_field[1:].sum() <= 2, (
+        "the domain genes' held-out halves are better predicted by the model"
+    )
+
+
 def test_each_choice_is_scored_on_the_fit_of_that_rank_after_that_many_updates(low_counts):
     # The candidates' numbers of updates are checkpoints of one fit per rank: each must score exactly the fit
     # that deconvolve_programmes gives with that many updates.
@@ -211,9 +246,9 @@ def test_each_choice_is_scored_on_the_fit_of_that_rank_after_that_many_updates(l
     tissue = adata.obs["in_tissue"].to_numpy(bool)
     train = split_counts(counts, np.random.default_rng(0))
     geometry, kernels = known_kernels(adata, [slice(0, 5), slice(5, 12)])
-    _, _, deviance = choose_rank(
+    deviance = choose_rank(
         counts, train, start[tissue], kernels, geometry.tissue, [2, 3], updates=(0, 4, 11)
-    )
+    ).deviance
     held_out = torch.as_tensor(counts - train)
     rows = geometry.tissue_rows
     for (rank, n_iter), value in deviance.items():
@@ -287,6 +322,39 @@ def test_the_rank_is_chosen_on_a_window_of_the_slide_with_all_the_genes(low_coun
     np.testing.assert_array_equal(covered, np.arange(adata.n_vars))
     assert 0 < seen["spots"] < adata.n_obs
     assert seen["start_rows"] == seen["tissue"] > 0
+
+
+def test_the_rank_is_chosen_on_a_window_that_holds_the_slides_kinds_of_tissue():
+    # Tissue of one kind but for a strip of another along its left edge: a window of one kind scores nothing.
+    adata, _ = hex_sample(n_rows=48, n_cols=48, n_genes=2)
+    geometry = SampleGeometry.build(adata)
+    tissue = geometry.tissue.numpy()
+    left = tissue & (geometry.coords[:, 0] < np.quantile(geometry.coords[tissue, 0], 0.2))
+    counts = np.stack([np.where(left, 10.0, 0.0), np.where(tissue & ~left, 10.0, 0.0)], axis=1)
+    n_spots = adata.n_obs // 8
+    window = geometry.varied_window(n_spots, counts.astype(np.float32))
+    assert 0.5 * n_spots < window.sum() < 2 * n_spots
+    assert (window & left).sum() > 0.2 * window.sum() and (window & tissue & ~left).sum() > 0.2 * window.sum()
+    assert geometry.varied_window(adata.n_obs, counts).all()
+
+
+def test_correct_keeps_the_own_field_of_a_gene_the_programmes_do_not_describe(low_counts, monkeypatch):
+    adata, _, _ = low_counts
+    correct_module = importlib.import_module("undiffuse.correct")
+
+    def gene0_apart(*args, **options):
+        choice = choose_rank(*args, **options)
+        return choice._replace(own_field=np.arange(len(choice.own_field)) == 0)
+
+    monkeypatch.setattr(correct_module, "choose_rank", gene0_apart)
+    options = dict(epochs=3, batch_genes=5, progress=False, copy=True)
+    out = correct(adata, programmes="held_out", em_iterations=10, **options)
+    assert out.uns[KEY]["correction"]["config"]["programmes_own_field_genes"] == "gene0"
+    # The per-gene field that started the low-rank model, not the model's.
+    own = correct(adata, programmes=0, em_iterations=START_EM_ITERATIONS, **options)
+    corrected, alone = out.layers["corrected"].toarray(), own.layers["corrected"].toarray()
+    np.testing.assert_allclose(corrected[:, 0], alone[:, 0], rtol=1e-5, atol=1e-6 * alone[:, 0].max())
+    assert not np.allclose(corrected[:, 1:], alone[:, 1:], rtol=1e-2)
 
 
 def test_auto_programmes_are_chosen_from_the_data_on_visium_hd_calls_with_enough_genes(low_counts):

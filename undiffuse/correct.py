@@ -160,7 +160,9 @@ class CorrectionConfig:
         among :data:`~undiffuse.ot.programmes.RANK_CANDIDATES` and
         :data:`~undiffuse.ot.programmes.UPDATE_CANDIDATES` whose fit to a binomial half of the counts best
         predicts the other half (:func:`~undiffuse.ot.programmes.choose_rank`), on a window of about
-        :data:`~undiffuse.ot.programmes.RANK_SELECTION_SPOTS` spots of the slide with all the call's genes.
+        :data:`~undiffuse.ot.programmes.RANK_SELECTION_SPOTS` spots of the slide with all the call's genes
+        (:meth:`~undiffuse.geometry.SampleGeometry.varied_window`); a gene whose own field predicts its
+        held-out half better than the chosen fit keeps its own field (``programmes_own_field_genes``).
         ``"auto"`` (default) is ``"held_out"`` on Visium HD and 0 on Visium. The model pays where genes are
         many more than :math:`k` and bins hold cells of a few types (Visium HD): on ``benchmarks/hd.py``'s
         2 mm slide the chosen pair (4 programmes, 40 updates) gives RMSE 0.43 where 8 fixed programmes give
@@ -421,13 +423,13 @@ def correct(
     if candidates and type_profiles is not None:
         candidates = [len(reference_types)]
 
-    def window_of(n_spots: int) -> tuple[np.ndarray, SampleGeometry]:
-        window = geometry.training_window(n_spots)
+    def geometry_of(window: np.ndarray) -> SampleGeometry:
         if window.all():
-            return window, geometry
-        return window, _geometry(counts_view[window], config, image=image, device=device, dtype=dtype)
+            return geometry
+        return _geometry(counts_view[window], config, image=image, device=device, dtype=dtype)
 
-    window, trained_on = window_of(config.train_spots or geometry.n_spots)
+    window = geometry.training_window(config.train_spots or geometry.n_spots)
+    trained_on = geometry_of(window)
     # With several candidates the rank is chosen from the data, by count splitting on a window of the slide
     # with all the call's genes (its first value until then: non-zero, the low-rank model is on).
     rank = candidates[0] if candidates else 0
@@ -436,7 +438,8 @@ def correct(
     if choosing:
         splitter = np.random.default_rng(config.seed)
         train_counts, train_starts, window_models = [], [], []
-        selection_window, selected_on = window_of(RANK_SELECTION_SPOTS)
+        selection_window = geometry.varied_window(RANK_SELECTION_SPOTS, counts_all)
+        selected_on = geometry_of(selection_window)
 
     # Without a reference the low-rank model replaces the per-gene fields; with one, genes the reference does
     # not describe keep them.
@@ -483,9 +486,9 @@ def correct(
             histories.append(history * (counts.shape[1] / len(genes)))
             profiles.append(profile_samples.cpu().numpy())
             release_free_memory()
-        deviance = {}
+        deviance, own_field = {}, np.zeros(len(genes), dtype=bool)
         if choosing:
-            rank, programme_updates, deviance = choose_rank(
+            rank, programme_updates, deviance, own_field = choose_rank(
                 counts_all[selection_window],
                 np.concatenate(train_counts, axis=1),
                 np.concatenate(train_starts, axis=1),
@@ -498,12 +501,16 @@ def correct(
             )
             del train_counts, train_starts, window_models
             logger.info(
-                "rank %d and %d updates chosen by count splitting on %d spots: %s",
+                "rank %d and %d updates chosen by count splitting on %d spots: %s; %d genes keep their own field",
                 rank,
                 programme_updates,
                 int(selection_window.sum()),
                 deviance,
+                int(own_field.sum()),
             )
+        # The genes the programmes do not describe keep their per-gene fields, which the low-rank field is
+        # written over.
+        own_fields = corrected[:, own_field].copy()
         low_rank = (
             deconvolve_programmes(
                 counts_all,
@@ -542,8 +549,9 @@ def correct(
                 table["prior_strength"] = strength
             logger.info("the reference guided %d of %d genes", guided, len(genes))
             del centre
+        corrected[:, own_field] = own_fields
         # Without a reference ``low_rank`` is ``corrected``, written in place.
-        del low_rank
+        del low_rank, own_fields
         models.clear()
     bar.close()
     elapsed = time.perf_counter() - started
@@ -579,6 +587,7 @@ def correct(
             f"{k}x{n}: {value:.6g}" for (k, n), value in deviance.items()
         )
         or "none",
+        "programmes_own_field_genes": ", ".join(np.asarray(genes)[own_field]) or "none",
         "final_em_iterations": final_iterations,
         "reference_types": ",".join(reference_types) or "none",
         "trained_on_spots": int(window.sum()),

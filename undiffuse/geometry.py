@@ -48,6 +48,10 @@ PROFILE_COMPONENTS = 15
 PROFILE_MAX_GENES = 2000
 #: Values per dense block of the profiles' covariance.
 PROFILE_BLOCK_VALUES = 4_000_000
+#: A window of :meth:`SampleGeometry.varied_window` is this many blocks on a side, and the genes' block profiles
+#: are compared this many genes at a time.
+VARIED_WINDOW_BLOCKS = 8
+VARIED_WINDOW_GENES = 256
 #: How the smoothness prior weighs a spot's tissue neighbours (:class:`undiffuse.ot.prior.TissueNeighbours`).
 PriorWeights = Literal["uniform", "bilateral"]
 
@@ -185,6 +189,67 @@ class SampleGeometry:
         spacing = np.sqrt(np.prod(np.ptp(coords, axis=0)) / len(coords))
         half = 0.5 * spacing * np.sqrt(n_spots)
         return (np.abs(coords - centre) <= half).all(axis=1)
+
+    def varied_window(self, n_spots: int, counts: np.ndarray) -> np.ndarray:
+        r"""``(N,)`` boolean mask of a square window of about ``n_spots`` spots where the tissue's expression
+        varies most: a window that holds the slide's kinds of tissue, not one of them.
+
+        The slide is cut into blocks, :data:`VARIED_WINDOW_BLOCKS` to a window's side. Each block's profile
+        :math:`p_b`, the share of its tissue counts in each gene, is compared by the Hellinger distance, and a
+        window :math:`w` of blocks scores their scatter around its mean, weighted by their tissue spots
+        :math:`n_b`:
+
+        .. math::
+
+            \sum_{b \in w} n_b \lVert \sqrt{p_b} - \bar h_w \rVert^2
+            = n_w \big(1 - \lVert \bar h_w \rVert^2\big), \qquad
+            \bar h_w = \frac{1}{n_w} \sum_{b \in w} n_b \sqrt{p_b},
+
+        zero where the window holds one kind of tissue, and largest for much tissue of many kinds.
+
+        Parameters
+        ----------
+        n_spots
+            About how many spots the window holds (all of them where the slide has no more).
+        counts
+            ``(N, G)`` the counts of the genes that tell the kinds apart.
+        """
+        if n_spots >= self.n_spots:
+            return np.ones(self.n_spots, dtype=bool)
+        spacing = np.sqrt(np.prod(np.ptp(self.coords, axis=0)) / self.n_spots)
+        block = spacing * np.sqrt(n_spots) / VARIED_WINDOW_BLOCKS
+        cell = np.floor((self.coords - self.coords.min(axis=0)) / block).astype(np.int64)
+        shape = cell.max(axis=0) + 1
+        tissue = self.tissue.cpu().numpy()
+        rows = np.nonzero(tissue)[0]
+        blocks = sp.csr_matrix(
+            (np.ones(len(rows)), (cell[rows, 0] * shape[1] + cell[rows, 1], rows)),
+            shape=(int(np.prod(shape)), self.n_spots),
+        )
+        totals = np.asarray(blocks @ counts.sum(axis=1, dtype=np.float64)).reshape(-1)
+        # A block without counts has no profile to compare.
+        spots = np.where(totals > 0, np.asarray(blocks.sum(axis=1)).reshape(-1), 0.0)
+        # Positions of the window's corner block, and the window's sums over blocks by summed-area tables.
+        side = np.minimum(VARIED_WINDOW_BLOCKS, shape)
+
+        def window_sums(per_block: np.ndarray) -> np.ndarray:
+            table = np.zeros((shape[0] + 1, shape[1] + 1, *per_block.shape[1:]))
+            table[1:, 1:] = per_block.reshape(*shape, *per_block.shape[1:]).cumsum(axis=0).cumsum(axis=1)
+            a, b = side
+            return table[a:, b:] - table[:-a, b:] - table[a:, :-b] + table[:-a, :-b]
+
+        weight = np.divide(spots, np.sqrt(totals), out=np.zeros_like(totals), where=totals > 0)
+        squared_mean = 0.0
+        for start in range(0, counts.shape[1], VARIED_WINDOW_GENES):
+            genes = slice(start, start + VARIED_WINDOW_GENES)
+            summed = np.sqrt(np.asarray(blocks @ counts[:, genes], dtype=np.float64)) * weight[:, None]
+            squared_mean = squared_mean + np.square(window_sums(summed)).sum(axis=-1)
+        in_window = window_sums(spots)
+        score = in_window - np.divide(
+            squared_mean, in_window, out=np.zeros_like(in_window), where=in_window > 0
+        )
+        corner = np.unravel_index(int(np.argmax(score)), score.shape)
+        return ((cell >= corner) & (cell < np.add(corner, side))).all(axis=1)
 
     def features(self, distance: torch.Tensor, crosses: torch.Tensor) -> torch.Tensor:
         """``(M, K + 1)`` inputs of f_phi (:mod:`undiffuse.ot.cost`) at these distances."""

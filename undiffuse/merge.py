@@ -39,6 +39,8 @@ from .quantiles import read_quantile_table
 
 #: Settings a chunk may resolve on its own (the rank and updates chosen from its genes' counts).
 PER_CHUNK_SETTINGS = ("programmes", "programme_updates", "programmes_held_out_deviance")
+#: Settings that list some of a chunk's genes: the merged sample lists those of all chunks.
+GENE_LIST_SETTINGS = ("programmes_own_field_genes",)
 #: ``var`` columns of Moran's I (all spots, first ring) of the raw counts and of the corrected layer.
 MORAN_RAW, MORAN_CORRECTED = f"{KEY}_moran_raw", f"{KEY}_moran_corrected"
 
@@ -256,6 +258,9 @@ def _merged_provenance(chunks: Sequence[AnnData]) -> dict[str, Any]:
                 f"chunk {int(chunk.uns[KEY]['chunk']['index'])}: {value}"
                 for chunk, value in zip(chunks, values, strict=True)
             )
+    for key in GENE_LIST_SETTINGS:
+        listed = [str(chunk.uns[KEY]["correction"]["config"].get(key, "none")) for chunk in chunks]
+        merged["config"][key] = ", ".join(value for value in listed if value != "none") or "none"
     for key in ("loss_history", "kernel_profile"):
         merged[key] = pd.concat(
             [

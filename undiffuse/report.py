@@ -54,6 +54,7 @@ MODEL_SETTINGS = (
     "programmes",
     "programme_updates",
     "programmes_held_out_deviance",
+    "programmes_own_field_genes",
     "reference_types",
     "prior_strength",
     "prior_weights",
