@@ -352,7 +352,7 @@ def markdown(report: dict) -> str:
         if choice := result.get("low_rank_choice"):
             lines.append(
                 f"The low-rank row chose {choice['programmes']} programmes and {choice['programme_updates']} "
-                f"updates (held-out deviance by rank: {choice['programmes_held_out_deviance']})."
+                f"updates (held-out deviance by rank x updates: {choice['programmes_held_out_deviance']})."
             )
     lines += [
         "",
