@@ -186,9 +186,13 @@ class SampleGeometry:
         edge = tissue & (distance_to_mask(coords, ~tissue) < 1.5) if (~tissue).any() else tissue
         centroid = coords[tissue].mean(axis=0)
         centre = coords[edge][np.argmin(((coords[edge] - centroid) ** 2).sum(axis=1))]
-        spacing = np.sqrt(np.prod(np.ptp(coords, axis=0)) / len(coords))
-        half = 0.5 * spacing * np.sqrt(n_spots)
+        half = 0.5 * self._window_side(n_spots)
         return (np.abs(coords - centre) <= half).all(axis=1)
+
+    def _window_side(self, n_spots: int) -> float:
+        """Side (pitches) of a square that holds about ``n_spots`` spots at the slide's mean density."""
+        spacing = np.sqrt(np.prod(np.ptp(self.coords, axis=0)) / self.n_spots)
+        return float(spacing * np.sqrt(n_spots))
 
     def varied_window(self, n_spots: int, counts: np.ndarray) -> np.ndarray:
         r"""``(N,)`` boolean mask of a square window of about ``n_spots`` spots where the tissue's expression
@@ -216,8 +220,7 @@ class SampleGeometry:
         """
         if n_spots >= self.n_spots:
             return np.ones(self.n_spots, dtype=bool)
-        spacing = np.sqrt(np.prod(np.ptp(self.coords, axis=0)) / self.n_spots)
-        block = spacing * np.sqrt(n_spots) / VARIED_WINDOW_BLOCKS
+        block = self._window_side(n_spots) / VARIED_WINDOW_BLOCKS
         cell = np.floor((self.coords - self.coords.min(axis=0)) / block).astype(np.int64)
         shape = cell.max(axis=0) + 1
         tissue = self.tissue.cpu().numpy()
